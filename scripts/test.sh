@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite: what CI runs.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+./scripts/setup.sh
+echo "[test] cargo test --workspace"
+cargo test --workspace --all-targets
+echo "[test] mdbook build book"
+mdbook build book

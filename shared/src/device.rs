@@ -1,0 +1,253 @@
+//! Choosing where the model runs and in which precision.
+//!
+//! The rule of thumb the whole course uses: **CUDA and bf16 when a GPU is
+//! there, CPU and f32 otherwise**. bf16 halves the bytes every decode step
+//! has to stream from memory, which on a GPU is most of the cost; on a CPU,
+//! PyTorch's f32 kernels are the fast and exact path.
+//!
+//! One wrinkle is specific to Rust: PyTorch's CUDA support lives in a
+//! separate library, `libtorch_cuda.so`, and no Rust symbol refers to it, so
+//! the linker drops it. [`load_cuda_runtime`] opens it at run time from the
+//! directory the rest of libtorch was loaded from, the way Python's
+//! `import torch` does.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use tch::{Device, Kind};
+
+/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// `--dtype`: `auto`, `f32`, `bf16` or `f16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DtypeChoice {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl FromStr for DtypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DtypeChoice::Auto),
+            "f32" | "float32" | "float" => Ok(DtypeChoice::F32),
+            "bf16" | "bfloat16" => Ok(DtypeChoice::Bf16),
+            "f16" | "float16" | "half" => Ok(DtypeChoice::F16),
+            _ => Err(format!("unknown dtype {s:?}: use auto, f32, bf16 or f16")),
+        }
+    }
+}
+
+impl fmt::Display for DtypeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            DtypeChoice::Auto => "auto",
+            DtypeChoice::F32 => "f32",
+            DtypeChoice::Bf16 => "bf16",
+            DtypeChoice::F16 => "f16",
+        };
+        f.write_str(name)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "CUDA was requested but is not available ({reason}); run with --device cpu, \
+         or check the GPU with `cargo run -p module00_env`"
+    )]
+    CudaUnavailable { reason: String },
+    #[error("cuda:{index} was requested but only {count} CUDA device(s) are visible")]
+    NoSuchGpu { index: usize, count: usize },
+}
+
+/// Resolves the user's choice to a concrete device and element type.
+pub fn resolve(device: DeviceChoice, dtype: DtypeChoice) -> Result<(Device, Kind), DeviceError> {
+    let device = match device {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Auto => {
+            if cuda_device_count() > 0 {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }
+        }
+        DeviceChoice::Cuda(index) => {
+            let count = cuda_device_count();
+            if count == 0 {
+                return Err(DeviceError::CudaUnavailable {
+                    reason: cuda_status().to_string(),
+                });
+            }
+            if index >= count {
+                return Err(DeviceError::NoSuchGpu { index, count });
+            }
+            Device::Cuda(index)
+        }
+    };
+    let kind = match (dtype, device) {
+        (DtypeChoice::Auto, Device::Cpu) => Kind::Float,
+        (DtypeChoice::Auto, _) => Kind::BFloat16,
+        (DtypeChoice::F32, _) => Kind::Float,
+        (DtypeChoice::Bf16, _) => Kind::BFloat16,
+        (DtypeChoice::F16, _) => Kind::Half,
+    };
+    Ok((device, kind))
+}
+
+/// Number of CUDA devices libtorch can use (0 without a GPU or CUDA build).
+pub fn cuda_device_count() -> usize {
+    if load_cuda_runtime().is_err() {
+        return 0;
+    }
+    tch::Cuda::device_count().max(0) as usize
+}
+
+/// A human-readable sentence on why CUDA is or is not usable.
+pub fn cuda_status() -> &'static str {
+    match load_cuda_runtime() {
+        Ok(()) if tch::Cuda::device_count() > 0 => "CUDA available",
+        Ok(()) => "libtorch has CUDA support but no GPU is visible",
+        Err(reason) => reason,
+    }
+}
+
+/// Opens `libtorch_cuda.so` once, from the directory libtorch was loaded from.
+///
+/// Returns why not where that is impossible (a CPU-only libtorch, or a
+/// platform without it); calling it again returns the first answer.
+pub fn load_cuda_runtime() -> Result<(), &'static str> {
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            // Make sure libtorch itself is mapped before we look for it.
+            let _ = tch::Cuda::is_available();
+            let dir = libtorch_lib_dir().ok_or("libtorch's directory could not be found")?;
+            let path = dir.join("libtorch_cuda.so");
+            if !path.exists() {
+                return Err(format!(
+                    "this libtorch ({}) is a CPU-only build",
+                    dir.display()
+                ));
+            }
+            // SAFETY: loading libtorch_cuda runs its static initialisers, which
+            // register CUDA kernels with the already-loaded libtorch — exactly
+            // what happens when it is linked normally.
+            let library = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&path),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            }
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            // Kept for the life of the process, like a linked library.
+            std::mem::forget(library);
+            Ok(())
+        })
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| e.as_str())
+}
+
+/// The directory holding `libtorch_cpu.so`, read from this process's memory map.
+fn libtorch_lib_dir() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| path.ends_with("/libtorch_cpu.so"))
+        .and_then(|path| std::path::Path::new(path).parent().map(|p| p.to_path_buf()))
+}
+
+/// Short name of a device for tables and logs (`cpu`, `cuda:0`).
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Short name of an element type (`f32`, `bf16`, `f16`).
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "f32",
+        Kind::BFloat16 => "bf16",
+        Kind::Half => "f16",
+        Kind::Double => "f64",
+        Kind::Int8 => "int8",
+        Kind::Uint8 => "uint8",
+        Kind::Int64 => "int64",
+        _ => "other",
+    }
+}
+
+/// Bytes per element of a floating-point kind.
+pub fn kind_size(kind: Kind) -> usize {
+    kind.elt_size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_and_dtype_flags() {
+        assert_eq!("cuda:3".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!("CPU".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert!("tpu"
+            .parse::<DeviceChoice>()
+            .unwrap_err()
+            .contains("cuda:N"));
+        assert_eq!("bfloat16".parse::<DtypeChoice>(), Ok(DtypeChoice::Bf16));
+        assert!("int3".parse::<DtypeChoice>().is_err());
+    }
+
+    #[test]
+    fn cpu_defaults_to_f32() {
+        assert_eq!(
+            resolve(DeviceChoice::Cpu, DtypeChoice::Auto).unwrap(),
+            (Device::Cpu, Kind::Float)
+        );
+        assert_eq!(
+            resolve(DeviceChoice::Cpu, DtypeChoice::Bf16).unwrap(),
+            (Device::Cpu, Kind::BFloat16)
+        );
+    }
+}

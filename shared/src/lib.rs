@@ -1,0 +1,18 @@
+//! # shared — the foundation of spark-disagg
+//!
+//! Every module of the course runs the same real model through the same
+//! code, and that code lives here:
+//!
+//! * [`model`] — a Llama transformer on libtorch (via `tch`), its GGUF and
+//!   Hugging Face loaders, and its tokenizer with chat templates;
+//! * [`engine`] — sampling and the reference generation loop;
+//! * [`device`] — CPU or CUDA, f32 or bf16;
+//! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts.
+//!
+//! Only code that two or more modules use belongs here; each module's own
+//! idea lives in its own crate.
+
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod model;

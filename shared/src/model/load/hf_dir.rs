@@ -1,0 +1,186 @@
+//! Loading a Hugging Face model directory.
+//!
+//! ```text
+//! TinyLlama-1.1B/
+//! ├── config.json                     hyper-parameters (→ LlamaConfig)
+//! ├── model.safetensors               weights, or shards listed in
+//! │   (model-00001-of-00002.safetensors, model.safetensors.index.json)
+//! ├── tokenizer.json                  the `tokenizers` pipeline
+//! ├── tokenizer_config.json           chat template, BOS/EOS strings (optional)
+//! └── generation_config.json          extra EOS ids (optional)
+//! ```
+//!
+//! safetensors is a JSON header followed by raw little-endian tensor data,
+//! so loading is a memory map plus one copy per tensor into libtorch.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use super::{check_tensors, LoadError, ModelFiles, NamedTensors};
+use crate::model::config::LlamaConfig;
+use crate::model::tokenizer::Tokenizer;
+
+pub fn load(dir: &Path) -> Result<ModelFiles, LoadError> {
+    let config_path = dir.join("config.json");
+    let raw: Value = read_json(&config_path)?.ok_or_else(|| LoadError::Format {
+        path: dir.to_path_buf(),
+        message: "no config.json: a Hugging Face model directory needs config.json, \
+                  *.safetensors and tokenizer.json"
+            .into(),
+    })?;
+    let model_type = raw
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("llama");
+    if !matches!(model_type, "llama" | "mistral") {
+        return Err(LoadError::UnsupportedArchitecture {
+            path: config_path,
+            architecture: model_type.to_string(),
+        });
+    }
+    let config: LlamaConfig = serde_json::from_value(raw).map_err(|e| LoadError::Config {
+        path: config_path.clone(),
+        message: e.to_string(),
+    })?;
+    config.validate().map_err(|message| LoadError::Config {
+        path: config_path.clone(),
+        message,
+    })?;
+
+    let mut tensors = NamedTensors::new();
+    for shard in shard_paths(dir)? {
+        read_safetensors(&shard, &mut tensors)?;
+    }
+    check_tensors(dir, &config, &tensors)?;
+
+    let tokenizer = tokenizer(dir, &config)?;
+    Ok(ModelFiles {
+        source: dir.to_path_buf(),
+        config,
+        tensors,
+        tokenizer,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| LoadError::Format {
+                path: path.to_path_buf(),
+                message: format!("invalid JSON: {e}"),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoadError::io(path, e)),
+    }
+}
+
+/// The weight files: the shards an index names, else `model.safetensors`.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if let Some(index) = read_json(&index_path)? {
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| LoadError::Format {
+                path: index_path.clone(),
+                message: "no weight_map object".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(LoadError::Format {
+        path: dir.to_path_buf(),
+        message: "no model.safetensors or model.safetensors.index.json".into(),
+    })
+}
+
+fn read_safetensors(path: &Path, tensors: &mut NamedTensors) -> Result<(), LoadError> {
+    let file = std::fs::File::open(path).map_err(|e| LoadError::io(path, e))?;
+    // SAFETY: read-only private map; see GgufFile::open.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| LoadError::io(path, e))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| LoadError::Format {
+        path: path.to_path_buf(),
+        message: format!("invalid safetensors file: {e}"),
+    })?;
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F16 => Kind::Half,
+            other => {
+                return Err(LoadError::Format {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor {name} has dtype {other:?}; expected F32, BF16 or F16"
+                    ),
+                })
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|source| {
+            LoadError::Torch {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        tensors.insert(name, tensor);
+    }
+    Ok(())
+}
+
+fn tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer, LoadError> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(LoadError::Tokenizer {
+            path,
+            message: "file not found (every Hugging Face model ships one)".into(),
+        });
+    }
+    let inner = Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+
+    // tokenizer_config.json names special tokens as strings and carries the chat template.
+    let tk_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+    let special = |key: &str| -> Option<u32> {
+        let value = tk_config.get(key)?;
+        let text = value
+            .as_str()
+            .or_else(|| value.get("content").and_then(Value::as_str))?;
+        inner.token_to_id(text)
+    };
+    let bos = config.bos_token_id.or_else(|| special("bos_token"));
+    let mut eos = config.eos_ids();
+    if let Some(id) = special("eos_token") {
+        eos.push(id);
+    }
+    if let Some(generation) = read_json(&dir.join("generation_config.json"))? {
+        if let Some(value) = generation.get("eos_token_id") {
+            let extra: Option<crate::model::config::EosTokens> =
+                serde_json::from_value(value.clone()).ok();
+            eos.extend(extra.map(|e| e.ids()).unwrap_or_default());
+        }
+    }
+    eos.sort_unstable();
+    eos.dedup();
+    let template = tk_config
+        .get("chat_template")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Ok(Tokenizer::new(inner, bos, &eos, template))
+}

@@ -1,0 +1,34 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The real SmolLM2 GGUF that scripts/setup.sh installs. The tests need it:
+/// a missing model is a failed set-up, not a reason to pass.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = shared::model::default_model_path().expect(
+        "SPARK_DISAGG_MODEL is not set: run scripts/setup.sh (it installs the model \
+         and configures cargo), then run the tests again",
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: run scripts/setup.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
