@@ -15,4 +15,5 @@
 pub mod cli;
 pub mod device;
 pub mod engine;
+pub mod kv;
 pub mod model;

@@ -24,6 +24,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were produced.
     Length,
+    /// The client cancelled the request.
+    Cancelled,
 }
 
 /// The tokens of one generation and where its time went.

@@ -1,5 +1,22 @@
-//! Running the model: choosing tokens ([`sampling`]) and the reference
-//! single-sequence generation loop ([`generate`]).
+//! Running the model for many requests at once.
+//!
+//! * [`sampling`] — choosing a token (greedy, temperature, top-p, seed);
+//! * [`generate`] — the reference loop for one prompt, with a dense cache;
+//! * [`scheduler`] — continuous batching with chunked prefill and preemption;
+//! * [`runner`] — paged attention and batched forward passes;
+//! * [`core`] — the [`Engine`]: scheduler + runner + paged KV pool, plus the
+//!   `prefill` / `add_prefilled` halves that disaggregation splits apart;
+//! * [`handle`] — the engine on its own thread, with token streams;
+//! * [`metrics`] and [`request`] — what goes in and what is measured.
 
+pub mod core;
 pub mod generate;
+pub mod handle;
+pub mod metrics;
+pub mod request;
+pub mod runner;
 pub mod sampling;
+pub mod scheduler;
+
+pub use self::core::{Engine, EngineConfig, EngineError, PrefillOutput};
+pub use self::request::{Request, RequestId, TokenEvent};

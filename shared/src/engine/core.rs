@@ -1,0 +1,494 @@
+//! The engine: a model, a paged KV pool, and a scheduler, driven one step at a time.
+//!
+//! ```text
+//! add_request ─► waiting ─► schedule ─► forward (batched decode + prefill chunks) ─► sample ─► outputs
+//!                   ▲                                                                  │
+//!                   └──────────────── preempted (recompute) ◄──── out of blocks ───────┘
+//! ```
+//!
+//! Besides serving whole requests, the engine exposes the two halves that
+//! disaggregated serving splits between machines: [`Engine::prefill`] runs a
+//! prompt and exports its KV cache as a plain tensor, and
+//! [`Engine::add_prefilled`] imports such a tensor into fresh blocks and
+//! continues decoding from it.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::generate::FinishReason;
+use super::metrics::{EngineStats, RequestTimings};
+use super::request::{Request, RequestId, Sequence, TokenEvent};
+use super::runner::{forward_chunks, ChunkInput};
+use super::sampling::argmax_batch;
+use super::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
+use crate::kv::block::{BlockTable, DEFAULT_BLOCK_SIZE};
+use crate::kv::pool::KvPool;
+use crate::kv::prefix_cache::{KvEvent, PrefixCache};
+use crate::model::llama::Llama;
+
+/// How the engine is sized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    pub block_size: usize,
+    /// Blocks in the KV pool; see [`EngineConfig::with_kv_budget`].
+    pub num_blocks: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub enable_prefix_caching: bool,
+}
+
+impl EngineConfig {
+    /// A configuration whose pool uses `kv_cache_bytes` of memory.
+    pub fn with_kv_budget(model: &Llama, kv_cache_bytes: usize) -> Self {
+        let block_size = DEFAULT_BLOCK_SIZE;
+        EngineConfig {
+            block_size,
+            num_blocks: KvPool::blocks_for_budget(
+                model.config(),
+                block_size,
+                model.kind(),
+                kv_cache_bytes,
+            ),
+            max_num_batched_tokens: 512,
+            max_num_seqs: 256,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("request {0} is already in the engine")]
+    DuplicateId(RequestId),
+    #[error("request {id}: {message}")]
+    Invalid { id: RequestId, message: String },
+    #[error(
+        "request {id} needs {needed} KV blocks but the whole pool has {available}; \
+         give the engine more KV memory (--kv-cache-gb) or shorten the request"
+    )]
+    TooLarge {
+        id: RequestId,
+        needed: usize,
+        available: usize,
+    },
+    #[error("the KV pool has {blocks} blocks: too small to serve anything; raise --kv-cache-gb")]
+    EmptyPool { blocks: usize },
+    #[error("KV tensor has shape {found:?}; expected [layers, 2, {tokens}, kv_heads, head_dim] = {expected:?}")]
+    KvShape {
+        found: Vec<i64>,
+        expected: Vec<i64>,
+        tokens: usize,
+    },
+}
+
+/// The result of [`Engine::prefill`]: everything a decode worker needs.
+pub struct PrefillOutput {
+    pub first_token: u32,
+    /// `[layers, 2, prompt_tokens, kv_heads, head_dim]` on the engine's device.
+    pub kv: Tensor,
+    pub timings: RequestTimings,
+}
+
+/// One output of [`Engine::step`] (the same events a stream receives).
+pub type StepOutput = TokenEvent;
+
+pub struct Engine {
+    model: Llama,
+    pool: KvPool,
+    scheduler: Scheduler,
+    eos: Vec<u32>,
+    steps: u64,
+    /// KV of finished prefill-only requests, waiting to be picked up.
+    prefilled: HashMap<RequestId, (u32, Tensor, RequestTimings)>,
+    /// Events produced outside a step (requests finished on arrival).
+    pending_events: Vec<TokenEvent>,
+}
+
+impl Engine {
+    /// `eos` are the ids that end a generation (from the tokenizer).
+    pub fn new(model: Llama, config: EngineConfig, eos: Vec<u32>) -> Result<Engine, EngineError> {
+        if config.num_blocks < 2 {
+            return Err(EngineError::EmptyPool {
+                blocks: config.num_blocks,
+            });
+        }
+        let pool = KvPool::new(
+            model.config(),
+            config.num_blocks,
+            config.block_size,
+            model.device(),
+            model.kind(),
+        );
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                block_size: config.block_size,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+                max_num_seqs: config.max_num_seqs,
+            },
+            PrefixCache::new(config.num_blocks, config.enable_prefix_caching),
+        );
+        Ok(Engine {
+            model,
+            pool,
+            scheduler,
+            eos,
+            steps: 0,
+            prefilled: HashMap::new(),
+            pending_events: Vec::new(),
+        })
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    fn validate(&self, request: &Request) -> Result<(), EngineError> {
+        let invalid = |message: String| EngineError::Invalid {
+            id: request.id,
+            message,
+        };
+        request.params.validate().map_err(invalid)?;
+        if request.prompt.is_empty() {
+            return Err(invalid("the prompt is empty".into()));
+        }
+        let vocab = self.model.config().vocab_size as u32;
+        if let Some(bad) = request.prompt.iter().find(|&&t| t >= vocab) {
+            return Err(invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let total = request.prompt.len() + request.params.max_tokens;
+        let context = self.model.config().max_position_embeddings;
+        if total > context {
+            return Err(invalid(format!(
+                "prompt ({}) plus max_tokens ({}) exceeds the context of {context} tokens",
+                request.prompt.len(),
+                request.params.max_tokens
+            )));
+        }
+        let needed = BlockTable::blocks_for(total, self.pool.block_size());
+        if needed > self.pool.num_blocks() {
+            return Err(EngineError::TooLarge {
+                id: request.id,
+                needed,
+                available: self.pool.num_blocks(),
+            });
+        }
+        let known = |s: &Sequence| s.id == request.id;
+        if self.scheduler.running.iter().any(known) || self.scheduler.waiting.iter().any(known) {
+            return Err(EngineError::DuplicateId(request.id));
+        }
+        Ok(())
+    }
+
+    /// Queues a request; its tokens come out of [`Engine::step`] (and into
+    /// `stream`, if given).
+    pub fn add_request(
+        &mut self,
+        request: Request,
+        stream: Option<UnboundedSender<TokenEvent>>,
+    ) -> Result<(), EngineError> {
+        self.validate(&request)?;
+        self.scheduler
+            .waiting
+            .push_back(Sequence::new(request, stream));
+        Ok(())
+    }
+
+    /// Stops a request wherever it is. Returns false if it was not found.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let seq = if let Some(i) = self.scheduler.waiting.iter().position(|s| s.id == id) {
+            self.scheduler.waiting.remove(i)
+        } else if let Some(i) = self.scheduler.running.iter().position(|s| s.id == id) {
+            Some(self.scheduler.running.remove(i))
+        } else {
+            None
+        };
+        match seq {
+            Some(mut seq) => {
+                self.finish(&mut seq, FinishReason::Cancelled);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.scheduler.running.is_empty()
+            || !self.scheduler.waiting.is_empty()
+            || !self.pending_events.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let cache = &self.scheduler.cache;
+        EngineStats {
+            running: self.scheduler.running.len(),
+            waiting: self.scheduler.waiting.len(),
+            blocks_total: cache.num_blocks(),
+            blocks_in_use: cache.num_in_use(),
+            blocks_cached_idle: cache.num_cached_idle(),
+            prefix_cache_hit_rate: cache.stats().hit_rate(),
+            preemptions: self.scheduler.preemptions,
+            steps: self.steps,
+        }
+    }
+
+    /// Block-hash events since the last call (for a router; see module 5).
+    pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
+        self.scheduler.cache.drain_events()
+    }
+
+    /// Runs one scheduling step and returns the tokens it produced.
+    pub fn step(&mut self) -> Vec<StepOutput> {
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
+            return std::mem::take(&mut self.pending_events);
+        }
+        self.steps += 1;
+        let sampled = self.run(&plan);
+        let mut outputs = std::mem::take(&mut self.pending_events);
+        let mut finished = Vec::new();
+        for (chunk, token) in plan.iter().zip(sampled) {
+            self.scheduler.chunk_done(chunk.index, chunk.len);
+            let Some(token) = token else { continue };
+            let seq = &mut self.scheduler.running[chunk.index];
+            seq.metrics.token_times.push(Instant::now());
+            if seq.prefill_only {
+                seq.tokens.push(token);
+                finished.push((chunk.index, FinishReason::Length));
+                continue;
+            }
+            if !seq.params.ignore_eos && self.eos.contains(&token) {
+                finished.push((chunk.index, FinishReason::Stop));
+                continue;
+            }
+            seq.tokens.push(token);
+            let event = TokenEvent::Token { id: seq.id, token };
+            if let Some(stream) = &seq.stream {
+                let _ = stream.send(event.clone());
+            }
+            outputs.push(event);
+            if seq.num_generated() >= seq.params.max_tokens {
+                finished.push((chunk.index, FinishReason::Length));
+            }
+        }
+        // Retire finished sequences, highest index first so the others stay put.
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (index, reason) in finished {
+            let mut seq = self.scheduler.running.remove(index);
+            outputs.extend(self.finish(&mut seq, reason));
+        }
+        outputs
+    }
+
+    /// Releases a sequence and reports its end.
+    fn finish(&mut self, seq: &mut Sequence, reason: FinishReason) -> Option<TokenEvent> {
+        let timings = seq.metrics.timings(seq.prompt_len, Instant::now());
+        if seq.prefill_only && reason != FinishReason::Cancelled {
+            let kv = self.pool.export(&seq.table, seq.prompt_len);
+            let first = *seq.tokens.last().expect("prefill produced a token");
+            self.prefilled.insert(seq.id, (first, kv, timings));
+            self.scheduler.release_blocks(seq);
+            return None;
+        }
+        self.scheduler.release_blocks(seq);
+        let event = TokenEvent::Finished {
+            id: seq.id,
+            reason,
+            metrics: Box::new(timings),
+        };
+        if let Some(stream) = &seq.stream {
+            let _ = stream.send(event.clone());
+        }
+        Some(event)
+    }
+
+    /// Runs the planned chunks; returns a sampled token for each chunk that
+    /// reached the end of its sequence's pending tokens.
+    fn run(&mut self, plan: &[ScheduledChunk]) -> Vec<Option<u32>> {
+        let running = &self.scheduler.running;
+        let input = |c: &ScheduledChunk| {
+            let seq = &running[c.index];
+            ChunkInput {
+                table: &seq.table,
+                start: seq.num_computed,
+                tokens: &seq.tokens[seq.num_computed..seq.num_computed + c.len],
+            }
+        };
+        let completes = |c: &ScheduledChunk| c.len == running[c.index].pending();
+
+        let mut logits: Vec<Option<Tensor>> = (0..plan.len()).map(|_| None).collect();
+        // One batched forward for all single-token chunks (the decodes)...
+        let singles: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].len == 1).collect();
+        if !singles.is_empty() {
+            let inputs: Vec<ChunkInput> = singles.iter().map(|&i| input(&plan[i])).collect();
+            let batch = forward_chunks(&self.model, &self.pool, &inputs);
+            for (row, &i) in singles.iter().enumerate() {
+                logits[i] = Some(batch.get(row as i64));
+            }
+        }
+        // ... and one forward per longer prefill chunk.
+        for (i, chunk) in plan.iter().enumerate().filter(|(_, c)| c.len > 1) {
+            let out = forward_chunks(&self.model, &self.pool, &[input(chunk)]);
+            logits[i] = Some(out.get(0));
+        }
+
+        // Sample where a chunk completed its sequence's pending tokens.
+        let wanted: Vec<usize> = (0..plan.len()).filter(|&i| completes(&plan[i])).collect();
+        let mut tokens: Vec<Option<u32>> = vec![None; plan.len()];
+        let greedy: Vec<usize> = wanted
+            .iter()
+            .copied()
+            .filter(|&i| running[plan[i].index].params.is_greedy())
+            .collect();
+        if !greedy.is_empty() {
+            let rows: Vec<Tensor> = greedy
+                .iter()
+                .map(|&i| logits[i].as_ref().expect("ran").shallow_clone())
+                .collect();
+            for (&i, id) in greedy.iter().zip(argmax_batch(&Tensor::stack(&rows, 0))) {
+                tokens[i] = Some(id);
+            }
+        }
+        for &i in wanted.iter().filter(|i| !greedy.contains(i)) {
+            let seq = &mut self.scheduler.running[plan[i].index];
+            tokens[i] = Some(seq.sampler.sample(logits[i].as_ref().expect("ran")));
+        }
+        tokens
+    }
+
+    /// Runs requests to completion and returns their tokens, in request
+    /// order (a convenience for tests and benchmarks).
+    pub fn generate_all(
+        &mut self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<(Vec<u32>, FinishReason, RequestTimings)>, EngineError> {
+        let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
+        for request in requests {
+            self.add_request(request, None)?;
+        }
+        let mut tokens: HashMap<RequestId, Vec<u32>> = HashMap::new();
+        let mut done: HashMap<RequestId, (FinishReason, RequestTimings)> = HashMap::new();
+        while self.has_unfinished() {
+            for event in self.step() {
+                match event {
+                    TokenEvent::Token { id, token } => tokens.entry(id).or_default().push(token),
+                    TokenEvent::Finished {
+                        id,
+                        reason,
+                        metrics,
+                    } => {
+                        done.insert(id, (reason, *metrics));
+                    }
+                }
+            }
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let (reason, timings) = done.remove(&id).expect("every request finishes");
+                (tokens.remove(&id).unwrap_or_default(), reason, timings)
+            })
+            .collect())
+    }
+
+    /// Prefill only: runs the prompt (sharing the batch with whatever else
+    /// is running), returns the first token and the prompt's KV cache.
+    pub fn prefill(&mut self, request: Request) -> Result<PrefillOutput, EngineError> {
+        let id = request.id;
+        self.validate(&request)?;
+        let mut seq = Sequence::new(request, None);
+        seq.prefill_only = true;
+        self.scheduler.waiting.push_back(seq);
+        loop {
+            if let Some((first_token, kv, timings)) = self.prefilled.remove(&id) {
+                return Ok(PrefillOutput {
+                    first_token,
+                    kv,
+                    timings,
+                });
+            }
+            self.step();
+        }
+    }
+
+    /// Decode from a KV cache computed elsewhere: `kv` holds the prompt's
+    /// K/V (`[layers, 2, prompt_len, kv_heads, head_dim]`, any device or
+    /// dtype) and `first_token` the token the prefill chose. The request's
+    /// later tokens come out of [`Engine::step`] as usual; `first_token`
+    /// itself is not emitted again.
+    pub fn add_prefilled(
+        &mut self,
+        request: Request,
+        first_token: u32,
+        kv: &Tensor,
+        stream: Option<UnboundedSender<TokenEvent>>,
+    ) -> Result<(), EngineError> {
+        self.validate(&request)?;
+        let c = self.model.config();
+        let prompt_len = request.prompt.len();
+        let expected = vec![
+            c.num_hidden_layers as i64,
+            2,
+            prompt_len as i64,
+            c.num_kv_heads() as i64,
+            c.head_dim() as i64,
+        ];
+        if kv.size() != expected {
+            return Err(EngineError::KvShape {
+                found: kv.size(),
+                expected,
+                tokens: prompt_len,
+            });
+        }
+        let mut seq = Sequence::new(request, stream);
+        seq.tokens.push(first_token);
+        seq.metrics.first_scheduled = Some(Instant::now());
+        seq.metrics.token_times.push(Instant::now());
+        let ends_here = (!seq.params.ignore_eos && self.eos.contains(&first_token))
+            || seq.params.max_tokens <= 1;
+        if ends_here {
+            let reason = if seq.params.max_tokens <= 1 {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            let event = self.finish(&mut seq, reason);
+            self.pending_events.extend(event);
+            return Ok(());
+        }
+        let needed = BlockTable::blocks_for(prompt_len + 1, self.pool.block_size());
+        if needed > self.scheduler.cache.num_available() {
+            return Err(EngineError::TooLarge {
+                id: seq.id,
+                needed,
+                available: self.scheduler.cache.num_available(),
+            });
+        }
+        for _ in 0..needed {
+            let block = self.scheduler.cache.allocate().expect("counted");
+            seq.table.blocks.push(block);
+        }
+        self.pool.import(&seq.table, kv);
+        self.scheduler.running.push(seq);
+        let index = self.scheduler.running.len() - 1;
+        self.scheduler.chunk_done(index, prompt_len);
+        Ok(())
+    }
+
+    /// The device the engine runs on.
+    pub fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.model.kind()
+    }
+}

@@ -1,0 +1,140 @@
+//! The engine on its own thread, with channels in and out.
+//!
+//! libtorch calls block, and the engine must step continuously while
+//! requests come and go, so it gets a dedicated OS thread — the same shape
+//! as a database's single writer thread. Callers (HTTP handlers, TCP
+//! servers) talk to it through an [`EngineHandle`]: submit a request, get a
+//! stream of [`TokenEvent`]s back; cancel by id. The output channel is
+//! tokio's unbounded channel, usable from async and plain threads alike.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::core::{Engine, EngineError};
+use super::metrics::EngineStats;
+use super::request::{Request, RequestId, TokenEvent};
+
+enum Command {
+    Submit(
+        Request,
+        tokio::sync::mpsc::UnboundedSender<TokenEvent>,
+        mpsc::Sender<Result<(), EngineError>>,
+    ),
+    Cancel(RequestId),
+    Stats(mpsc::Sender<EngineStats>),
+    Shutdown,
+}
+
+/// A cloneable handle to an engine running on its own thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+/// Owns the engine thread; dropping it stops the engine.
+pub struct EngineThread {
+    handle: EngineHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts `engine` on a new thread. `make_engine` runs on that thread,
+    /// so the model is created where it is used.
+    pub fn spawn<F>(make_engine: F) -> std::io::Result<EngineThread>
+    where
+        F: FnOnce() -> Engine + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || run(make_engine(), rx))?;
+        Ok(EngineThread {
+            handle: EngineHandle { commands: tx },
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        let _ = self.handle.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("the engine thread has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Rejected(#[from] EngineError),
+}
+
+impl EngineHandle {
+    /// Submits a request; tokens arrive on the returned receiver, ending
+    /// with a `Finished` event.
+    pub fn submit(&self, request: Request) -> Result<UnboundedReceiver<TokenEvent>, HandleError> {
+        let (tx, rx) = unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::channel();
+        self.commands
+            .send(Command::Submit(request, tx, ack_tx))
+            .map_err(|_| HandleError::Stopped)?;
+        ack_rx.recv().map_err(|_| HandleError::Stopped)??;
+        Ok(rx)
+    }
+
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Cancel(id));
+    }
+
+    pub fn stats(&self) -> Result<EngineStats, HandleError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Stats(tx))
+            .map_err(|_| HandleError::Stopped)?;
+        rx.recv().map_err(|_| HandleError::Stopped)
+    }
+}
+
+fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
+    loop {
+        // Block for a command only when there is nothing to step.
+        let next = if engine.has_unfinished() {
+            match commands.try_recv() {
+                Ok(c) => Some(c),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else {
+            match commands.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        };
+        match next {
+            Some(Command::Submit(request, stream, ack)) => {
+                let _ = ack.send(engine.add_request(request, Some(stream)));
+                continue;
+            }
+            Some(Command::Cancel(id)) => {
+                engine.cancel(id);
+                continue;
+            }
+            Some(Command::Stats(reply)) => {
+                let _ = reply.send(engine.stats());
+                continue;
+            }
+            Some(Command::Shutdown) => return,
+            None => {}
+        }
+        engine.step();
+    }
+}

@@ -1,0 +1,248 @@
+//! The paged, continuously batched engine must produce exactly the tokens
+//! of the simple one-prompt loop — whatever the batch, the chunking, the
+//! preemptions or the prefix-cache hits.
+
+mod common;
+
+use shared::engine::generate::{generate, FinishReason};
+use shared::engine::sampling::SamplingParams;
+use shared::engine::{Engine, EngineConfig, Request, TokenEvent};
+use shared::model::config::LlamaConfig;
+use shared::model::llama::Llama;
+use shared::model::LoadedModel;
+use tch::{Device, Kind};
+
+const PROMPTS: [&str; 5] = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Paged attention stores the KV cache in fixed-size blocks so that",
+];
+
+fn smollm2() -> LoadedModel {
+    shared::model::load_model(&common::smollm2_gguf(), Device::Cpu, Kind::Float).unwrap()
+}
+
+fn config(num_blocks: usize, budget: usize) -> EngineConfig {
+    EngineConfig {
+        block_size: 4,
+        num_blocks,
+        max_num_batched_tokens: budget,
+        max_num_seqs: 8,
+        enable_prefix_caching: true,
+    }
+}
+
+/// Reference tokens from the dense-cache loop, one prompt at a time.
+fn reference(
+    model: &Llama,
+    eos: &[u32],
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .map(|p| generate(model, p, eos, params, |_| {}).unwrap().tokens)
+        .collect()
+}
+
+fn requests(prompts: &[Vec<u32>], params: &SamplingParams) -> Vec<Request> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request::new(i as u64, p.clone(), params.clone()))
+        .collect()
+}
+
+#[test]
+fn batched_chunked_engine_matches_individual_greedy_generation() {
+    let loaded = smollm2();
+    let eos = loaded.tokenizer.eos_ids();
+    let prompts: Vec<Vec<u32>> = PROMPTS
+        .iter()
+        .map(|p| loaded.tokenizer.encode(p).unwrap())
+        .collect();
+    let params = SamplingParams::greedy(12);
+    let expected = reference(&loaded.model, &eos, &prompts, &params);
+
+    // A budget of 8 tokens per step splits every prompt into chunks and
+    // mixes them with the decodes of the others.
+    let mut engine = Engine::new(loaded.model, config(64, 8), eos).unwrap();
+    let results = engine.generate_all(requests(&prompts, &params)).unwrap();
+    for (i, (tokens, _, timings)) in results.iter().enumerate() {
+        assert_eq!(tokens, &expected[i], "prompt {i}: {:?}", PROMPTS[i]);
+        assert_eq!(
+            timings.output_tokens,
+            tokens.len() + usize::from(results[i].1 == FinishReason::Stop)
+        );
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.blocks_in_use, 0, "every block released");
+    assert!(stats.steps > 12, "prompts were chunked over several steps");
+}
+
+#[test]
+fn prefix_cache_hit_gives_the_same_tokens_as_a_cold_run() {
+    let loaded = smollm2();
+    let eos = loaded.tokenizer.eos_ids();
+    let system = "You are a helpful assistant who answers in one short sentence. ";
+    let prompts: Vec<Vec<u32>> = [
+        "What is the capital of France?",
+        "What is the capital of Spain?",
+    ]
+    .iter()
+    .map(|q| loaded.tokenizer.encode(&format!("{system}{q}")).unwrap())
+    .collect();
+    let params = SamplingParams::greedy(8);
+    let expected = reference(&loaded.model, &eos, &prompts, &params);
+
+    let mut engine = Engine::new(loaded.model, config(64, 64), eos).unwrap();
+    let first = engine
+        .generate_all(requests(&prompts[..1], &params))
+        .unwrap();
+    let second = engine
+        .generate_all(vec![
+            Request::new(1, prompts[1].clone(), params.clone()),
+            Request::new(2, prompts[0].clone(), params.clone()),
+        ])
+        .unwrap();
+    assert_eq!(first[0].0, expected[0]);
+    assert_eq!(
+        second[0].0, expected[1],
+        "shared system prompt, different question"
+    );
+    assert_eq!(second[1].0, expected[0], "exact repeat");
+    assert!(
+        second[0].2.cached_prompt_tokens >= 8,
+        "the shared prefix came from the cache"
+    );
+    assert_eq!(
+        second[1].2.cached_prompt_tokens,
+        (prompts[0].len() - 1) / 4 * 4
+    );
+    assert!(engine.stats().prefix_cache_hit_rate > 0.3);
+}
+
+fn tiny_model(seed: u64) -> Llama {
+    let config = LlamaConfig {
+        vocab_size: 128,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 256,
+        ..LlamaConfig::smollm2_135m()
+    };
+    Llama::random(config, seed, Device::Cpu, Kind::Float)
+}
+
+fn tiny_prompts() -> Vec<Vec<u32>> {
+    (0..6u32)
+        .map(|i| (0..(5 + 3 * i)).map(|t| (t * 7 + i * 13) % 128).collect())
+        .collect()
+}
+
+#[test]
+fn preemption_under_memory_pressure_keeps_tokens_exact() {
+    let prompts = tiny_prompts();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(40)
+    };
+    let expected = reference(&tiny_model(5), &[], &prompts, &params);
+    // 30 blocks of 4 tokens: not enough for six sequences of up to 60 tokens at once.
+    let mut engine = Engine::new(tiny_model(5), config(30, 64), vec![]).unwrap();
+    let results = engine.generate_all(requests(&prompts, &params)).unwrap();
+    for (i, (tokens, reason, _)) in results.iter().enumerate() {
+        assert_eq!(tokens, &expected[i], "sequence {i}");
+        assert_eq!(*reason, FinishReason::Length);
+    }
+    assert!(
+        engine.stats().preemptions > 0,
+        "the pool was meant to run out"
+    );
+    assert_eq!(engine.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn cancelled_request_stops_and_frees_its_blocks() {
+    let prompts = tiny_prompts();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(50)
+    };
+    let mut engine = Engine::new(tiny_model(6), config(64, 64), vec![]).unwrap();
+    for r in requests(&prompts[..2], &params) {
+        engine.add_request(r, None).unwrap();
+    }
+    for _ in 0..3 {
+        engine.step();
+    }
+    assert!(engine.cancel(0));
+    assert!(!engine.cancel(0), "already gone");
+    let mut finished = Vec::new();
+    while engine.has_unfinished() {
+        for event in engine.step() {
+            if let TokenEvent::Finished { id, reason, .. } = event {
+                finished.push((id, reason));
+            }
+        }
+    }
+    assert_eq!(finished, vec![(1, FinishReason::Length)]);
+    assert_eq!(engine.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn prefill_on_one_engine_and_decode_on_another_matches_local_generation() {
+    let prompts = tiny_prompts();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(10)
+    };
+    let expected = reference(&tiny_model(7), &[], &prompts, &params);
+
+    let mut prefill = Engine::new(tiny_model(7), config(64, 64), vec![]).unwrap();
+    let mut decode = Engine::new(tiny_model(7), config(64, 64), vec![]).unwrap();
+    for request in requests(&prompts, &params) {
+        let out = prefill.prefill(request.clone()).unwrap();
+        assert_eq!(out.first_token, expected[request.id as usize][0]);
+        // The KV travels as a plain tensor, independent of the prefill engine's pool.
+        decode
+            .add_prefilled(request, out.first_token, &out.kv, None)
+            .unwrap();
+    }
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    while decode.has_unfinished() {
+        for event in decode.step() {
+            if let TokenEvent::Token { id, token } = event {
+                tokens[id as usize].push(token);
+            }
+        }
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(&expected[i][1..], t.as_slice(), "sequence {i}");
+    }
+    assert_eq!(prefill.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn impossible_requests_are_refused_with_reasons() {
+    let mut engine = Engine::new(tiny_model(8), config(8, 64), vec![]).unwrap();
+    let err = engine
+        .add_request(
+            Request::new(1, vec![1; 40], SamplingParams::greedy(10)),
+            None,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("--kv-cache-gb"), "{err}");
+    let err = engine
+        .add_request(Request::new(2, vec![], SamplingParams::greedy(1)), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    let err = engine
+        .add_request(Request::new(3, vec![500], SamplingParams::greedy(1)), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
