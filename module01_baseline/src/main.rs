@@ -4,6 +4,7 @@
 //! cargo run --release -p module01_baseline -- generate --prompt "The capital of France is"
 //! cargo run --release -p module01_baseline -- generate --chat "Write a haiku about caches"
 //! cargo run --release -p module01_baseline -- convert --out /tmp/smollm2-hf
+//! cargo run --release -p module01_baseline -- bench --peer hf
 //! ```
 
 use std::io::Write;
@@ -11,10 +12,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use module01_baseline::bench::{self, BenchConfig};
+use module01_baseline::peer::{self, PeerModel};
+use module01_baseline::report::{self, BenchReport, Memory, Roofline, Setup};
 use shared::cli::ModelArgs;
 use shared::device;
 use shared::engine::generate::generate;
 use shared::engine::sampling::SamplingParams;
+use shared::engine::{Engine, EngineConfig};
 use shared::model::tokenizer::ChatMessage;
 
 #[derive(Parser)]
@@ -30,6 +35,51 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the model out as a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
     Convert(ConvertArgs),
+    /// Measure the engine: single request, batch sweep, offered load (and a peer, if asked).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use seeded random weights of this shape instead of loading a model
+    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b).
+    #[arg(long)]
+    random: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 16)]
+    output_len: usize,
+    /// Comma-separated batch sizes for the sweep.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    batch_sizes: Vec<usize>,
+    /// Requests in the offered-load run (0 skips it).
+    #[arg(long, default_value_t = 8)]
+    num_requests: usize,
+    /// Poisson arrival rate of the offered-load run, requests per second (0: all at once).
+    #[arg(long, default_value_t = 4.0)]
+    request_rate: f64,
+    /// KV pool size in GiB [default: 0.5 on CPU; on a GPU, 60% of the memory NVML reports free].
+    #[arg(long)]
+    kv_cache_gb: Option<f64>,
+    /// Token budget per engine step (chunked prefill).
+    #[arg(long, default_value_t = 512)]
+    max_batched_tokens: usize,
+    /// Also run Hugging Face transformers on the same workload: `hf`.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Memory bandwidth in GB/s for the roofline line (e.g. 3350 for an H100 SXM).
+    #[arg(long)]
+    mem_bandwidth_gbps: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the results.
+    #[arg(long, default_value = "results/module01_bench.json")]
+    json: PathBuf,
+    /// Where to draw throughput and latency.
+    #[arg(long, default_value = "results/module01_bench.svg")]
+    svg: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -75,6 +125,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Convert(args) => run_convert(args),
+        Command::Bench(args) => run_bench(args),
     }
 }
 
@@ -154,6 +205,172 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
         args.out.display(),
         files.tensors.len()
     );
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let (device, kind) = args.model.device_and_kind()?;
+    let (model, name, peer_model) = match &args.random {
+        Some(preset) => {
+            let config = shared::model::config::LlamaConfig::preset(preset).with_context(|| {
+                format!(
+                    "unknown preset {preset:?}; use one of {:?}",
+                    shared::model::config::LlamaConfig::PRESET_NAMES
+                )
+            })?;
+            let json = serde_json::to_string(&config)?;
+            let model = shared::model::llama::Llama::random(config, args.seed, device, kind);
+            (
+                model,
+                format!("{preset} (random weights)"),
+                PeerModel::RandomConfig(json),
+            )
+        }
+        None => {
+            let path = args.model.model_path()?;
+            let loaded = shared::model::load_model(&path, device, kind)?;
+            let name = path
+                .file_name()
+                .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+            (loaded.model, name, PeerModel::Path(path))
+        }
+    };
+    let config = BenchConfig {
+        prompt_len: args.prompt_len,
+        output_len: args.output_len,
+        batch_sizes: args.batch_sizes.clone(),
+        num_requests: args.num_requests,
+        request_rate: args.request_rate,
+        seed: args.seed,
+    };
+    if config.prompt_len == 0 || config.output_len < 2 {
+        bail!(
+            "--prompt-len must be at least 1 and --output-len at least 2 (one decode step to time)"
+        );
+    }
+    let kv_bytes = match args.kv_cache_gb {
+        Some(gb) => (gb * (1u64 << 30) as f64) as usize,
+        None => match device {
+            tch::Device::Cuda(i) => device::gpu_memory(i)
+                .map(|m| (m.free as f64 * 0.6) as usize)
+                .unwrap_or(4 << 30),
+            _ => 1 << 29,
+        },
+    };
+    let parameters = model.config().num_parameters();
+    let weight_bytes = model.weight_bytes_per_step();
+    let mut engine_config = EngineConfig::with_kv_budget(&model, kv_bytes);
+    engine_config.max_num_batched_tokens = args.max_batched_tokens;
+    let largest = args
+        .batch_sizes
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(args.num_requests.min(engine_config.max_num_seqs));
+    let per_request_blocks =
+        (config.prompt_len + config.output_len).div_ceil(engine_config.block_size);
+    if per_request_blocks > engine_config.num_blocks {
+        bail!(
+            "one request needs {per_request_blocks} KV blocks but --kv-cache-gb allows {}; raise it or shorten the prompt",
+            engine_config.num_blocks
+        );
+    }
+    let vocab = model.config().vocab_size;
+    let mut engine = Engine::new(model, engine_config.clone(), vec![])?;
+    eprintln!(
+        "{name}: {:.0}M parameters on {} as {}; KV pool {} blocks ({:.0} MB), room for {} requests of {} tokens at once",
+        parameters as f64 / 1e6,
+        device::device_name(device),
+        device::kind_name(kind),
+        engine_config.num_blocks,
+        engine.pool().bytes() as f64 / 1e6,
+        engine_config.num_blocks / per_request_blocks,
+        config.prompt_len + config.output_len,
+    );
+    if engine_config.num_blocks / per_request_blocks < largest {
+        eprintln!("note: the largest batch does not fit in the KV pool at once; the scheduler will queue or preempt");
+    }
+
+    let steps = 2 + config.batch_sizes.len() as u64;
+    let bar = bench::progress_bar(steps, "warm-up");
+    bench::warm_up(&mut engine, &config);
+    bar.inc(1);
+    bar.set_message("single request");
+    let single = bench::single_request(&mut engine, &config);
+    bar.inc(1);
+    let mut batches = Vec::new();
+    for &b in &config.batch_sizes {
+        bar.set_message(format!("batch {b}"));
+        batches.push(bench::batch(&mut engine, &config, b));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let load = (config.num_requests > 0).then(|| {
+        let bar = bench::progress_bar(config.num_requests as u64, "offered load (requests)");
+        let result = bench::offered_load(&mut engine, &config, &bar);
+        bar.finish_and_clear();
+        result
+    });
+
+    let peer = match args.peer.as_deref() {
+        None => None,
+        Some("hf") => {
+            eprintln!("running the Hugging Face peer (bench/peers/hf_generate.py)...");
+            let device_arg = device::device_name(device);
+            Some(peer::run_hf_peer(
+                &peer::default_script(),
+                &peer_model,
+                &device_arg,
+                device::kind_name(kind),
+                vocab,
+                &config,
+            )?)
+        }
+        Some(other) => bail!("unknown peer {other:?}; the only peer is `hf`"),
+    };
+    let roofline = args.mem_bandwidth_gbps.map(|gbps| {
+        let floor_ms = weight_bytes as f64 / (gbps * 1e9) * 1e3;
+        Roofline {
+            weight_bytes,
+            bandwidth_gb_per_s: gbps,
+            floor_ms,
+            measured_ms: single.decode_ms_per_token,
+            ratio: single.decode_ms_per_token / floor_ms,
+        }
+    });
+    let report = BenchReport {
+        setup: Setup {
+            model: name,
+            parameters,
+            device: device::device_name(device),
+            device_name: device::describe(device),
+            dtype: device::kind_name(kind).into(),
+            kv_cache_blocks: engine_config.num_blocks,
+            max_num_batched_tokens: engine_config.max_num_batched_tokens,
+            date: device::today(),
+        },
+        config,
+        single,
+        batches,
+        load,
+        memory: Memory {
+            cpu_peak_rss_mb: device::peak_rss_bytes().unwrap_or(0) as f64 / 1e6,
+            gpu_used_mb: match device {
+                tch::Device::Cuda(i) => device::gpu_memory(i).map(|m| m.used as f64 / 1e6),
+                _ => None,
+            },
+            kv_pool_mb: engine.pool().bytes() as f64 / 1e6,
+        },
+        roofline,
+        peer,
+    };
+    println!("{}", report::render_table(&report, false));
+    report::write_json(&report, &args.json)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    report::write_svg(&report, &args.svg)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.svg.display()))?;
+    eprintln!("wrote {} and {}", args.json.display(), args.svg.display());
     Ok(())
 }
 

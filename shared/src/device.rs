@@ -218,9 +218,75 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
-/// Bytes per element of a floating-point kind.
-pub fn kind_size(kind: Kind) -> usize {
-    kind.elt_size_in_bytes()
+/// Memory of one GPU, as the driver reports it (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMemory {
+    pub total: u64,
+    pub used: u64,
+    pub free: u64,
+}
+
+/// NVML, opened once. `None` without an NVIDIA driver (libnvidia-ml is
+/// loaded at run time, so a machine without one still runs everything else).
+pub fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
+    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok())
+        .as_ref()
+}
+
+/// Memory of GPU `index` (NVML numbering, which is CUDA's unless
+/// `CUDA_VISIBLE_DEVICES` reorders them).
+pub fn gpu_memory(index: usize) -> Option<GpuMemory> {
+    let info = nvml()?
+        .device_by_index(index as u32)
+        .ok()?
+        .memory_info()
+        .ok()?;
+    Some(GpuMemory {
+        total: info.total,
+        used: info.used,
+        free: info.free,
+    })
+}
+
+/// The hardware behind a device, for result files: the GPU's name, or the CPU's model and core count.
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => nvml()
+            .and_then(|n| n.device_by_index(i as u32).ok())
+            .and_then(|d| d.name().ok())
+            .unwrap_or_else(|| format!("CUDA device {i}")),
+        _ => {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let model = cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+                .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            format!("{model}, {threads} threads")
+        }
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Today's date (UTC), for result files.
+pub fn today() -> String {
+    chrono::Utc::now().format("%Y-%m-%d").to_string()
 }
 
 #[cfg(test)]

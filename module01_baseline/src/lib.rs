@@ -1,0 +1,10 @@
+//! # Module 1: the single-node baseline
+//!
+//! The engine itself lives in `shared::engine` (later modules serve with
+//! it); this crate measures it. [`bench`] runs the workloads, [`report`]
+//! turns the results into a table, JSON and an SVG figure, and [`peer`]
+//! runs Hugging Face transformers on the same workload for comparison.
+
+pub mod bench;
+pub mod peer;
+pub mod report;

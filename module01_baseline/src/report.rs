@@ -1,0 +1,349 @@
+//! Turning bench results into a table, a JSON file and an SVG figure.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::bench::{BatchResult, BenchConfig, LoadResult, SingleResult};
+
+/// Where and what was measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Setup {
+    pub model: String,
+    pub parameters: usize,
+    pub device: String,
+    /// GPU or CPU model name, so results say which machine they came from.
+    pub device_name: String,
+    pub dtype: String,
+    pub kv_cache_blocks: usize,
+    pub max_num_batched_tokens: usize,
+    pub date: String,
+}
+
+/// The memory-bandwidth floor of a batch-1 decode step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Roofline {
+    pub weight_bytes: usize,
+    pub bandwidth_gb_per_s: f64,
+    /// weight bytes / bandwidth: no decode step can be faster.
+    pub floor_ms: f64,
+    pub measured_ms: f64,
+    /// measured / floor (1.0 would be perfect).
+    pub ratio: f64,
+}
+
+/// The same measurements made by another implementation (see `peer.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerResult {
+    pub name: String,
+    pub single: SingleResult,
+    pub batches: Vec<BatchResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Memory {
+    pub cpu_peak_rss_mb: f64,
+    pub gpu_used_mb: Option<f64>,
+    pub kv_pool_mb: f64,
+}
+
+/// Everything one `bench` run measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub setup: Setup,
+    pub config: BenchConfig,
+    pub single: SingleResult,
+    pub batches: Vec<BatchResult>,
+    pub load: Option<LoadResult>,
+    pub memory: Memory,
+    pub roofline: Option<Roofline>,
+    pub peer: Option<PeerResult>,
+}
+
+/// Formats a measured number, or `#` when timings are redacted (snapshots).
+fn num(value: f64, decimals: usize, redact: bool) -> String {
+    if redact {
+        "#".into()
+    } else {
+        format!("{value:.decimals$}")
+    }
+}
+
+/// `ours` against `peer` for a quantity where higher is better.
+fn ratio(ours: f64, peer: Option<f64>, higher_is_better: bool, redact: bool) -> String {
+    match peer {
+        Some(p) if p > 0.0 && ours > 0.0 => {
+            let r = if higher_is_better { ours / p } else { p / ours };
+            if redact {
+                "#x".into()
+            } else {
+                format!("{r:.2}x")
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
+/// The side-by-side table printed at the end of a run.
+pub fn render_table(report: &BenchReport, redact: bool) -> String {
+    let s = &report.setup;
+    let c = &report.config;
+    let peer = report.peer.as_ref();
+    let peer_name = peer.map_or("peer", |p| p.name.as_str());
+    let mut out = format!(
+        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}\n\
+         prompt {} tokens, output {} tokens, KV pool {} blocks, token budget {}/step\n\n",
+        s.model,
+        s.parameters as f64 / 1e6,
+        s.device,
+        if redact { "#" } else { s.device_name.as_str() },
+        s.dtype,
+        c.prompt_len,
+        c.output_len,
+        if redact {
+            "#".to_string()
+        } else {
+            s.kv_cache_blocks.to_string()
+        },
+        s.max_num_batched_tokens,
+    );
+    out += &format!(
+        "{:<34}{:>14}{:>14}{:>14}\n",
+        "metric", "ours", peer_name, "ours vs peer"
+    );
+    let mut row = |label: String, ours: f64, theirs: Option<f64>, decimals: usize, higher: bool| {
+        out += &format!(
+            "{:<34}{:>14}{:>14}{:>14}\n",
+            label,
+            num(ours, decimals, redact),
+            theirs.map_or("-".into(), |t| num(t, decimals, redact)),
+            ratio(ours, theirs, higher, redact),
+        );
+    };
+    row(
+        "single: prefill (ms)".into(),
+        report.single.prefill_ms,
+        peer.map(|p| p.single.prefill_ms),
+        1,
+        false,
+    );
+    row(
+        "single: decode (ms/token)".into(),
+        report.single.decode_ms_per_token,
+        peer.map(|p| p.single.decode_ms_per_token),
+        2,
+        false,
+    );
+    for b in &report.batches {
+        let theirs = peer.and_then(|p| p.batches.iter().find(|x| x.batch == b.batch));
+        row(
+            format!("batch {:>3}: output tokens/s", b.batch),
+            b.output_tokens_per_s,
+            theirs.map(|t| t.output_tokens_per_s),
+            1,
+            true,
+        );
+        row(
+            format!("batch {:>3}: mean ITL (ms)", b.batch),
+            b.mean_itl_ms,
+            theirs.map(|t| t.mean_itl_ms),
+            2,
+            false,
+        );
+    }
+    if let Some(l) = &report.load {
+        out += &format!(
+            "\noffered load: {} requests at {} req/s (ours)\n",
+            l.requests, l.request_rate
+        );
+        out += &format!(
+            "{:<34}{:>14}\n",
+            "output tokens/s",
+            num(l.output_tokens_per_s, 1, redact)
+        );
+        out += &format!("{:<34}{:>14}{:>14}{:>14}\n", "", "p50", "p90", "p99");
+        for (name, p) in [
+            ("TTFT", l.ttft_ms),
+            ("ITL", l.itl_ms),
+            ("end-to-end", l.end_to_end_ms),
+        ] {
+            out += &format!(
+                "{:<34}{:>14}{:>14}{:>14}\n",
+                format!("{name} (ms)"),
+                num(p.p50, 1, redact),
+                num(p.p90, 1, redact),
+                num(p.p99, 1, redact)
+            );
+        }
+        out += &format!(
+            "{:<34}{:>14}\n",
+            "preemptions",
+            if redact {
+                "#".into()
+            } else {
+                l.preemptions.to_string()
+            }
+        );
+    }
+    let m = &report.memory;
+    out += &format!(
+        "\nmemory: peak RSS {} MB, GPU in use {} MB, KV pool {} MB\n",
+        num(m.cpu_peak_rss_mb, 0, redact),
+        m.gpu_used_mb.map_or("n/a".into(), |g| num(g, 0, redact)),
+        num(m.kv_pool_mb, 0, redact),
+    );
+    if let Some(r) = &report.roofline {
+        out += &format!(
+            "roofline: batch-1 decode reads {} MB of weights; at {} GB/s the floor is {} ms; measured {} ms = {}x the floor\n",
+            num(r.weight_bytes as f64 / 1e6, 0, redact),
+            num(r.bandwidth_gb_per_s, 0, redact),
+            num(r.floor_ms, 3, redact),
+            num(r.measured_ms, 3, redact),
+            num(r.ratio, 2, redact),
+        );
+    }
+    out
+}
+
+pub fn write_json(report: &BenchReport, path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(report).expect("report serialises") + "\n",
+    )
+}
+
+/// Two panels: throughput against batch size (ours and the peer), and the
+/// single-request latency split into prefill and decode.
+pub fn write_svg(report: &BenchReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(560);
+
+    let max_batch = report.batches.iter().map(|b| b.batch).max().unwrap_or(1) as f64;
+    let peer_batches = report
+        .peer
+        .as_ref()
+        .map(|p| p.batches.clone())
+        .unwrap_or_default();
+    let max_tps = report
+        .batches
+        .iter()
+        .chain(&peer_batches)
+        .map(|b| b.output_tokens_per_s)
+        .fold(1.0, f64::max);
+    let title = format!(
+        "throughput vs batch size ({}, {})",
+        report.setup.device, report.setup.dtype
+    );
+    let mut chart = ChartBuilder::on(&left)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_batch * 1.05, 0.0..max_tps * 1.15)?;
+    chart
+        .configure_mesh()
+        .x_desc("batch size")
+        .y_desc("output tokens/s")
+        .draw()?;
+    let ours: Vec<(f64, f64)> = report
+        .batches
+        .iter()
+        .map(|b| (b.batch as f64, b.output_tokens_per_s))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(ours.clone(), BLUE.stroke_width(2)))?
+        .label("spark-disagg engine")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart.draw_series(ours.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+    if let Some(peer) = &report.peer {
+        let theirs: Vec<(f64, f64)> = peer
+            .batches
+            .iter()
+            .map(|b| (b.batch as f64, b.output_tokens_per_s))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(theirs.clone(), RED.stroke_width(2)))?
+            .label(peer.name.clone())
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart.draw_series(theirs.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    // Single request: prefill + decode stacked, ours and peer.
+    let decode_total = |s: &SingleResult| {
+        s.decode_ms_per_token * (report.config.output_len.saturating_sub(1)) as f64
+    };
+    let mut bars = vec![(
+        "ours".to_string(),
+        report.single.prefill_ms,
+        decode_total(&report.single),
+    )];
+    if let Some(peer) = &report.peer {
+        bars.push((
+            peer.name.clone(),
+            peer.single.prefill_ms,
+            decode_total(&peer.single),
+        ));
+    }
+    let max_ms = bars.iter().map(|(_, p, d)| p + d).fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&right)
+        .caption("one request: prefill + decode (ms)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..bars.len() as f64, 0.0..max_ms * 1.15)?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.26 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("ms")
+        .draw()?;
+    for (i, (_, prefill, decode)) in bars.iter().enumerate() {
+        let x0 = i as f64 + 0.2;
+        let x1 = i as f64 + 0.8;
+        chart.draw_series([Rectangle::new([(x0, 0.0), (x1, *prefill)], GREEN.filled())])?;
+        chart.draw_series([Rectangle::new(
+            [(x0, *prefill), (x1, prefill + decode)],
+            BLUE.mix(0.5).filled(),
+        )])?;
+    }
+    chart
+        .draw_series([Rectangle::new([(0.0, 0.0), (0.0, 0.0)], GREEN.filled())])?
+        .label("prefill")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], GREEN.filled()));
+    chart
+        .draw_series([Rectangle::new(
+            [(0.0, 0.0), (0.0, 0.0)],
+            BLUE.mix(0.5).filled(),
+        )])?
+        .label("decode")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], BLUE.mix(0.5).filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

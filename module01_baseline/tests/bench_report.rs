@@ -1,0 +1,136 @@
+//! The bench's table keeps its shape (timings redacted), and the engine's
+//! greedy output on the real model stays what it was.
+
+use module01_baseline::bench::{self, BenchConfig};
+use module01_baseline::report::{render_table, BenchReport, Memory, PeerResult, Setup};
+use shared::engine::sampling::SamplingParams;
+use shared::engine::{Engine, EngineConfig, Request};
+use shared::model::config::LlamaConfig;
+use shared::model::llama::Llama;
+use tch::{Device, Kind};
+
+fn tiny_engine() -> Engine {
+    let config = LlamaConfig {
+        vocab_size: 256,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 128,
+        ..LlamaConfig::smollm2_135m()
+    };
+    let model = Llama::random(config, 0, Device::Cpu, Kind::Float);
+    let engine_config = EngineConfig {
+        num_blocks: 64,
+        ..EngineConfig::with_kv_budget(&model, 1 << 20)
+    };
+    Engine::new(model, engine_config, vec![]).unwrap()
+}
+
+fn report(with_peer: bool) -> BenchReport {
+    let mut engine = tiny_engine();
+    let config = BenchConfig {
+        prompt_len: 8,
+        output_len: 4,
+        batch_sizes: vec![1, 2],
+        num_requests: 3,
+        request_rate: 0.0,
+        seed: 1,
+    };
+    bench::warm_up(&mut engine, &config);
+    let single = bench::single_request(&mut engine, &config);
+    let batches: Vec<_> = config
+        .batch_sizes
+        .iter()
+        .map(|&b| bench::batch(&mut engine, &config, b))
+        .collect();
+    let load = bench::offered_load(&mut engine, &config, &indicatif::ProgressBar::hidden());
+    assert_eq!(load.requests, 3);
+    assert!(batches.iter().all(|b| b.output_tokens_per_s > 0.0));
+    let peer = with_peer.then(|| PeerResult {
+        name: "peer".into(),
+        single: single.clone(),
+        batches: batches.clone(),
+    });
+    BenchReport {
+        setup: Setup {
+            model: "tiny (random weights)".into(),
+            parameters: engine.model().config().num_parameters(),
+            device: "cpu".into(),
+            device_name: "test machine".into(),
+            dtype: "f32".into(),
+            kv_cache_blocks: 64,
+            max_num_batched_tokens: 512,
+            date: "today".into(),
+        },
+        config,
+        single,
+        batches,
+        load: Some(load),
+        memory: Memory {
+            cpu_peak_rss_mb: 1.0,
+            gpu_used_mb: None,
+            kv_pool_mb: 1.0,
+        },
+        roofline: None,
+        peer,
+    }
+}
+
+#[test]
+fn table_shape_without_peer() {
+    insta::assert_snapshot!(render_table(&report(false), true));
+}
+
+#[test]
+fn table_shape_with_peer() {
+    let report = report(true);
+    let table = render_table(&report, false);
+    // Compared with itself, every ratio is exactly 1.
+    assert!(table.contains("1.00x"), "{table}");
+    insta::assert_snapshot!(render_table(&report, true));
+}
+
+#[test]
+fn report_round_trips_through_json() {
+    let report = report(false);
+    let json = serde_json::to_string(&report).unwrap();
+    let back: BenchReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.batches.len(), 2);
+    assert_eq!(back.config.prompt_len, 8);
+}
+
+#[test]
+fn engine_greedy_output_on_smollm2() {
+    let path = shared::model::default_model_path().expect("run scripts/setup.sh");
+    let loaded = shared::model::load_model(&path, Device::Cpu, Kind::Float).unwrap();
+    let prompts = [
+        "The capital of France is",
+        "The largest planet in the solar system is",
+    ];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| loaded.tokenizer.encode(p).unwrap())
+        .collect();
+    let eos = loaded.tokenizer.eos_ids();
+    let config = EngineConfig::with_kv_budget(&loaded.model, 64 << 20);
+    let mut engine = Engine::new(loaded.model, config, eos).unwrap();
+    let requests = ids
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request::new(i as u64, p.clone(), SamplingParams::greedy(12)))
+        .collect();
+    let results = engine.generate_all(requests).unwrap();
+    let text: Vec<String> = prompts
+        .iter()
+        .zip(&results)
+        .map(|(p, (tokens, reason, _))| {
+            format!(
+                "{p}|{}| ({reason:?})",
+                loaded.tokenizer.decode(tokens).unwrap()
+            )
+        })
+        .collect();
+    insta::assert_snapshot!(text.join("\n"));
+}
