@@ -132,12 +132,13 @@ fn run_together(
         .collect()
 }
 
-/// A short run so that one-time costs (allocator warm-up, kernel selection)
-/// stay out of the numbers.
+/// One full-length request, so that one-time costs (allocator growth,
+/// kernel selection for each context length) stay out of the numbers. A
+/// shorter warm-up left them in the first measured decode steps on the GPU.
 pub fn warm_up(engine: &mut Engine, config: &BenchConfig) {
     let vocab = engine.model().config().vocab_size;
-    let prompts = random_prompts(2, config.prompt_len, vocab, config.seed ^ 0xffff);
-    run_together(engine, &prompts, 4.min(config.output_len), 1_000_000);
+    let prompts = random_prompts(1, config.prompt_len, vocab, config.seed ^ 0xffff);
+    run_together(engine, &prompts, config.output_len, 1_000_000);
 }
 
 pub fn single_request(engine: &mut Engine, config: &BenchConfig) -> SingleResult {

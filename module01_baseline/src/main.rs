@@ -37,6 +37,11 @@ enum Command {
     Convert(ConvertArgs),
     /// Measure the engine: single request, batch sweep, offered load (and a peer, if asked).
     Bench(BenchArgs),
+    /// Print the table of a saved bench result (the book includes these).
+    Table {
+        /// A JSON file written by `bench --json`.
+        json: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -126,6 +131,14 @@ fn main() -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Convert(args) => run_convert(args),
         Command::Bench(args) => run_bench(args),
+        Command::Table { json } => {
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("reading {}", json.display()))?;
+            let report: BenchReport = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a module01 bench result", json.display()))?;
+            print!("{}", report::render_table(&report, false));
+            Ok(())
+        }
     }
 }
 

@@ -157,8 +157,9 @@ pub fn load_cuda_runtime() -> Result<(), &'static str> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            // Make sure libtorch itself is mapped before we look for it.
-            let _ = tch::Cuda::is_available();
+            // No CUDA query may run before this: libtorch looks its CUDA hooks
+            // up once and caches the answer. libtorch_cpu.so is already mapped
+            // (the binary links it), so its directory can be found.
             let dir = libtorch_lib_dir().ok_or("libtorch's directory could not be found")?;
             let path = dir.join("libtorch_cuda.so");
             if !path.exists() {
