@@ -280,7 +280,7 @@ impl Engine {
             }
         }
         // Retire finished sequences, highest index first so the others stay put.
-        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_by_key(|&(index, _)| std::cmp::Reverse(index));
         for (index, reason) in finished {
             let mut seq = self.scheduler.running.remove(index);
             outputs.extend(self.finish(&mut seq, reason));

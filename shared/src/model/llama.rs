@@ -370,12 +370,12 @@ impl Llama {
                     .attend(i, &q, &k, &v)
                     .transpose(1, 2)
                     .reshape([b, t, heads * head_dim]);
-            x = x + attn.linear(&layer.o_proj, None::<Tensor>);
+            x += attn.linear(&layer.o_proj, None::<Tensor>);
 
             let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps);
             let gate_up = h.linear(&layer.gate_up_proj, None::<Tensor>);
             let act = gate_up.narrow(2, 0, inter).silu() * gate_up.narrow(2, inter, inter);
-            x = x + act.linear(&layer.down_proj, None::<Tensor>);
+            x += act.linear(&layer.down_proj, None::<Tensor>);
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
