@@ -210,7 +210,7 @@ fn prefill_on_one_engine_and_decode_on_another_matches_local_generation() {
         assert_eq!(out.first_token, expected[request.id as usize][0]);
         // The KV travels as a plain tensor, independent of the prefill engine's pool.
         decode
-            .add_prefilled(request, out.first_token, &out.kv, None)
+            .decode_from(request, out.first_token, &out.kv, None)
             .unwrap();
     }
     let mut tokens = vec![Vec::new(); prompts.len()];
@@ -245,4 +245,70 @@ fn impossible_requests_are_refused_with_reasons() {
         .add_request(Request::new(3, vec![500], SamplingParams::greedy(1)), None)
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn threaded_engine_streams_tokens_and_cancels() {
+    use shared::engine::handle::{EngineThread, HandleError};
+
+    let prompts = tiny_prompts();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(6)
+    };
+    let expected = reference(&tiny_model(9), &[], &prompts, &params);
+    let thread =
+        EngineThread::spawn(|| Engine::new(tiny_model(9), config(64, 64), vec![]).unwrap())
+            .unwrap();
+    let handle = thread.handle();
+
+    let mut streams: Vec<_> = requests(&prompts[..3], &params)
+        .into_iter()
+        .map(|r| handle.submit(r).unwrap())
+        .collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let mut tokens = Vec::new();
+        loop {
+            match stream
+                .blocking_recv()
+                .expect("the stream ends with Finished")
+            {
+                TokenEvent::Token { token, .. } => tokens.push(token),
+                TokenEvent::Finished { reason, .. } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    break;
+                }
+            }
+        }
+        assert_eq!(tokens, expected[i], "stream {i}");
+    }
+
+    // A long request, cancelled: its stream ends with Cancelled.
+    let long = Request::new(
+        10,
+        prompts[0].clone(),
+        SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(200)
+        },
+    );
+    let mut stream = handle.submit(long).unwrap();
+    assert!(matches!(
+        stream.blocking_recv(),
+        Some(TokenEvent::Token { .. })
+    ));
+    handle.cancel(10);
+    let reason = loop {
+        if let TokenEvent::Finished { reason, .. } = stream.blocking_recv().unwrap() {
+            break reason;
+        }
+    };
+    assert_eq!(reason, FinishReason::Cancelled);
+
+    // Invalid requests are refused at submission, not lost.
+    let err = handle
+        .submit(Request::new(11, vec![], params.clone()))
+        .unwrap_err();
+    assert!(matches!(err, HandleError::Rejected(_)), "{err}");
+    assert_eq!(handle.stats().unwrap().blocks_in_use, 0);
 }

@@ -9,7 +9,7 @@
 //! Besides serving whole requests, the engine exposes the two halves that
 //! disaggregated serving splits between machines: [`Engine::prefill`] runs a
 //! prompt and exports its KV cache as a plain tensor, and
-//! [`Engine::add_prefilled`] imports such a tensor into fresh blocks and
+//! [`Engine::decode_from`] imports such a tensor into fresh blocks and
 //! continues decoding from it.
 
 use std::collections::HashMap;
@@ -424,7 +424,7 @@ impl Engine {
     /// dtype) and `first_token` the token the prefill chose. The request's
     /// later tokens come out of [`Engine::step`] as usual; `first_token`
     /// itself is not emitted again.
-    pub fn add_prefilled(
+    pub fn decode_from(
         &mut self,
         request: Request,
         first_token: u32,

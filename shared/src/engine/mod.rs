@@ -5,7 +5,7 @@
 //! * [`scheduler`] — continuous batching with chunked prefill and preemption;
 //! * [`runner`] — paged attention and batched forward passes;
 //! * [`core`] — the [`Engine`]: scheduler + runner + paged KV pool, plus the
-//!   `prefill` / `add_prefilled` halves that disaggregation splits apart;
+//!   `prefill` / `decode_from` halves that disaggregation splits apart;
 //! * [`handle`] — the engine on its own thread, with token streams;
 //! * [`metrics`] and [`request`] — what goes in and what is measured.
 
