@@ -190,7 +190,10 @@ fn cancelled_request_stops_and_frees_its_blocks() {
             }
         }
     }
-    assert_eq!(finished, vec![(1, FinishReason::Length)]);
+    assert_eq!(
+        finished,
+        vec![(0, FinishReason::Cancelled), (1, FinishReason::Length)]
+    );
     assert_eq!(engine.stats().blocks_in_use, 0);
 }
 

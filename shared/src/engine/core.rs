@@ -213,7 +213,9 @@ impl Engine {
         };
         match seq {
             Some(mut seq) => {
-                self.finish(&mut seq, FinishReason::Cancelled);
+                // The next step() reports it, like any other end.
+                let event = self.finish(&mut seq, FinishReason::Cancelled);
+                self.pending_events.extend(event);
                 true
             }
             None => false,
