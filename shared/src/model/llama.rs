@@ -280,6 +280,12 @@ impl Llama {
     /// weights are not at hand. The same seed gives the same weights on the
     /// same device.
     pub fn random(config: LlamaConfig, seed: u64, device: Device, kind: Kind) -> Llama {
+        // libtorch has one global generator: without the lock, two threads
+        // building models at once would interleave their draws.
+        static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _rng = GLOBAL_RNG
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         tch::manual_seed(seed as i64);
         let _no_grad = tch::no_grad_guard();
         let tensors = super::load::expected_shapes(&config)
