@@ -92,13 +92,6 @@ pub fn random_prompts(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<
         .collect()
 }
 
-fn fixed_length(output_len: usize) -> SamplingParams {
-    SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(output_len)
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -122,7 +115,13 @@ fn run_together(
     let requests = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| Request::new(first_id + i as u64, p.clone(), fixed_length(output_len)))
+        .map(|(i, p)| {
+            Request::new(
+                first_id + i as u64,
+                p.clone(),
+                SamplingParams::fixed_length(output_len),
+            )
+        })
         .collect();
     engine
         .generate_all(requests)
@@ -232,7 +231,7 @@ pub fn offered_load(
             let request = Request::new(
                 4_000_000 + next as u64,
                 prompts[next].clone(),
-                fixed_length(config.output_len),
+                SamplingParams::fixed_length(config.output_len),
             );
             engine
                 .add_request(request, None)

@@ -147,10 +147,7 @@ fn tiny_prompts() -> Vec<Vec<u32>> {
 #[test]
 fn preemption_under_memory_pressure_keeps_tokens_exact() {
     let prompts = tiny_prompts();
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(40)
-    };
+    let params = SamplingParams::fixed_length(40);
     let expected = reference(&tiny_model(5), &[], &prompts, &params);
     // 30 blocks of 4 tokens: not enough for six sequences of up to 60 tokens at once.
     let mut engine = Engine::new(tiny_model(5), config(30, 64), vec![]).unwrap();
@@ -169,10 +166,7 @@ fn preemption_under_memory_pressure_keeps_tokens_exact() {
 #[test]
 fn cancelled_request_stops_and_frees_its_blocks() {
     let prompts = tiny_prompts();
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(50)
-    };
+    let params = SamplingParams::fixed_length(50);
     let mut engine = Engine::new(tiny_model(6), config(64, 64), vec![]).unwrap();
     for r in requests(&prompts[..2], &params) {
         engine.add_request(r, None).unwrap();
@@ -200,10 +194,7 @@ fn cancelled_request_stops_and_frees_its_blocks() {
 #[test]
 fn prefill_on_one_engine_and_decode_on_another_matches_local_generation() {
     let prompts = tiny_prompts();
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(10)
-    };
+    let params = SamplingParams::fixed_length(10);
     let expected = reference(&tiny_model(7), &[], &prompts, &params);
 
     let mut prefill = Engine::new(tiny_model(7), config(64, 64), vec![]).unwrap();
@@ -255,10 +246,7 @@ fn threaded_engine_streams_tokens_and_cancels() {
     use shared::engine::handle::{EngineThread, HandleError};
 
     let prompts = tiny_prompts();
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(6)
-    };
+    let params = SamplingParams::fixed_length(6);
     let expected = reference(&tiny_model(9), &[], &prompts, &params);
     let thread =
         EngineThread::spawn(|| Engine::new(tiny_model(9), config(64, 64), vec![]).unwrap())
@@ -287,14 +275,7 @@ fn threaded_engine_streams_tokens_and_cancels() {
     }
 
     // A long request, cancelled: its stream ends with Cancelled.
-    let long = Request::new(
-        10,
-        prompts[0].clone(),
-        SamplingParams {
-            ignore_eos: true,
-            ..SamplingParams::greedy(200)
-        },
-    );
+    let long = Request::new(10, prompts[0].clone(), SamplingParams::fixed_length(200));
     let mut stream = handle.submit(long).unwrap();
     assert!(matches!(
         stream.blocking_recv(),

@@ -70,10 +70,7 @@ fn assert_matches_golden(
     );
 
     let expected = ids(&golden.json["greedy_tokens"]);
-    let params = SamplingParams {
-        ignore_eos: true,
-        ..SamplingParams::greedy(expected.len())
-    };
+    let params = SamplingParams::fixed_length(expected.len());
     let generation = generate(model, &prompt, &tokenizer.eos_ids(), &params, |_| {}).unwrap();
     assert_eq!(generation.tokens, expected, "greedy tokens");
 }

@@ -46,6 +46,15 @@ impl SamplingParams {
         }
     }
 
+    /// Greedy, exactly `max_tokens` tokens whatever the model says (EOS is
+    /// ignored): what benchmarks and length-sensitive tests want.
+    pub fn fixed_length(max_tokens: usize) -> Self {
+        SamplingParams {
+            ignore_eos: true,
+            ..Self::greedy(max_tokens)
+        }
+    }
+
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
