@@ -7,6 +7,15 @@ bin=(cargo run --release -q -p module01_baseline --)
 for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100.json results/h100/smollm2-135m_h100.json; do
     "${bin[@]}" table "$json" > "${json%.json}.txt"
 done
+env=(cargo run --release -q -p module00_env --)
+"${env[@]}" show results/h100/module00_env.json > results/h100/module00_env.txt
+"${env[@]}" show results/cpu/module00_env.json > results/cpu/module00_env.txt
+{
+    for rate in none 10gbit 1gbit; do
+        printf '%-8s %s\n' "$rate" "$("${env[@]}" show "results/cpu/module00_netns_$rate.json")"
+    done
+    printf '%-8s %s\n' "loopback" "$("${env[@]}" show results/h100/module00_loopback.json)"
+} > results/cpu/module00_netns.txt
 mkdir -p book/src/figures
 cp results/cpu/module01_bench.svg book/src/figures/module01_smollm2_cpu.svg
 cp results/h100/tinyllama-1.1b_h100.svg book/src/figures/module01_tinyllama_h100.svg

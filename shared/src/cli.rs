@@ -56,3 +56,11 @@ impl ModelArgs {
         Ok(model::load_model(&path, device, kind)?)
     }
 }
+
+/// `--etcd`: where the worker registry lives (module 5 and 6; module 0 checks it).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd client endpoint, host:port
+    #[arg(long, env = "SPARK_DISAGG_ETCD", default_value = "127.0.0.1:2379")]
+    pub etcd: String,
+}

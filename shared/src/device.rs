@@ -188,12 +188,38 @@ pub fn load_cuda_runtime() -> Result<(), &'static str> {
 }
 
 /// The directory holding `libtorch_cpu.so`, read from this process's memory map.
-fn libtorch_lib_dir() -> Option<std::path::PathBuf> {
+pub fn libtorch_lib_dir() -> Option<std::path::PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
         .find(|path| path.ends_with("/libtorch_cpu.so"))
         .and_then(|path| std::path::Path::new(path).parent().map(|p| p.to_path_buf()))
+}
+
+/// The libtorch release this process runs on, e.g. `2.11.0+cu128`.
+///
+/// libtorch has no C API for its own version, so this reads what its
+/// distribution ships beside the libraries: `version.py` in a PyTorch wheel,
+/// `build-version` in a standalone libtorch archive.
+pub fn libtorch_version() -> Option<String> {
+    let root = libtorch_lib_dir()?.parent()?.to_path_buf();
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        let version = text.lines().find_map(|l| {
+            let value = l.strip_prefix("__version__")?.split('=').nth(1)?;
+            Some(
+                value
+                    .trim()
+                    .trim_matches(|c| c == '\'' || c == '"')
+                    .to_string(),
+            )
+        });
+        if version.is_some() {
+            return version;
+        }
+    }
+    std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|v| v.trim().to_string())
 }
 
 /// Short name of a device for tables and logs (`cpu`, `cuda:0`).
@@ -230,9 +256,29 @@ pub struct GpuMemory {
 /// NVML, opened once. `None` without an NVIDIA driver (libnvidia-ml is
 /// loaded at run time, so a machine without one still runs everything else).
 pub fn nvml() -> Option<&'static nvml_wrapper::Nvml> {
-    static NVML: OnceLock<Option<nvml_wrapper::Nvml>> = OnceLock::new();
-    NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok())
-        .as_ref()
+    nvml_or_reason().ok()
+}
+
+/// NVML, or a sentence saying why it cannot be used (for reports that must
+/// explain a missing GPU rather than merely notice it).
+pub fn nvml_or_reason() -> Result<&'static nvml_wrapper::Nvml, &'static str> {
+    use nvml_wrapper::error::NvmlError;
+    static NVML: OnceLock<Result<nvml_wrapper::Nvml, String>> = OnceLock::new();
+    NVML.get_or_init(|| {
+        nvml_wrapper::Nvml::init().map_err(|e| match e {
+            NvmlError::LibloadingError(_) => {
+                "libnvidia-ml not found: no NVIDIA driver is installed".to_string()
+            }
+            NvmlError::DriverNotLoaded => {
+                "the NVIDIA driver is installed but not loaded (is the kernel module in?)"
+                    .to_string()
+            }
+            NvmlError::NoPermission => "no permission to talk to the NVIDIA driver".to_string(),
+            other => format!("NVML failed to start: {other}"),
+        })
+    })
+    .as_ref()
+    .map_err(|e| e.as_str())
 }
 
 /// Memory of GPU `index` (NVML numbering, which is CUDA's unless

@@ -7,7 +7,8 @@
 //!   Hugging Face loaders, and its tokenizer with chat templates;
 //! * [`engine`] — sampling and the reference generation loop;
 //! * [`device`] — CPU or CUDA, f32 or bf16;
-//! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts.
+//! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts;
+//! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6).
 //!
 //! Only code that two or more modules use belongs here; each module's own
 //! idea lives in its own crate.
@@ -15,5 +16,6 @@
 pub mod cli;
 pub mod device;
 pub mod engine;
+pub mod etcd_server;
 pub mod kv;
 pub mod model;
