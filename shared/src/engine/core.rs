@@ -141,6 +141,11 @@ impl Engine {
         })
     }
 
+    /// Gives the model back (to build another engine over it without reloading).
+    pub fn into_model(self) -> Llama {
+        self.model
+    }
+
     pub fn model(&self) -> &Llama {
         &self.model
     }
