@@ -18,7 +18,11 @@ env=(cargo run --release -q -p module00_env --)
 } > results/cpu/module00_netns.txt
 # Module 2 writes its own tables (timings change from run to run).
 cargo run --release -q -p module02_kvcache -- --out results/cpu > /dev/null
+for run in loopback netns_10gbit netns_1gbit; do
+    cargo run --release -q -p module03_tcp -- show "results/cpu/module03_$run.json" > /dev/null
+done
 mkdir -p book/src/figures
+cp results/cpu/module03_netns_1gbit.svg book/src/figures/module03_netns_1gbit.svg
 cp results/cpu/module02_scaling.svg book/src/figures/module02_scaling.svg
 cp results/cpu/module01_bench.svg book/src/figures/module01_smollm2_cpu.svg
 cp results/h100/tinyllama-1.1b_h100.svg book/src/figures/module01_tinyllama_h100.svg

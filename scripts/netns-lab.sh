@@ -21,8 +21,25 @@ dev1=sd-veth1 dev2=sd-veth2
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
+# tbf's bucket: 1 ms worth of the rate (at least 64 KB). A bigger bucket lets
+# a short transfer after an idle gap pass at full speed, unshaped.
+burst_for() {
+    local rate=$1 number unit bits
+    number="${rate%%[!0-9]*}" unit="${rate#"$number"}"
+    case "$unit" in
+    gbit) bits=$((number * 1000000000)) ;;
+    mbit) bits=$((number * 1000000)) ;;
+    kbit) bits=$((number * 1000)) ;;
+    *) echo "rate must look like 10gbit, 500mbit or 100kbit" >&2; exit 2 ;;
+    esac
+    local bytes=$((bits / 8 / 1000))
+    [ "$bytes" -lt 65536 ] && bytes=65536
+    echo "$bytes"
+}
+
 shape() { # namespace device rate delay
-    local ns=$1 dev=$2 rate=$3 delay=$4
+    local ns=$1 dev=$2 rate=$3 delay=$4 burst
+    [ -n "$rate" ] && burst="$(burst_for "$rate")"
     ip netns exec "$ns" tc qdisc del dev "$dev" root 2>/dev/null || true
     if [ -n "$delay" ]; then
         ip netns exec "$ns" tc qdisc add dev "$dev" root handle 1: netem delay "$delay" limit 100000 || {
@@ -30,9 +47,9 @@ shape() { # namespace device rate delay
             exit 1
         }
         [ -n "$rate" ] && ip netns exec "$ns" tc qdisc add dev "$dev" parent 1: handle 2: \
-            tbf rate "$rate" burst 4mb latency 100ms
+            tbf rate "$rate" burst "$burst" latency 100ms
     elif [ -n "$rate" ]; then
-        ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$rate" burst 4mb latency 100ms
+        ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$rate" burst "$burst" latency 100ms
     fi
     return 0
 }

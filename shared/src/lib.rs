@@ -8,7 +8,8 @@
 //! * [`engine`] — sampling and the reference generation loop;
 //! * [`device`] — CPU or CUDA, f32 or bf16;
 //! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts;
-//! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6).
+//! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6);
+//! * [`wire`] — the frames prefill and decode workers exchange (modules 3, 4, 6).
 //!
 //! Only code that two or more modules use belongs here; each module's own
 //! idea lives in its own crate.
@@ -19,3 +20,4 @@ pub mod engine;
 pub mod etcd_server;
 pub mod kv;
 pub mod model;
+pub mod wire;

@@ -22,6 +22,13 @@ enum Command {
         tokio::sync::mpsc::UnboundedSender<TokenEvent>,
         mpsc::Sender<Result<(), EngineError>>,
     ),
+    SubmitPrefilled {
+        request: Request,
+        first_token: u32,
+        kv: tch::Tensor,
+        stream: tokio::sync::mpsc::UnboundedSender<TokenEvent>,
+        ack: mpsc::Sender<Result<(), EngineError>>,
+    },
     Cancel(RequestId),
     Stats(mpsc::Sender<EngineStats>),
     Shutdown,
@@ -91,6 +98,30 @@ impl EngineHandle {
         Ok(rx)
     }
 
+    /// Continues a request whose prompt was prefilled elsewhere
+    /// ([`Engine::decode_from`]): `kv` is the prompt's cache, `first_token`
+    /// the token the prefill chose. Later tokens arrive on the receiver.
+    pub fn submit_prefilled(
+        &self,
+        request: Request,
+        first_token: u32,
+        kv: tch::Tensor,
+    ) -> Result<UnboundedReceiver<TokenEvent>, HandleError> {
+        let (tx, rx) = unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::channel();
+        self.commands
+            .send(Command::SubmitPrefilled {
+                request,
+                first_token,
+                kv,
+                stream: tx,
+                ack: ack_tx,
+            })
+            .map_err(|_| HandleError::Stopped)?;
+        ack_rx.recv().map_err(|_| HandleError::Stopped)??;
+        Ok(rx)
+    }
+
     pub fn cancel(&self, id: RequestId) {
         let _ = self.commands.send(Command::Cancel(id));
     }
@@ -122,6 +153,16 @@ fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
         match next {
             Some(Command::Submit(request, stream, ack)) => {
                 let _ = ack.send(engine.add_request(request, Some(stream)));
+                continue;
+            }
+            Some(Command::SubmitPrefilled {
+                request,
+                first_token,
+                kv,
+                stream,
+                ack,
+            }) => {
+                let _ = ack.send(engine.decode_from(request, first_token, &kv, Some(stream)));
                 continue;
             }
             Some(Command::Cancel(id)) => {

@@ -387,6 +387,32 @@ impl Llama {
     }
     // ANCHOR_END: forward
 
+    /// A 64-bit identity of these weights: the configuration, the dtype and
+    /// a sample of the weights themselves (the first rows of the embedding,
+    /// the first layer's attention and the final norm). Two processes whose
+    /// fingerprints differ must not exchange KV caches: a cache is only
+    /// meaningful to the exact model that computed it.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&serde_json::to_vec(&self.config).expect("a config serialises"));
+        hasher.update(crate::device::kind_name(self.kind).as_bytes());
+        let sample = [
+            self.embed_tokens.narrow(0, 0, 4),
+            self.layers[0].qkv_proj.narrow(0, 0, 4),
+            self.norm.shallow_clone(),
+        ];
+        for tensor in sample {
+            let t = tensor
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .contiguous();
+            let mut bytes = vec![0u8; t.numel() * 4];
+            t.copy_data_u8(&mut bytes, t.numel());
+            hasher.update(&bytes);
+        }
+        hasher.digest()
+    }
+
     /// Output-head projection of hidden states to f32 logits over the vocabulary.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();

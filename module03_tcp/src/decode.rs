@@ -1,0 +1,378 @@
+//! The decode worker: receives prompts' KV caches and generates the rest.
+//!
+//! Decode is the memory-bound half of serving: one token per step for many
+//! requests at once, so this worker runs the continuous-batching engine of
+//! module 1 and feeds it requests whose prompts were prefilled elsewhere
+//! (`EngineHandle::submit_prefilled`). Before it accepts a single byte of KV
+//! it compares model fingerprints: a cache computed by another model, or in
+//! another dtype, would decode into confident nonsense.
+//!
+//! It also accepts whole `Generate` requests and serves them alone — the
+//! local baseline every disaggregated number is compared with.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use shared::engine::handle::{EngineHandle, EngineThread};
+use shared::engine::request::{Request, TokenEvent};
+use shared::engine::sampling::SamplingParams;
+use shared::engine::{Engine, EngineConfig, EngineError};
+use shared::model::llama::Llama;
+use shared::model::tokenizer::Tokenizer;
+use shared::wire::{self, Breakdown, FrameError, KvAssembler, Message, ModelFingerprint};
+use tch::Kind;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// A decode server: one engine on its own thread, many connections.
+pub struct DecodeServer {
+    handle: EngineHandle,
+    _engine: EngineThread,
+    tokenizer: Tokenizer,
+    fingerprint: ModelFingerprint,
+    kind: Kind,
+    context: usize,
+    next_id: AtomicU64,
+    max_payload: u64,
+}
+
+/// A prompt whose KV is arriving.
+struct Incoming {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    kv: KvAssembler,
+    deserialize_s: f64,
+    first_token: Option<u32>,
+}
+
+impl DecodeServer {
+    pub fn new(
+        model: Llama,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+    ) -> Result<Arc<DecodeServer>, StartError> {
+        let fingerprint = ModelFingerprint::of(&model);
+        let (kind, context) = (model.kind(), model.config().max_position_embeddings);
+        let eos = model.config().eos_ids();
+        let engine = Engine::new(model, config, eos)?;
+        let thread = EngineThread::spawn(move || engine)?;
+        Ok(Arc::new(DecodeServer {
+            handle: thread.handle(),
+            _engine: thread,
+            tokenizer,
+            fingerprint,
+            kind,
+            context,
+            next_id: AtomicU64::new(1),
+            max_payload: wire::DEFAULT_MAX_PAYLOAD,
+        }))
+    }
+
+    /// Serves prefill workers and clients on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let server = self.clone();
+            tokio::spawn(async move { server.serve_connection(stream).await });
+        }
+    }
+
+    async fn serve_connection(self: Arc<Self>, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let (out, mut queue) = unbounded_channel::<Message>();
+        tokio::spawn(async move {
+            while let Some(message) = queue.recv().await {
+                if wire::write_frame(&mut writer, &message, &[]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut payload = Vec::new();
+        let mut incoming: HashMap<u64, Incoming> = HashMap::new();
+        loop {
+            let message = match wire::read_frame(&mut reader, self.max_payload, &mut payload).await
+            {
+                Ok(message) => message,
+                Err(FrameError::Closed) => return,
+                Err(e) => {
+                    let _ = out.send(Message::Error {
+                        request_id: None,
+                        message: format!("bad frame, closing the connection: {e}"),
+                    });
+                    return;
+                }
+            };
+            let result = match message {
+                Message::Hello { fingerprint } => match self.fingerprint.mismatch(&fingerprint) {
+                    None => {
+                        let _ = out.send(Message::Hello {
+                            fingerprint: self.fingerprint.clone(),
+                        });
+                        Ok(())
+                    }
+                    Some(why) => Err((None, why)),
+                },
+                Message::KvBegin {
+                    request_id,
+                    prompt,
+                    max_tokens,
+                    ignore_eos,
+                } => self.begin(&mut incoming, request_id, prompt, max_tokens, ignore_eos),
+                Message::KvLayer { request_id, layer } => match incoming.get_mut(&request_id) {
+                    None => Err((Some(request_id), "KV for an unknown request".into())),
+                    Some(request) => {
+                        let start = Instant::now();
+                        let added = request.kv.add_layer(layer as usize, &payload);
+                        request.deserialize_s += start.elapsed().as_secs_f64();
+                        added.map_err(|e| (Some(request_id), e))
+                    }
+                },
+                Message::KvEnd {
+                    request_id,
+                    first_token,
+                } => match incoming.remove(&request_id) {
+                    None => Err((Some(request_id), "KvEnd for an unknown request".into())),
+                    Some(mut request) if request.kv.is_complete() => {
+                        request.first_token = Some(first_token);
+                        let _ = out.send(Message::KvReceived { request_id });
+                        self.clone()
+                            .continue_request(request_id, request, out.clone());
+                        Ok(())
+                    }
+                    Some(_) => Err((Some(request_id), "KvEnd before every layer arrived".into())),
+                },
+                Message::Generate {
+                    request_id,
+                    prompt,
+                    max_tokens,
+                    ignore_eos,
+                    ..
+                } => {
+                    self.clone().run_locally(
+                        request_id,
+                        prompt,
+                        max_tokens,
+                        ignore_eos,
+                        out.clone(),
+                    );
+                    Ok(())
+                }
+                other => Err((None, format!("a decode server does not accept {other:?}"))),
+            };
+            if let Err((request_id, message)) = result {
+                let fatal = request_id.is_none();
+                let _ = out.send(Message::Error {
+                    request_id,
+                    message,
+                });
+                if fatal {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn begin(
+        &self,
+        incoming: &mut HashMap<u64, Incoming>,
+        request_id: u64,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        ignore_eos: bool,
+    ) -> Result<(), (Option<u64>, String)> {
+        if prompt.is_empty() || prompt.len() + max_tokens as usize > self.context {
+            return Err((
+                Some(request_id),
+                format!("a prompt of {} tokens plus {max_tokens} new ones does not fit the context of {}", prompt.len(), self.context),
+            ));
+        }
+        let f = &self.fingerprint;
+        let kv = KvAssembler::new(
+            f.layers as usize,
+            prompt.len(),
+            f.kv_heads as usize,
+            f.head_dim as usize,
+            self.kind,
+        );
+        let params = SamplingParams {
+            max_tokens: max_tokens as usize,
+            ignore_eos,
+            ..SamplingParams::default()
+        };
+        incoming.insert(
+            request_id,
+            Incoming {
+                prompt,
+                params,
+                kv,
+                deserialize_s: 0.0,
+                first_token: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Hands a fully received prompt to the engine and streams its tokens back.
+    fn continue_request(
+        self: Arc<Self>,
+        request_id: u64,
+        request: Incoming,
+        out: UnboundedSender<Message>,
+    ) {
+        tokio::spawn(async move {
+            let first_token = request.first_token.expect("set before continuing");
+            let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let engine_request = Request::new(engine_id, request.prompt, request.params);
+            let kv = request.kv.into_tensor();
+            let handle = self.handle.clone();
+            let submitted = Instant::now();
+            let events = tokio::task::spawn_blocking(move || {
+                handle.submit_prefilled(engine_request, first_token, kv)
+            })
+            .await;
+            let events = match events {
+                Ok(Ok(events)) => events,
+                Ok(Err(e)) => {
+                    return send_error(
+                        &out,
+                        request_id,
+                        format!("the decode engine refused the request: {e}"),
+                    )
+                }
+                Err(e) => {
+                    return send_error(&out, request_id, format!("the decode engine failed: {e}"))
+                }
+            };
+            let breakdown = Breakdown {
+                deserialize_s: request.deserialize_s,
+                ..Breakdown::default()
+            };
+            self.stream_tokens(
+                request_id,
+                vec![first_token],
+                events,
+                submitted,
+                breakdown,
+                out,
+            )
+            .await;
+        });
+    }
+
+    /// The baseline: prefill and decode here, no transfer.
+    fn run_locally(
+        self: Arc<Self>,
+        request_id: u64,
+        text: String,
+        max_tokens: u32,
+        ignore_eos: bool,
+        out: UnboundedSender<Message>,
+    ) {
+        tokio::spawn(async move {
+            let prompt = match self.tokenizer.encode(&text) {
+                Ok(p) if !p.is_empty() => p,
+                Ok(_) => return send_error(&out, request_id, "the prompt is empty".into()),
+                Err(e) => return send_error(&out, request_id, e.to_string()),
+            };
+            let params = SamplingParams {
+                max_tokens: max_tokens as usize,
+                ignore_eos,
+                ..SamplingParams::default()
+            };
+            let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let handle = self.handle.clone();
+            let submitted = Instant::now();
+            let prompt_tokens = prompt.len() as u32;
+            let events = tokio::task::spawn_blocking(move || {
+                handle.submit(Request::new(engine_id, prompt, params))
+            })
+            .await;
+            let events = match events {
+                Ok(Ok(events)) => events,
+                Ok(Err(e)) => {
+                    return send_error(
+                        &out,
+                        request_id,
+                        format!("the engine refused the request: {e}"),
+                    )
+                }
+                Err(e) => return send_error(&out, request_id, format!("the engine failed: {e}")),
+            };
+            let breakdown = Breakdown {
+                prompt_tokens,
+                ..Breakdown::default()
+            };
+            self.stream_tokens(request_id, Vec::new(), events, submitted, breakdown, out)
+                .await;
+        });
+    }
+
+    /// Relays the engine's events as Token frames, then Done with timings.
+    async fn stream_tokens(
+        &self,
+        request_id: u64,
+        already: Vec<u32>,
+        mut events: UnboundedReceiver<TokenEvent>,
+        submitted: Instant,
+        mut breakdown: Breakdown,
+        out: UnboundedSender<Message>,
+    ) {
+        let mut decoder = self.tokenizer.stream_decoder();
+        for &token in &already {
+            let _ = decoder.push(token);
+        }
+        let mut first_at = None;
+        let mut count = already.len() as u32;
+        while let Some(event) = events.recv().await {
+            match event {
+                TokenEvent::Token { token, .. } => {
+                    first_at.get_or_insert_with(Instant::now);
+                    count += 1;
+                    let text = decoder.push(token).ok().flatten().unwrap_or_default();
+                    let _ = out.send(Message::Token {
+                        request_id,
+                        token,
+                        text,
+                    });
+                }
+                TokenEvent::Finished { metrics, .. } => {
+                    let end = Instant::now();
+                    breakdown.output_tokens = count;
+                    if already.is_empty() {
+                        // Local: the engine did the prefill too.
+                        breakdown.prefill_s = metrics.prefill_time.map_or(0.0, |d| d.as_secs_f64());
+                        breakdown.decode_s = metrics.decode_time.as_secs_f64();
+                    } else {
+                        let first = first_at.unwrap_or(end);
+                        breakdown.first_decode_step_s = (first - submitted).as_secs_f64();
+                        breakdown.decode_s = (end - first).as_secs_f64();
+                    }
+                    let _ = out.send(Message::Done {
+                        request_id,
+                        breakdown,
+                    });
+                    return;
+                }
+            }
+        }
+        send_error(&out, request_id, "the engine stopped mid-request".into());
+    }
+}
+
+fn send_error(out: &UnboundedSender<Message>, request_id: u64, message: String) {
+    let _ = out.send(Message::Error {
+        request_id: Some(request_id),
+        message,
+    });
+}
