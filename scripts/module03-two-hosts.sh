@@ -19,7 +19,7 @@ bin="$PWD/target/release/module03_tcp"
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
-ip netns exec sd-node2 "$bin" decode --listen 10.77.0.2:7801 & pids+=($!)
+ip netns exec sd-node2 "$bin" decode --listen 10.77.0.2:7801 --one-sided & pids+=($!)
 ip netns exec sd-node1 "$bin" prefill --listen 127.0.0.1:7800 --decode 10.77.0.2:7801 & pids+=($!)
 # The servers load the model first; wait until both accept connections.
 for _ in $(seq 600); do

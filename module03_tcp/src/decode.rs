@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use module04_rdma::agent::{BackendChoice, TransferAgent};
+use module04_rdma::region::{MemoryRegion, RegionId};
 use shared::engine::handle::{EngineHandle, EngineThread};
 use shared::engine::request::{Request, TokenEvent};
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{Engine, EngineConfig, EngineError};
+use shared::kv::block::BlockId;
 use shared::model::llama::Llama;
 use shared::model::tokenizer::Tokenizer;
 use shared::wire::{self, Breakdown, FrameError, KvAssembler, Message, ModelFingerprint};
@@ -32,6 +35,8 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error("cannot start the engine thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("cannot offer one-sided transfer: {0}")]
+    Agent(String),
 }
 
 /// A decode server: one engine on its own thread, many connections.
@@ -44,15 +49,47 @@ pub struct DecodeServer {
     context: usize,
     next_id: AtomicU64,
     max_payload: u64,
+    one_sided: Option<OneSidedTarget>,
+}
+
+/// The decode worker's side of one-sided transfer (module 4): its KV pool,
+/// registered with a transfer agent, so prefill workers write straight into
+/// reserved blocks — no frames, no deserialization, no copy on this side.
+struct OneSidedTarget {
+    agent: TransferAgent,
+    region: RegionId,
+    block_size: usize,
+    pool_slots: usize,
+    /// Keeps the pool tensor's storage alive while it is registered (a
+    /// `Mutex` only because a tensor handle may not be shared between threads).
+    _pool: std::sync::Mutex<tch::Tensor>,
+}
+
+/// Where a prompt's KV is arriving.
+enum Arriving {
+    /// Layer frames, assembled here.
+    Frames(KvAssembler),
+    /// One-sided writes into these reserved pool blocks.
+    Blocks(Vec<BlockId>),
 }
 
 /// A prompt whose KV is arriving.
 struct Incoming {
     prompt: Vec<u32>,
     params: SamplingParams,
-    kv: KvAssembler,
+    kv: Arriving,
     deserialize_s: f64,
     first_token: Option<u32>,
+}
+
+impl Arriving {
+    fn is_complete(&self) -> bool {
+        match self {
+            Arriving::Frames(kv) => kv.is_complete(),
+            // One-sided writes completed before the prefill worker sent KvEnd.
+            Arriving::Blocks(_) => true,
+        }
+    }
 }
 
 impl DecodeServer {
@@ -61,12 +98,58 @@ impl DecodeServer {
         tokenizer: Tokenizer,
         config: EngineConfig,
     ) -> Result<Arc<DecodeServer>, StartError> {
+        Self::with_one_sided(model, tokenizer, config, None)
+    }
+
+    /// As [`DecodeServer::new`]; with `agent_listen`, the KV pool is also
+    /// registered with a transfer agent listening there, for one-sided writes.
+    pub fn with_one_sided(
+        model: Llama,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        agent_listen: Option<&str>,
+    ) -> Result<Arc<DecodeServer>, StartError> {
         let fingerprint = ModelFingerprint::of(&model);
         let (kind, context) = (model.kind(), model.config().max_position_embeddings);
         let eos = model.config().eos_ids();
         let engine = Engine::new(model, config, eos)?;
         let thread = EngineThread::spawn(move || engine)?;
+        let one_sided = match agent_listen {
+            None => None,
+            Some(listen) => {
+                let layout = thread
+                    .handle()
+                    .pool_layout()
+                    .map_err(|e| StartError::Agent(e.to_string()))?;
+                if layout.tensor.device() != tch::Device::Cpu {
+                    return Err(StartError::Agent(
+                        "one-sided transfer over the TCP backend needs the KV pool in host memory: run with --device cpu".into(),
+                    ));
+                }
+                let name = format!("decode-{}", std::process::id());
+                let agent = TransferAgent::new(
+                    &name,
+                    BackendChoice::Tcp {
+                        listen: listen.to_string(),
+                    },
+                )
+                .map_err(|e| StartError::Agent(e.to_string()))?;
+                // SAFETY: `layout.tensor` shares the pool's storage and lives
+                // in the server as long as the registration; peers write only
+                // blocks reserved for them, which the engine leaves alone
+                // until `submit_reserved`.
+                let region = agent.register(unsafe { MemoryRegion::of_tensor(&layout.tensor) });
+                Some(OneSidedTarget {
+                    agent,
+                    region,
+                    block_size: layout.block_size,
+                    pool_slots: layout.num_blocks * layout.block_size,
+                    _pool: std::sync::Mutex::new(layout.tensor),
+                })
+            }
+        };
         Ok(Arc::new(DecodeServer {
+            one_sided,
             handle: thread.handle(),
             _engine: thread,
             tokenizer,
@@ -114,10 +197,12 @@ impl DecodeServer {
                 }
             };
             let result = match message {
-                Message::Hello { fingerprint } => match self.fingerprint.mismatch(&fingerprint) {
+                Message::Hello { fingerprint, .. } => match self.fingerprint.mismatch(&fingerprint)
+                {
                     None => {
                         let _ = out.send(Message::Hello {
                             fingerprint: self.fingerprint.clone(),
+                            agent: self.one_sided.as_ref().map(|t| t.agent.metadata().encode()),
                         });
                         Ok(())
                     }
@@ -128,15 +213,34 @@ impl DecodeServer {
                     prompt,
                     max_tokens,
                     ignore_eos,
-                } => self.begin(&mut incoming, request_id, prompt, max_tokens, ignore_eos),
+                    one_sided,
+                } => {
+                    self.begin(
+                        &mut incoming,
+                        request_id,
+                        prompt,
+                        max_tokens,
+                        ignore_eos,
+                        one_sided,
+                        &out,
+                    )
+                    .await
+                }
                 Message::KvLayer { request_id, layer } => match incoming.get_mut(&request_id) {
-                    None => Err((Some(request_id), "KV for an unknown request".into())),
-                    Some(request) => {
+                    Some(Incoming {
+                        kv: Arriving::Frames(kv),
+                        deserialize_s,
+                        ..
+                    }) => {
                         let start = Instant::now();
-                        let added = request.kv.add_layer(layer as usize, &payload);
-                        request.deserialize_s += start.elapsed().as_secs_f64();
+                        let added = kv.add_layer(layer as usize, &payload);
+                        *deserialize_s += start.elapsed().as_secs_f64();
                         added.map_err(|e| (Some(request_id), e))
                     }
+                    _ => Err((
+                        Some(request_id),
+                        "KV frames for an unknown or one-sided request".into(),
+                    )),
                 },
                 Message::KvEnd {
                     request_id,
@@ -170,6 +274,9 @@ impl DecodeServer {
                 }
                 other => Err((None, format!("a decode server does not accept {other:?}"))),
             };
+            if matches!(&result, Err((None, _))) {
+                self.release_all(&mut incoming);
+            }
             if let Err((request_id, message)) = result {
                 let fatal = request_id.is_none();
                 let _ = out.send(Message::Error {
@@ -183,13 +290,25 @@ impl DecodeServer {
         }
     }
 
-    fn begin(
+    /// Returns the blocks of one-sided requests that never completed.
+    fn release_all(&self, incoming: &mut HashMap<u64, Incoming>) {
+        for (_, request) in incoming.drain() {
+            if let Arriving::Blocks(blocks) = request.kv {
+                self.handle.release_reserved(blocks);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn begin(
         &self,
         incoming: &mut HashMap<u64, Incoming>,
         request_id: u64,
         prompt: Vec<u32>,
         max_tokens: u32,
         ignore_eos: bool,
+        one_sided: bool,
+        out: &UnboundedSender<Message>,
     ) -> Result<(), (Option<u64>, String)> {
         if prompt.is_empty() || prompt.len() + max_tokens as usize > self.context {
             return Err((
@@ -197,14 +316,38 @@ impl DecodeServer {
                 format!("a prompt of {} tokens plus {max_tokens} new ones does not fit the context of {}", prompt.len(), self.context),
             ));
         }
-        let f = &self.fingerprint;
-        let kv = KvAssembler::new(
-            f.layers as usize,
-            prompt.len(),
-            f.kv_heads as usize,
-            f.head_dim as usize,
-            self.kind,
-        );
+        let kv = if one_sided {
+            let Some(target) = &self.one_sided else {
+                return Err((
+                    Some(request_id),
+                    "this decode server takes no one-sided writes: start it with --one-sided"
+                        .into(),
+                ));
+            };
+            let (handle, len) = (self.handle.clone(), prompt.len());
+            let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let blocks = tokio::task::spawn_blocking(move || handle.reserve(engine_id, len))
+                .await
+                .map_err(|e| (Some(request_id), e.to_string()))?
+                .map_err(|e| (Some(request_id), e.to_string()))?;
+            let _ = out.send(Message::KvPlacement {
+                request_id,
+                blocks: blocks.iter().map(|b| b.0).collect(),
+                region: target.region.0,
+                block_size: target.block_size as u32,
+                pool_slots: target.pool_slots as u64,
+            });
+            Arriving::Blocks(blocks)
+        } else {
+            let f = &self.fingerprint;
+            Arriving::Frames(KvAssembler::new(
+                f.layers as usize,
+                prompt.len(),
+                f.kv_heads as usize,
+                f.head_dim as usize,
+                self.kind,
+            ))
+        };
         let params = SamplingParams {
             max_tokens: max_tokens as usize,
             ignore_eos,
@@ -234,11 +377,16 @@ impl DecodeServer {
             let first_token = request.first_token.expect("set before continuing");
             let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let engine_request = Request::new(engine_id, request.prompt, request.params);
-            let kv = request.kv.into_tensor();
             let handle = self.handle.clone();
             let submitted = Instant::now();
-            let events = tokio::task::spawn_blocking(move || {
-                handle.submit_prefilled(engine_request, first_token, kv)
+            let kv = request.kv;
+            let events = tokio::task::spawn_blocking(move || match kv {
+                Arriving::Frames(kv) => {
+                    handle.submit_prefilled(engine_request, first_token, kv.into_tensor())
+                }
+                Arriving::Blocks(blocks) => {
+                    handle.submit_reserved(engine_request, first_token, blocks)
+                }
             })
             .await;
             let events = match events {

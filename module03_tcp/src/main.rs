@@ -38,6 +38,12 @@ enum Command {
         /// Memory for the decode engine's KV pool
         #[arg(long, default_value_t = 1.0)]
         kv_cache_gb: f64,
+        /// Also accept one-sided writes into the KV pool (module 4's agent, TCP backend)
+        #[arg(long)]
+        one_sided: bool,
+        /// Where the transfer agent listens [default: the --listen host, any port]
+        #[arg(long)]
+        agent_listen: Option<String>,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -84,8 +90,13 @@ struct ClientArgs {
 
 #[derive(Args, Clone)]
 struct WorkloadArgs {
-    /// Modes to run, in order: local (decode server alone), bulk, layerwise
-    #[arg(long, value_delimiter = ',', default_value = "local,bulk,layerwise")]
+    /// Modes to run, in order: local (decode server alone), bulk, layerwise,
+    /// onesided (needs `decode --one-sided`)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "local,bulk,layerwise,onesided"
+    )]
     modes: Vec<String>,
     /// New tokens per request (exactly this many: end-of-sequence is ignored)
     #[arg(long, default_value_t = 16)]
@@ -115,11 +126,31 @@ async fn main() -> Result<()> {
         Command::Decode {
             listen,
             kv_cache_gb,
+            one_sided,
+            agent_listen,
             model,
         } => {
             let loaded = model.load().context("loading the model")?;
             let config = EngineConfig::with_kv_budget(&loaded.model, (kv_cache_gb * 1e9) as usize);
-            let server = DecodeServer::new(loaded.model, loaded.tokenizer, config)?;
+            // The TCP backend registers host memory; a GPU pool needs the ibverbs backend.
+            let one_sided = if one_sided && loaded.model.device() != tch::Device::Cpu {
+                eprintln!("warning: --one-sided needs the KV pool in host memory (the TCP backend); disabled on this GPU");
+                false
+            } else {
+                one_sided
+            };
+            let agent_listen = one_sided.then(|| {
+                agent_listen.unwrap_or_else(|| {
+                    let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+                    format!("{host}:0")
+                })
+            });
+            let server = DecodeServer::with_one_sided(
+                loaded.model,
+                loaded.tokenizer,
+                config,
+                agent_listen.as_deref(),
+            )?;
             let listener = bind(&listen).await?;
             eprintln!("decode server listening on {listen}");
             run_until_ctrl_c(server.serve(listener)).await
@@ -168,7 +199,10 @@ async fn main() -> Result<()> {
             eprintln!(
                 "starting the decode server on {decode} and the prefill server on {prefill} …"
             );
-            let _decode = ChildGuard::spawn(&["decode", "--listen", &decode], &model_flags)?;
+            let _decode = ChildGuard::spawn(
+                &["decode", "--listen", &decode, "--one-sided"],
+                &model_flags,
+            )?;
             let _prefill = ChildGuard::spawn(
                 &["prefill", "--listen", &prefill, "--decode", &decode],
                 &model_flags,
@@ -204,7 +238,8 @@ fn parse_mode(name: &str) -> Result<TransferMode> {
         "local" => TransferMode::Local,
         "bulk" => TransferMode::Bulk,
         "layerwise" => TransferMode::Layerwise,
-        other => bail!("unknown mode {other:?}: use local, bulk or layerwise"),
+        "onesided" => TransferMode::OneSided,
+        other => bail!("unknown mode {other:?}: use local, bulk, layerwise or onesided"),
     })
 }
 

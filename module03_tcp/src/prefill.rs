@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use module04_rdma::agent::{AgentError, BackendChoice, TransferAgent};
+use module04_rdma::metadata::AgentMetadata;
+use module04_rdma::region::{Descriptor, MemoryRegion, RegionId};
 use shared::engine::sampling::{Sampler, SamplingParams};
 use shared::model::llama::{causal_attention, AttentionCache, Llama};
 use shared::model::tokenizer::Tokenizer;
@@ -86,6 +89,8 @@ struct DecodeLink {
     outgoing: UnboundedSender<Outgoing>,
     pending: Pending,
     dead: Arc<AtomicBool>,
+    /// The decode worker's transfer agent, loaded into ours, if it offers one.
+    remote_agent: Option<String>,
 }
 
 impl DecodeLink {
@@ -93,6 +98,7 @@ impl DecodeLink {
         address: &str,
         fingerprint: &ModelFingerprint,
         pool: BufferPool,
+        agent: &TransferAgent,
     ) -> Result<DecodeLink, String> {
         let unreachable = |e: &dyn std::fmt::Display| {
             format!(
@@ -106,17 +112,23 @@ impl DecodeLink {
         let (mut reader, mut writer) = stream.into_split();
         let hello = Message::Hello {
             fingerprint: fingerprint.clone(),
+            agent: None,
         };
         wire::write_frame(&mut writer, &hello, &[])
             .await
             .map_err(|e| unreachable(&e))?;
         let mut scratch = Vec::new();
+        let mut remote_agent = None;
         match wire::read_frame(&mut reader, 0, &mut scratch).await {
             Ok(Message::Hello {
                 fingerprint: theirs,
+                agent: offered,
             }) => {
                 if let Some(why) = fingerprint.mismatch(&theirs) {
                     return Err(why);
+                }
+                if let Some(bytes) = offered {
+                    remote_agent = Some(load_decode_agent(agent, &bytes, address)?);
                 }
             }
             Ok(Message::Error { message, .. }) => {
@@ -170,6 +182,7 @@ impl DecodeLink {
                 };
                 let id = match &message {
                     Message::KvReceived { request_id }
+                    | Message::KvPlacement { request_id, .. }
                     | Message::Token { request_id, .. }
                     | Message::Done { request_id, .. } => Some(*request_id),
                     Message::Error { request_id, .. } => *request_id,
@@ -201,6 +214,7 @@ impl DecodeLink {
             outgoing,
             pending,
             dead,
+            remote_agent,
         })
     }
 
@@ -215,6 +229,42 @@ impl DecodeLink {
     }
 }
 
+/// Loads the decode worker's agent metadata into ours. The decode worker
+/// may have bound its agent to a wildcard address (0.0.0.0); it is reached
+/// on the host this link already connected to.
+fn load_decode_agent(
+    agent: &TransferAgent,
+    bytes: &[u8],
+    decode_address: &str,
+) -> Result<String, String> {
+    let mut metadata = AgentMetadata::decode(bytes).map_err(|e| e.to_string())?;
+    if let (Some((host, _)), Some((_, port))) = (
+        decode_address.rsplit_once(':'),
+        metadata.address.rsplit_once(':'),
+    ) {
+        metadata.address = format!("{host}:{port}");
+    }
+    agent
+        .load_remote(&metadata)
+        .map_err(|e| format!("cannot connect to the decode worker's transfer agent: {e}"))?;
+    Ok(metadata.name)
+}
+
+/// Where the decode worker wants a one-sided request's KV.
+struct Placement {
+    blocks: Vec<u32>,
+    region: RegionId,
+    block_size: usize,
+    pool_slots: usize,
+}
+
+/// Host memory the prefill worker stages a prompt's KV in for one-sided
+/// writes, registered with its agent once at start-up.
+struct Staging {
+    region: RegionId,
+    memory: Arc<MemoryRegion>,
+}
+
 /// A prefill server: one model, one link to a decode server, many clients.
 pub struct PrefillServer {
     model: Mutex<Llama>,
@@ -224,11 +274,39 @@ pub struct PrefillServer {
     link: tokio::sync::Mutex<Option<Arc<DecodeLink>>>,
     next_id: AtomicU64,
     pool: BufferPool,
+    agent: TransferAgent,
+    staging: Staging,
 }
+
+/// Bytes of host memory staged for one-sided transfers, unless told otherwise.
+pub const DEFAULT_STAGING_BYTES: usize = 256 << 20;
 
 impl PrefillServer {
     pub fn new(model: Llama, tokenizer: Tokenizer, decode_address: String) -> Arc<PrefillServer> {
-        Arc::new(PrefillServer {
+        Self::with_staging(model, tokenizer, decode_address, DEFAULT_STAGING_BYTES)
+            .expect("a transfer agent on loopback starts")
+    }
+
+    /// As [`PrefillServer::new`], with `staging_bytes` of host memory for
+    /// one-sided transfers (the largest prompt KV it can send that way).
+    pub fn with_staging(
+        model: Llama,
+        tokenizer: Tokenizer,
+        decode_address: String,
+        staging_bytes: usize,
+    ) -> Result<Arc<PrefillServer>, AgentError> {
+        let name = format!("prefill-{}-{}", std::process::id(), decode_address);
+        let agent = TransferAgent::new(
+            &name,
+            BackendChoice::Tcp {
+                listen: "127.0.0.1:0".into(),
+            },
+        )?;
+        let region = agent.register(MemoryRegion::alloc(staging_bytes));
+        let memory = agent.region(region).expect("just registered");
+        Ok(Arc::new(PrefillServer {
+            agent,
+            staging: Staging { region, memory },
             fingerprint: ModelFingerprint::of(&model),
             model: Mutex::new(model),
             tokenizer,
@@ -236,7 +314,7 @@ impl PrefillServer {
             link: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             pool: BufferPool::default(),
-        })
+        }))
     }
 
     /// Serves clients on `listener` until the task is dropped.
@@ -255,7 +333,13 @@ impl PrefillServer {
             return Ok(link.clone());
         }
         let link = Arc::new(
-            DecodeLink::connect(&self.decode_address, &self.fingerprint, self.pool.clone()).await?,
+            DecodeLink::connect(
+                &self.decode_address,
+                &self.fingerprint,
+                self.pool.clone(),
+                &self.agent,
+            )
+            .await?,
         );
         *guard = Some(link.clone());
         Ok(link)
@@ -321,6 +405,82 @@ impl PrefillServer {
         }
     }
 
+    /// Copies every layer's K and V into the registered staging memory,
+    /// laid out `[layers, 2, tokens, kv_heads, head_dim]` (one copy).
+    /// Returns the bytes staged.
+    fn stage(&self, layers: &[(usize, Tensor, Tensor)]) -> Result<u64, String> {
+        let Some((_, k0, _)) = layers.first() else {
+            return Ok(0);
+        };
+        let (_, heads, tokens, dim) = k0.size4().expect("K is [1, kv_heads, tokens, head_dim]");
+        let kind = k0.kind();
+        let bytes = layers.len() * 2 * (tokens * heads * dim) as usize * kind.elt_size_in_bytes();
+        if bytes > self.staging.memory.len() {
+            return Err(format!(
+                "this prompt's KV ({} MiB) exceeds the one-sided staging memory ({} MiB); use mode bulk or layerwise",
+                bytes >> 20,
+                self.staging.memory.len() >> 20
+            ));
+        }
+        // SAFETY: the staging memory is ours; the model lock held by the
+        // caller means no other request stages or sends from it now.
+        let mut view = unsafe {
+            Tensor::from_blob(
+                self.staging.memory.as_ptr(),
+                &[layers.len() as i64, 2, tokens, heads, dim],
+                &[],
+                kind,
+                tch::Device::Cpu,
+            )
+        };
+        for (layer, k, v) in layers {
+            view.get(*layer as i64)
+                .copy_(&Tensor::stack(&[k.get(0), v.get(0)], 0).transpose(1, 2));
+        }
+        let _ = &mut view;
+        Ok(bytes as u64)
+    }
+
+    /// One-sided writes of the staged KV into the decode worker's reserved
+    /// blocks: for every layer, K and V, and block, one contiguous span.
+    fn write_one_sided(
+        &self,
+        peer: &str,
+        to: &Placement,
+        layers: &[(usize, Tensor, Tensor)],
+    ) -> Result<(), String> {
+        let Some((_, k0, _)) = layers.first() else {
+            return Ok(());
+        };
+        let (_, heads, tokens, dim) = k0.size4().expect("K is [1, kv_heads, tokens, head_dim]");
+        let tokens = tokens as usize;
+        let slot = (heads * dim) as usize * k0.kind().elt_size_in_bytes();
+        let mut pairs = Vec::with_capacity(layers.len() * 2 * to.blocks.len());
+        for layer in 0..layers.len() {
+            for which in 0..2 {
+                for (j, &block) in to.blocks.iter().enumerate() {
+                    let first = j * to.block_size;
+                    if first >= tokens {
+                        break;
+                    }
+                    let n = to.block_size.min(tokens - first);
+                    let local = ((layer * 2 + which) * tokens + first) * slot;
+                    let target = ((layer * 2 + which) * to.pool_slots
+                        + block as usize * to.block_size)
+                        * slot;
+                    pairs.push((
+                        Descriptor::new(self.staging.region, local as u64, (n * slot) as u64),
+                        Descriptor::new(to.region, target as u64, (n * slot) as u64),
+                    ));
+                }
+            }
+        }
+        self.agent
+            .write(peer, &pairs, b"")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// One request: prefill, ship the KV, relay the decode worker's tokens.
     async fn run_request(
         self: &Arc<Self>,
@@ -384,15 +544,43 @@ impl PrefillServer {
                 .send(Outgoing { message, payload })
                 .map_err(|_| "the connection to the decode server is gone".to_string())
         };
+        let one_sided = mode == TransferMode::OneSided;
+        if one_sided && link.remote_agent.is_none() {
+            return Err("the decode server offers no transfer agent: start it with --one-sided to use mode onesided".into());
+        }
         send(
             Message::KvBegin {
                 request_id: id,
                 prompt: prompt.clone(),
                 max_tokens: params.max_tokens as u32,
                 ignore_eos: params.ignore_eos,
+                one_sided,
             },
             Vec::new(),
         )?;
+        // One-sided: the decode worker answers with the blocks to write into.
+        let placement = if one_sided {
+            match replies.recv().await {
+                Some(Message::KvPlacement {
+                    blocks,
+                    region,
+                    block_size,
+                    pool_slots,
+                    ..
+                }) => Some(Placement {
+                    blocks,
+                    region: RegionId(region),
+                    block_size: block_size as usize,
+                    pool_slots: pool_slots as usize,
+                }),
+                Some(Message::Error { message, .. }) => return Err(message),
+                Some(other) => return Err(format!("expected KvPlacement, got {other:?}")),
+                None => return Err("the connection to the decode server closed".into()),
+            }
+        } else {
+            None
+        };
+        let remote_agent = link.remote_agent.clone();
 
         // The forward pass runs on a blocking thread; layers leave through the
         // link's writer task while later layers compute.
@@ -428,20 +616,34 @@ impl PrefillServer {
             });
             let first_token = Sampler::new(&params).sample(&logits);
             let forward_s = start.elapsed().as_secs_f64() - serialize_s;
-            for (layer, k, v) in held {
-                ship(layer, &k, &v, &mut serialize_s, &mut kv_bytes);
+            let mut one_sided_s = 0.0;
+            match (&placement, &remote_agent) {
+                (Some(placement), Some(peer)) => {
+                    let start = Instant::now();
+                    kv_bytes = server.stage(&held)?;
+                    serialize_s += start.elapsed().as_secs_f64();
+                    let start = Instant::now();
+                    server.write_one_sided(peer, placement, &held)?;
+                    one_sided_s = start.elapsed().as_secs_f64();
+                }
+                _ => {
+                    for (layer, k, v) in &held {
+                        ship(*layer, k, v, &mut serialize_s, &mut kv_bytes);
+                    }
+                }
             }
-            (
+            Ok::<_, String>((
                 first_token,
                 forward_s,
                 serialize_s,
                 kv_bytes,
+                one_sided_s,
                 Instant::now(),
-            )
+            ))
         });
-        let (first_token, prefill_s, serialize_s, kv_bytes, sent_at) = compute
+        let (first_token, prefill_s, serialize_s, kv_bytes, one_sided_s, sent_at) = compute
             .await
-            .map_err(|e| format!("the prefill failed: {e}"))?;
+            .map_err(|e| format!("the prefill failed: {e}"))??;
         send(
             Message::KvEnd {
                 request_id: id,
@@ -457,10 +659,12 @@ impl PrefillServer {
             text,
         });
 
-        let mut transfer_exposed_s = 0.0;
+        // One-sided writes completed before the compute thread returned: their
+        // time is exposed transfer; KvReceived then only confirms.
+        let mut transfer_exposed_s = one_sided_s;
         while let Some(reply) = replies.recv().await {
             match reply {
-                Message::KvReceived { .. } => transfer_exposed_s = sent_at.elapsed().as_secs_f64(),
+                Message::KvReceived { .. } => transfer_exposed_s += sent_at.elapsed().as_secs_f64(),
                 Message::Token { token, text, .. } => {
                     let _ = to_client.send(Message::Token {
                         request_id: client_id,

@@ -32,7 +32,8 @@ async fn listen() -> (TcpListener, String) {
 
 async fn start_decode(model: Llama, tokenizer: shared::model::tokenizer::Tokenizer) -> String {
     let config = EngineConfig::with_kv_budget(&model, 256 << 20);
-    let server = DecodeServer::new(model, tokenizer, config).unwrap();
+    let server =
+        DecodeServer::with_one_sided(model, tokenizer, config, Some("127.0.0.1:0")).unwrap();
     let (listener, address) = listen().await;
     tokio::spawn(server.serve(listener));
     address
@@ -86,6 +87,7 @@ async fn disaggregated_tokens_equal_local_generation() {
         (TransferMode::Local, &decode),
         (TransferMode::Bulk, &prefill),
         (TransferMode::Layerwise, &prefill),
+        (TransferMode::OneSided, &prefill),
     ] {
         let results = client::run(address, &workload(mode, max_tokens))
             .await
@@ -195,6 +197,26 @@ async fn garbage_and_oversized_frames_close_the_connection_and_nothing_else() {
 
     // The servers are still fine.
     let results = client::run(&prefill, &workload(TransferMode::Bulk, 2))
+        .await
+        .unwrap();
+    assert_all_ok(&results);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sided_needs_a_decode_server_that_offers_it() {
+    let m = smollm2();
+    let config = EngineConfig::with_kv_budget(&m.model, 64 << 20);
+    let server = DecodeServer::new(m.model, m.tokenizer, config).unwrap();
+    let (listener, decode) = listen().await;
+    tokio::spawn(server.serve(listener));
+    let prefill = start_prefill(&decode).await;
+    let results = client::run(&prefill, &workload(TransferMode::OneSided, 2))
+        .await
+        .unwrap();
+    let error = results[0].error.as_deref().expect("refused");
+    assert!(error.contains("--one-sided"), "{error}");
+    // The other modes still work on the same link.
+    let results = client::run(&prefill, &workload(TransferMode::Layerwise, 2))
         .await
         .unwrap();
     assert_all_ok(&results);

@@ -95,7 +95,7 @@ fn prefill_and_decode_on_two_hosts_agree_with_local() {
         return;
     };
     let _decode = Server(
-        lab.exec(1, &["decode", "--listen", "10.78.0.2:7801"])
+        lab.exec(1, &["decode", "--listen", "10.78.0.2:7801", "--one-sided"])
             .spawn()
             .unwrap(),
     );
@@ -151,7 +151,7 @@ fn prefill_and_decode_on_two_hosts_agree_with_local() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = report["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 3);
+    assert_eq!(runs.len(), 4);
     let tokens = |run: &serde_json::Value| -> Vec<serde_json::Value> {
         run["results"]
             .as_array()
@@ -166,4 +166,5 @@ fn prefill_and_decode_on_two_hosts_agree_with_local() {
     let local = tokens(&runs[0]);
     assert_eq!(tokens(&runs[1]), local, "bulk differs from local");
     assert_eq!(tokens(&runs[2]), local, "layerwise differs from local");
+    assert_eq!(tokens(&runs[3]), local, "one-sided differs from local");
 }

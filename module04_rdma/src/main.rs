@@ -1,13 +1,53 @@
-//! `module04_rdma`: one-sided KV transfer with a NIXL-like agent
+//! `module04_rdma`: one-sided KV transfer.
 //!
-//! Not built yet: this module arrives with issue #7 (book chapter 4).
-//! Until then the binary says so and exits with an error, rather than print
-//! anything that looks like a result.
+//! ```text
+//! cargo run --release -p module04_rdma -- bench       # one-sided (TCP backend) vs module 3's framed path
+//! ```
 
-fn main() {
-    eprintln!(
-        "module04_rdma (one-sided KV transfer with a NIXL-like agent) is not implemented yet: it arrives with issue #7, \
-         book chapter 4. See README.md for the modules that run today."
-    );
-    std::process::exit(2);
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use module04_rdma::bench;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Module 4: one-sided KV transfer with a NIXL-like agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Latency and bandwidth of one-sided writes vs module 3's frames, 4 KiB to 64 MiB.
+    Bench {
+        /// Message sizes in bytes [default: 4 KiB, 16 KiB, … 64 MiB]
+        #[arg(long, value_delimiter = ',')]
+        sizes: Option<Vec<u64>>,
+        #[arg(long, default_value = "results/module04_bench.json")]
+        json: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Bench { sizes, json } => {
+            let sizes = sizes.unwrap_or_else(bench::default_sizes);
+            eprintln!("one-sided writes (TCP backend) and framed messages (module 3), loopback …");
+            let results = bench::run(&sizes)?;
+            let table = bench::render(&results);
+            print!("{table}");
+            if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n")
+                .with_context(|| format!("writing {}", json.display()))?;
+            std::fs::write(json.with_extension("txt"), table)?;
+            eprintln!("wrote {} (and .txt)", json.display());
+            Ok(())
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::model::llama::Llama;
 
 pub const MAGIC: [u8; 4] = *b"SDKV";
 /// Bumped whenever a frame or message changes shape.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes before the header: magic, version, two lengths.
 pub const PREFIX_LEN: usize = 4 + 2 + 4 + 8;
 /// Headers are small (ids, token lists, timings); anything bigger is corrupt.
@@ -86,6 +86,9 @@ pub enum TransferMode {
     /// Each layer as soon as its part of the prefill is done, overlapping
     /// the transfer with the remaining layers' compute.
     Layerwise,
+    /// One-sided writes straight into the decode worker's reserved pool
+    /// blocks (module 4's transfer agent), after the forward pass.
+    OneSided,
 }
 
 impl TransferMode {
@@ -94,6 +97,7 @@ impl TransferMode {
             TransferMode::Local => "local",
             TransferMode::Bulk => "bulk",
             TransferMode::Layerwise => "layerwise",
+            TransferMode::OneSided => "onesided",
         }
     }
 }
@@ -134,8 +138,12 @@ impl Breakdown {
 /// Everything that travels, as the header of a frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
-    /// First frame on every connection, both ways.
-    Hello { fingerprint: ModelFingerprint },
+    /// First frame on every connection, both ways. A decode worker that
+    /// accepts one-sided writes adds its transfer agent's metadata.
+    Hello {
+        fingerprint: ModelFingerprint,
+        agent: Option<Vec<u8>>,
+    },
     /// Client → prefill worker (or → decode worker, for the local baseline).
     Generate {
         request_id: u64,
@@ -146,11 +154,25 @@ pub enum Message {
     },
     /// Prefill → decode: a prompt's KV follows in one [`Message::KvLayer`]
     /// frame per layer, then [`Message::KvEnd`].
+    /// With `one_sided`, no KvLayer frames follow: the decode worker
+    /// answers with [`Message::KvPlacement`] and the prefill worker writes
+    /// the KV into those blocks through its transfer agent.
     KvBegin {
         request_id: u64,
         prompt: Vec<u32>,
         max_tokens: u32,
         ignore_eos: bool,
+        one_sided: bool,
+    },
+    /// Decode → prefill: where a one-sided request's KV goes — the reserved
+    /// pool blocks, and the pool's geometry (the agent region holding it,
+    /// tokens per block, slots per layer's K or V) to turn them into byte offsets.
+    KvPlacement {
+        request_id: u64,
+        blocks: Vec<u32>,
+        region: u32,
+        block_size: u32,
+        pool_slots: u64,
     },
     /// Prefill → decode: the payload is layer `layer`'s K then V, each
     /// `[tokens, kv_heads, head_dim]` in the fingerprint's dtype.
@@ -462,6 +484,7 @@ mod tests {
                 head_dim: 64,
                 dtype: "f32".into(),
             },
+            agent: None,
         }
     }
 

@@ -222,6 +222,65 @@ fn prefill_on_one_engine_and_decode_on_another_matches_local_generation() {
 }
 
 #[test]
+fn reserved_blocks_filled_by_a_peer_decode_like_imported_kv() {
+    // What module 4's one-sided transfer does: reserve blocks, write the KV
+    // straight into the pool's memory, then hand the blocks to the engine.
+    let prompts = tiny_prompts();
+    let params = SamplingParams::fixed_length(6);
+    let expected = reference(&tiny_model(7), &[], &prompts, &params);
+    let mut prefill = Engine::new(tiny_model(7), config(64, 64), vec![]).unwrap();
+    let mut decode = Engine::new(tiny_model(7), config(64, 64), vec![]).unwrap();
+    let total = decode.stats().blocks_total;
+
+    // A reservation that is given back leaves nothing behind.
+    let unused = decode.reserve_blocks(99, 40).unwrap();
+    assert_eq!(decode.stats().blocks_in_use, unused.len());
+    decode.release_reserved(&unused);
+    assert_eq!(decode.stats().blocks_in_use, 0);
+    assert!(
+        decode.reserve_blocks(98, 64 * 4).is_err(),
+        "more blocks than the pool has"
+    );
+
+    for request in requests(&prompts, &params) {
+        let out = prefill.prefill(request.clone()).unwrap();
+        let blocks = decode
+            .reserve_blocks(request.id, request.prompt.len())
+            .unwrap();
+        // The "peer": copy each token's K and V into its slot of the pool tensor.
+        let pool = decode.pool().tensor();
+        let table = shared::kv::block::BlockTable {
+            blocks: blocks.clone(),
+        };
+        let block_size = decode.pool().block_size();
+        for (position, slot) in table
+            .slots(request.prompt.len(), block_size)
+            .into_iter()
+            .enumerate()
+        {
+            let _ = pool
+                .narrow(2, slot, 1)
+                .copy_(&out.kv.narrow(2, position as i64, 1));
+        }
+        decode
+            .decode_from_blocks(request, out.first_token, blocks, None)
+            .unwrap();
+    }
+    let mut tokens = vec![Vec::new(); prompts.len()];
+    while decode.has_unfinished() {
+        for event in decode.step() {
+            if let TokenEvent::Token { id, token } = event {
+                tokens[id as usize].push(token);
+            }
+        }
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(&expected[i][1..], t.as_slice(), "sequence {i}");
+    }
+    assert_eq!(decode.stats().blocks_total, total);
+}
+
+#[test]
 fn impossible_requests_are_refused_with_reasons() {
     let mut engine = Engine::new(tiny_model(8), config(8, 64), vec![]).unwrap();
     let err = engine

@@ -24,7 +24,7 @@ use super::request::{Request, RequestId, Sequence, TokenEvent};
 use super::runner::{forward_chunks, ChunkInput};
 use super::sampling::argmax_batch;
 use super::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
-use crate::kv::block::{BlockTable, DEFAULT_BLOCK_SIZE};
+use crate::kv::block::{BlockId, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::kv::pool::KvPool;
 use crate::kv::prefix_cache::{KvEvent, PrefixCache};
 use crate::model::llama::Llama;
@@ -455,7 +455,62 @@ impl Engine {
                 tokens: prompt_len,
             });
         }
+        let blocks = self.reserve_blocks(request.id, prompt_len)?;
+        self.pool.import(
+            &BlockTable {
+                blocks: blocks.clone(),
+            },
+            kv,
+        );
+        self.decode_from_blocks(request, first_token, blocks, stream)
+    }
+
+    /// Takes free blocks for a prompt of `prompt_len` tokens (and the token
+    /// after it) out of the pool, for a peer to write its KV into them
+    /// directly (module 4's one-sided transfer). Hand them back with
+    /// [`Engine::decode_from_blocks`], or [`Engine::release_reserved`] if the
+    /// transfer fails.
+    pub fn reserve_blocks(
+        &mut self,
+        id: RequestId,
+        prompt_len: usize,
+    ) -> Result<Vec<BlockId>, EngineError> {
+        let needed = BlockTable::blocks_for(prompt_len + 1, self.pool.block_size());
+        if needed > self.scheduler.cache.num_available() {
+            return Err(EngineError::TooLarge {
+                id,
+                needed,
+                available: self.scheduler.cache.num_available(),
+            });
+        }
+        Ok((0..needed)
+            .map(|_| self.scheduler.cache.allocate().expect("counted"))
+            .collect())
+    }
+
+    /// Returns reserved blocks unused.
+    pub fn release_reserved(&mut self, blocks: &[BlockId]) {
+        for &block in blocks {
+            self.scheduler.cache.release(block);
+        }
+    }
+
+    /// Decodes a request whose prompt KV already sits in `blocks` (reserved
+    /// with [`Engine::reserve_blocks`] and filled by the caller or a peer).
+    pub fn decode_from_blocks(
+        &mut self,
+        request: Request,
+        first_token: u32,
+        blocks: Vec<BlockId>,
+        stream: Option<UnboundedSender<TokenEvent>>,
+    ) -> Result<(), EngineError> {
+        if let Err(e) = self.validate(&request) {
+            self.release_reserved(&blocks);
+            return Err(e);
+        }
+        let prompt_len = request.prompt.len();
         let mut seq = Sequence::new(request, stream);
+        seq.table.blocks = blocks;
         seq.tokens.push(first_token);
         seq.metrics.first_scheduled = Some(Instant::now());
         seq.metrics.token_times.push(Instant::now());
@@ -471,19 +526,6 @@ impl Engine {
             self.pending_events.extend(event);
             return Ok(());
         }
-        let needed = BlockTable::blocks_for(prompt_len + 1, self.pool.block_size());
-        if needed > self.scheduler.cache.num_available() {
-            return Err(EngineError::TooLarge {
-                id: seq.id,
-                needed,
-                available: self.scheduler.cache.num_available(),
-            });
-        }
-        for _ in 0..needed {
-            let block = self.scheduler.cache.allocate().expect("counted");
-            seq.table.blocks.push(block);
-        }
-        self.pool.import(&seq.table, kv);
         self.scheduler.running.push(seq);
         let index = self.scheduler.running.len() - 1;
         self.scheduler.chunk_done(index, prompt_len);

@@ -15,6 +15,25 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use super::core::{Engine, EngineError};
 use super::metrics::EngineStats;
 use super::request::{Request, RequestId, TokenEvent};
+use crate::kv::block::BlockId;
+
+/// The engine's KV pool as a peer writing into it needs to see it.
+pub struct PoolLayout {
+    /// The pool tensor (shares storage with the engine's pool).
+    pub tensor: tch::Tensor,
+    pub layers: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Bytes of one token's K (or V) in one layer.
+    pub slot_bytes: usize,
+}
+
+impl PoolLayout {
+    /// Byte offset of `slot` in `layer`'s K (`which = 0`) or V (`which = 1`).
+    pub fn slot_offset_bytes(&self, layer: usize, which: usize, slot: usize) -> usize {
+        ((layer * 2 + which) * self.num_blocks * self.block_size + slot) * self.slot_bytes
+    }
+}
 
 enum Command {
     Submit(
@@ -29,6 +48,20 @@ enum Command {
         stream: tokio::sync::mpsc::UnboundedSender<TokenEvent>,
         ack: mpsc::Sender<Result<(), EngineError>>,
     },
+    Reserve {
+        id: RequestId,
+        prompt_len: usize,
+        reply: mpsc::Sender<Result<Vec<BlockId>, EngineError>>,
+    },
+    SubmitReserved {
+        request: Request,
+        first_token: u32,
+        blocks: Vec<BlockId>,
+        stream: tokio::sync::mpsc::UnboundedSender<TokenEvent>,
+        ack: mpsc::Sender<Result<(), EngineError>>,
+    },
+    ReleaseReserved(Vec<BlockId>),
+    PoolLayout(mpsc::Sender<PoolLayout>),
     Cancel(RequestId),
     Stats(mpsc::Sender<EngineStats>),
     Shutdown,
@@ -122,6 +155,56 @@ impl EngineHandle {
         Ok(rx)
     }
 
+    /// Reserves pool blocks for a prompt a peer will write directly
+    /// ([`Engine::reserve_blocks`]).
+    pub fn reserve(&self, id: RequestId, prompt_len: usize) -> Result<Vec<BlockId>, HandleError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Reserve {
+                id,
+                prompt_len,
+                reply: tx,
+            })
+            .map_err(|_| HandleError::Stopped)?;
+        Ok(rx.recv().map_err(|_| HandleError::Stopped)??)
+    }
+
+    /// Decodes a request whose prompt KV a peer wrote into reserved `blocks`.
+    pub fn submit_reserved(
+        &self,
+        request: Request,
+        first_token: u32,
+        blocks: Vec<BlockId>,
+    ) -> Result<UnboundedReceiver<TokenEvent>, HandleError> {
+        let (tx, rx) = unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::channel();
+        self.commands
+            .send(Command::SubmitReserved {
+                request,
+                first_token,
+                blocks,
+                stream: tx,
+                ack: ack_tx,
+            })
+            .map_err(|_| HandleError::Stopped)?;
+        ack_rx.recv().map_err(|_| HandleError::Stopped)??;
+        Ok(rx)
+    }
+
+    /// Returns reserved blocks unused (the transfer failed).
+    pub fn release_reserved(&self, blocks: Vec<BlockId>) {
+        let _ = self.commands.send(Command::ReleaseReserved(blocks));
+    }
+
+    /// The pool's tensor and layout, to register it with a transfer agent.
+    pub fn pool_layout(&self) -> Result<PoolLayout, HandleError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::PoolLayout(tx))
+            .map_err(|_| HandleError::Stopped)?;
+        rx.recv().map_err(|_| HandleError::Stopped)
+    }
+
     pub fn cancel(&self, id: RequestId) {
         let _ = self.commands.send(Command::Cancel(id));
     }
@@ -163,6 +246,40 @@ fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
                 ack,
             }) => {
                 let _ = ack.send(engine.decode_from(request, first_token, &kv, Some(stream)));
+                continue;
+            }
+            Some(Command::Reserve {
+                id,
+                prompt_len,
+                reply,
+            }) => {
+                let _ = reply.send(engine.reserve_blocks(id, prompt_len));
+                continue;
+            }
+            Some(Command::SubmitReserved {
+                request,
+                first_token,
+                blocks,
+                stream,
+                ack,
+            }) => {
+                let _ =
+                    ack.send(engine.decode_from_blocks(request, first_token, blocks, Some(stream)));
+                continue;
+            }
+            Some(Command::ReleaseReserved(blocks)) => {
+                engine.release_reserved(&blocks);
+                continue;
+            }
+            Some(Command::PoolLayout(reply)) => {
+                let pool = engine.pool();
+                let _ = reply.send(PoolLayout {
+                    tensor: pool.tensor(),
+                    layers: engine.model().config().num_hidden_layers,
+                    block_size: pool.block_size(),
+                    num_blocks: pool.num_blocks(),
+                    slot_bytes: pool.slot_bytes(),
+                });
                 continue;
             }
             Some(Command::Cancel(id)) => {

@@ -104,6 +104,18 @@ impl KvPool {
         let _ = self.kv.index_copy_(2, &slots, &kv);
     }
 
+    /// The whole pool tensor (sharing its storage), to register it for
+    /// one-sided writes by peers (module 4).
+    pub fn tensor(&self) -> Tensor {
+        self.kv.shallow_clone()
+    }
+
+    /// Bytes one slot (one token's K or V in one layer) occupies.
+    pub fn slot_bytes(&self) -> usize {
+        let s = self.kv.size();
+        (s[3] * s[4]) as usize * self.kv.kind().elt_size_in_bytes()
+    }
+
     /// Slot indices as an int64 tensor on the pool's device.
     pub fn slot_tensor(&self, slots: &[i64]) -> Tensor {
         Tensor::from_slice(slots).to_device(self.kv.device())

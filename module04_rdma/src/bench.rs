@@ -1,0 +1,191 @@
+//! Bandwidth and latency of one-sided writes, against module 3's framed path.
+//!
+//! For each message size, two measurements on loopback:
+//!
+//! * **one-sided** (this module's TCP backend): the target's NIC thread
+//!   reads the bytes from the socket straight into registered memory;
+//! * **framed** (module 3's `shared::wire`): the receiver reads a frame into
+//!   a buffer, then copies the payload to where it belongs.
+//!
+//! Both cross the same kernel TCP stack, so the difference is what the
+//! receiving side does with the bytes — the part RDMA takes off the CPU
+//! entirely.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use shared::wire::{self, Message};
+use tokio::io::AsyncWriteExt;
+
+use crate::agent::{AgentError, BackendChoice, TransferAgent};
+use crate::region::{Descriptor, MemoryRegion};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SizeResult {
+    pub bytes: u64,
+    /// One transfer, start to completion (median).
+    pub one_sided_latency_us: f64,
+    pub framed_latency_us: f64,
+    /// Back-to-back transfers.
+    pub one_sided_gbytes_per_s: f64,
+    pub framed_gbytes_per_s: f64,
+}
+
+/// Sizes from 4 KiB to 64 MiB, ×4 each step.
+pub fn default_sizes() -> Vec<u64> {
+    (0..=7).map(|i| 4096u64 << (2 * i)).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Repeats per size: enough for a stable median, bounded by ~256 MiB moved.
+fn repeats(bytes: u64) -> usize {
+    ((256u64 << 20) / bytes).clamp(3, 200) as usize
+}
+
+pub fn one_sided(sizes: &[u64]) -> Result<Vec<(f64, f64)>, AgentError> {
+    let largest = *sizes.iter().max().unwrap_or(&0) as usize;
+    let target = TransferAgent::new(
+        "bench-target",
+        BackendChoice::Tcp {
+            listen: "127.0.0.1:0".into(),
+        },
+    )?;
+    let remote_region = target.register(MemoryRegion::alloc(largest));
+    let initiator = TransferAgent::new(
+        "bench-initiator",
+        BackendChoice::Tcp {
+            listen: "127.0.0.1:0".into(),
+        },
+    )?;
+    let local = initiator.register(MemoryRegion::alloc(largest));
+    initiator.load_remote(&target.metadata())?;
+    let mut out = Vec::new();
+    for &bytes in sizes {
+        let pair = [(
+            Descriptor::new(local, 0, bytes),
+            Descriptor::new(remote_region, 0, bytes),
+        )];
+        initiator.write("bench-target", &pair, b"warm-up")?;
+        let n = repeats(bytes);
+        let mut latencies = Vec::with_capacity(n);
+        let start = Instant::now();
+        for _ in 0..n {
+            latencies.push(initiator.write("bench-target", &pair, b"")?.seconds);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        target.take_notifications();
+        out.push((
+            median(latencies) * 1e6,
+            bytes as f64 * n as f64 / elapsed / 1e9,
+        ));
+    }
+    Ok(out)
+}
+
+/// Module 3's path: a frame per transfer, read into a buffer, copied into place.
+pub fn framed(sizes: &[u64]) -> std::io::Result<Vec<(f64, f64)>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let largest = *sizes.iter().max().unwrap_or(&0) as usize;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let receiver = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let (mut reader, mut writer) = stream.into_split();
+            let mut buffer = Vec::new();
+            let mut destination = vec![0u8; largest];
+            loop {
+                match wire::read_frame(&mut reader, 1 << 30, &mut buffer).await {
+                    Ok(_) => {
+                        destination[..buffer.len()].copy_from_slice(&buffer);
+                        writer.write_all(&[1]).await?;
+                    }
+                    Err(_) => return Ok::<_, std::io::Error>(()),
+                }
+            }
+        });
+        let stream = tokio::net::TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let (mut reader, mut writer) = stream.into_split();
+        let payload = vec![7u8; largest];
+        let mut out = Vec::new();
+        let message = Message::KvLayer {
+            request_id: 0,
+            layer: 0,
+        };
+        for &bytes in sizes {
+            let mut once =
+                async |writer: &mut tokio::net::tcp::OwnedWriteHalf| -> std::io::Result<f64> {
+                    let start = Instant::now();
+                    wire::write_frame(writer, &message, &payload[..bytes as usize])
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    let mut ack = [0u8; 1];
+                    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut ack).await?;
+                    Ok(start.elapsed().as_secs_f64())
+                };
+            once(&mut writer).await?;
+            let n = repeats(bytes);
+            let mut latencies = Vec::with_capacity(n);
+            let start = Instant::now();
+            for _ in 0..n {
+                latencies.push(once(&mut writer).await?);
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            out.push((
+                median(latencies) * 1e6,
+                bytes as f64 * n as f64 / elapsed / 1e9,
+            ));
+        }
+        drop(writer);
+        receiver.await.map_err(std::io::Error::other)??;
+        Ok(out)
+    })
+}
+
+pub fn run(sizes: &[u64]) -> anyhow::Result<Vec<SizeResult>> {
+    let one = one_sided(sizes)?;
+    let framed = framed(sizes)?;
+    Ok(sizes
+        .iter()
+        .zip(one.iter().zip(&framed))
+        .map(|(&bytes, (&(ol, ob), &(fl, fb)))| SizeResult {
+            bytes,
+            one_sided_latency_us: ol,
+            framed_latency_us: fl,
+            one_sided_gbytes_per_s: ob,
+            framed_gbytes_per_s: fb,
+        })
+        .collect())
+}
+
+pub fn render(results: &[SizeResult]) -> String {
+    let mut out = format!(
+        "{:>9} {:>16} {:>16} {:>8} {:>14} {:>14} {:>8}\n",
+        "size", "one-sided µs", "framed µs", "ratio", "one-sided GB/s", "framed GB/s", "ratio"
+    );
+    for r in results {
+        let size = if r.bytes >= 1 << 20 {
+            format!("{} MiB", r.bytes >> 20)
+        } else {
+            format!("{} KiB", r.bytes >> 10)
+        };
+        out.push_str(&format!(
+            "{size:>9} {:>16.1} {:>16.1} {:>7.2}x {:>14.2} {:>14.2} {:>7.2}x\n",
+            r.one_sided_latency_us,
+            r.framed_latency_us,
+            r.framed_latency_us / r.one_sided_latency_us,
+            r.one_sided_gbytes_per_s,
+            r.framed_gbytes_per_s,
+            r.one_sided_gbytes_per_s / r.framed_gbytes_per_s
+        ));
+    }
+    out
+}

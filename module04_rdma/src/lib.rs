@@ -1,0 +1,34 @@
+//! Module 4: one-sided transfer of KV blocks.
+//!
+//! In module 3 the decode worker *receives*: its CPU reads every frame,
+//! parses it and copies the payload where it belongs. RDMA turns that
+//! around. The receiver **registers** memory with its network card once —
+//! say, its whole paged KV pool — and tells the sender where that memory is
+//! (an address and a key). From then on the sender's card writes straight
+//! into it; the receiver's CPU takes no part until it is **notified** that
+//! the data is there. That is a *one-sided* operation.
+//!
+//! NVIDIA's NIXL library packages this for inference servers, and this
+//! module rebuilds its concepts:
+//!
+//! | NIXL | here | what it is |
+//! |---|---|---|
+//! | agent | [`agent::TransferAgent`] | one per worker; owns registrations and connections |
+//! | memory registration | [`agent::TransferAgent::register`] | pins memory and makes it remotely writable |
+//! | agent metadata | [`metadata::AgentMetadata`] | where to reach an agent and which regions it exposes (with keys) |
+//! | descriptor list | [`region::Descriptor`] | (region, offset, length) triples, local and remote |
+//! | transfer request | [`agent::TransferAgent::write`] | pairs of descriptors, posted at once |
+//! | notification | [`agent::Notification`] | a small message delivered after the data |
+//!
+//! Backends move the bytes. [`backend::tcp`] keeps the one-sided semantics
+//! on any machine: the receiving agent's "NIC" is a thread that checks each
+//! write against its registrations and reads the bytes from the socket
+//! straight into the registered memory, never involving the application.
+//! An `ibverbs` backend (RC queue pairs, `RDMA WRITE WITH IMM`) plugs in
+//! behind the same [`backend::Backend`] trait on machines with RDMA devices.
+
+pub mod agent;
+pub mod backend;
+pub mod bench;
+pub mod metadata;
+pub mod region;
