@@ -127,15 +127,7 @@ async fn serve_one(mut stream: TcpStream) -> std::io::Result<()> {
             }
         }
         OP_UPLOAD => {
-            let mut buffer = vec![0u8; CHUNK];
-            let mut received = 0u64;
-            loop {
-                let n = stream.read(&mut buffer).await?;
-                if n == 0 {
-                    break;
-                }
-                received += n as u64;
-            }
+            let received = count_until_closed(&mut stream).await?;
             stream.write_u64_le(received).await?;
         }
         OP_DOWNLOAD => {
@@ -264,17 +256,22 @@ async fn download(mut stream: TcpStream, config: NetCheckConfig) -> std::io::Res
     stream
         .write_u64_le(config.duration.as_millis() as u64)
         .await?;
+    let received = count_until_closed(&mut stream).await?;
+    Ok(Throughput {
+        bytes: received,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Reads and discards until the other side closes; returns the byte count.
+async fn count_until_closed(stream: &mut TcpStream) -> std::io::Result<u64> {
     let mut buffer = vec![0u8; CHUNK];
     let mut received = 0u64;
     loop {
         let n = stream.read(&mut buffer).await?;
         if n == 0 {
-            break;
+            return Ok(received);
         }
         received += n as u64;
     }
-    Ok(Throughput {
-        bytes: received,
-        seconds: start.elapsed().as_secs_f64(),
-    })
 }

@@ -9,9 +9,10 @@ use module02_kvcache::scaling::{ModelKv, ScalingReport};
 use module02_kvcache::transfer;
 use shared::engine::request::Request;
 use shared::engine::sampling::SamplingParams;
-use shared::engine::{Engine, EngineConfig};
+use shared::engine::{Engine, EngineConfig, PrefillOutput};
 use shared::kv::block::DEFAULT_BLOCK_SIZE;
 use shared::model::config::LlamaConfig;
+use shared::model::llama::Llama;
 use shared::model::{default_model_path, load_model, LoadedModel};
 use tch::{Device, Kind};
 
@@ -55,8 +56,9 @@ fn transfer_formula_table() {
     );
 }
 
-#[test]
-fn a_real_prefill_cache_crosses_a_socket_unchanged() {
+/// The default prompt through a real engine: its tokens, the cache the
+/// engine returned, and the model back (for decoding afterwards).
+fn prefill_default_prompt() -> (Vec<u32>, PrefillOutput, Llama) {
     let m = smollm2();
     let prompt = m.tokenizer.encode(DEFAULT_PROMPT).unwrap();
     let eos = m.model.config().eos_ids();
@@ -72,6 +74,12 @@ fn a_real_prefill_cache_crosses_a_socket_unchanged() {
             SamplingParams::fixed_length(1),
         ))
         .unwrap();
+    (prompt, out, engine.into_model())
+}
+
+#[test]
+fn a_real_prefill_cache_crosses_a_socket_unchanged() {
+    let (prompt, out, _) = prefill_default_prompt();
     let (measured, received) = transfer::measure_loopback(&out.kv, 1.0, 2).unwrap();
     assert!(received.equal(&out.kv));
     assert_eq!(measured.bytes, 30 * 2 * prompt.len() * 3 * 64 * 4);
@@ -79,18 +87,7 @@ fn a_real_prefill_cache_crosses_a_socket_unchanged() {
 
 #[test]
 fn compression_trade_off_on_the_real_model() {
-    let m = smollm2();
-    let prompt = m.tokenizer.encode(DEFAULT_PROMPT).unwrap();
-    let eos = m.model.config().eos_ids();
-    let config = EngineConfig {
-        num_blocks: 16,
-        ..EngineConfig::with_kv_budget(&m.model, 0)
-    };
-    let mut engine = Engine::new(m.model, config, eos).unwrap();
-    let out = engine
-        .prefill(Request::new(1, prompt, SamplingParams::fixed_length(1)))
-        .unwrap();
-    let model = engine.into_model();
+    let (_, out, model) = prefill_default_prompt();
     let steps = 16;
     let report = compress::evaluate(
         &model,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use module04_rdma::agent::{BackendChoice, TransferAgent};
 use module04_rdma::region::{MemoryRegion, RegionId};
-use shared::engine::handle::{EngineHandle, EngineThread};
+use shared::engine::handle::{EngineHandle, EngineThread, HandleError};
 use shared::engine::request::{Request, TokenEvent};
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{Engine, EngineConfig, EngineError};
@@ -380,7 +380,7 @@ impl DecodeServer {
             let handle = self.handle.clone();
             let submitted = Instant::now();
             let kv = request.kv;
-            let events = tokio::task::spawn_blocking(move || match kv {
+            let events = match submit(move || match kv {
                 Arriving::Frames(kv) => {
                     handle.submit_prefilled(engine_request, first_token, kv.into_tensor())
                 }
@@ -388,19 +388,10 @@ impl DecodeServer {
                     handle.submit_reserved(engine_request, first_token, blocks)
                 }
             })
-            .await;
-            let events = match events {
-                Ok(Ok(events)) => events,
-                Ok(Err(e)) => {
-                    return send_error(
-                        &out,
-                        request_id,
-                        format!("the decode engine refused the request: {e}"),
-                    )
-                }
-                Err(e) => {
-                    return send_error(&out, request_id, format!("the decode engine failed: {e}"))
-                }
+            .await
+            {
+                Ok(events) => events,
+                Err(message) => return send_error(&out, request_id, message),
             };
             let breakdown = Breakdown {
                 deserialize_s: request.deserialize_s,
@@ -442,20 +433,13 @@ impl DecodeServer {
             let handle = self.handle.clone();
             let submitted = Instant::now();
             let prompt_tokens = prompt.len() as u32;
-            let events = tokio::task::spawn_blocking(move || {
+            let events = match submit(move || {
                 handle.submit(Request::new(engine_id, prompt, params))
             })
-            .await;
-            let events = match events {
-                Ok(Ok(events)) => events,
-                Ok(Err(e)) => {
-                    return send_error(
-                        &out,
-                        request_id,
-                        format!("the engine refused the request: {e}"),
-                    )
-                }
-                Err(e) => return send_error(&out, request_id, format!("the engine failed: {e}")),
+            .await
+            {
+                Ok(events) => events,
+                Err(message) => return send_error(&out, request_id, message),
             };
             let breakdown = Breakdown {
                 prompt_tokens,
@@ -515,6 +499,17 @@ impl DecodeServer {
             }
         }
         send_error(&out, request_id, "the engine stopped mid-request".into());
+    }
+}
+
+/// Runs a (blocking) submission to the engine thread off the async runtime.
+async fn submit(
+    call: impl FnOnce() -> Result<UnboundedReceiver<TokenEvent>, HandleError> + Send + 'static,
+) -> Result<UnboundedReceiver<TokenEvent>, String> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(Ok(events)) => Ok(events),
+        Ok(Err(e)) => Err(format!("the decode engine refused the request: {e}")),
+        Err(e) => Err(format!("the decode engine failed: {e}")),
     }
 }
 

@@ -138,6 +138,19 @@ fn tiny_model(seed: u64) -> Llama {
     Llama::random(config, seed, Device::Cpu, Kind::Float)
 }
 
+/// Steps `engine` until every request is done; the tokens of requests `0..n`.
+fn drain_tokens(engine: &mut Engine, n: usize) -> Vec<Vec<u32>> {
+    let mut tokens = vec![Vec::new(); n];
+    while engine.has_unfinished() {
+        for event in engine.step() {
+            if let TokenEvent::Token { id, token } = event {
+                tokens[id as usize].push(token);
+            }
+        }
+    }
+    tokens
+}
+
 fn tiny_prompts() -> Vec<Vec<u32>> {
     (0..6u32)
         .map(|i| (0..(5 + 3 * i)).map(|t| (t * 7 + i * 13) % 128).collect())
@@ -207,14 +220,7 @@ fn prefill_on_one_engine_and_decode_on_another_matches_local_generation() {
             .decode_from(request, out.first_token, &out.kv, None)
             .unwrap();
     }
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    while decode.has_unfinished() {
-        for event in decode.step() {
-            if let TokenEvent::Token { id, token } = event {
-                tokens[id as usize].push(token);
-            }
-        }
-    }
+    let tokens = drain_tokens(&mut decode, prompts.len());
     for (i, t) in tokens.iter().enumerate() {
         assert_eq!(&expected[i][1..], t.as_slice(), "sequence {i}");
     }
@@ -266,14 +272,7 @@ fn reserved_blocks_filled_by_a_peer_decode_like_imported_kv() {
             .decode_from_blocks(request, out.first_token, blocks, None)
             .unwrap();
     }
-    let mut tokens = vec![Vec::new(); prompts.len()];
-    while decode.has_unfinished() {
-        for event in decode.step() {
-            if let TokenEvent::Token { id, token } = event {
-                tokens[id as usize].push(token);
-            }
-        }
-    }
+    let tokens = drain_tokens(&mut decode, prompts.len());
     for (i, t) in tokens.iter().enumerate() {
         assert_eq!(&expected[i][1..], t.as_slice(), "sequence {i}");
     }

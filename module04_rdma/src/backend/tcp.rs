@@ -84,6 +84,7 @@ fn serve_connection(stream: TcpStream, target: Target) {
             return; // the initiator closed the connection
         }
         match op[0] {
+            // ANCHOR: nic_write
             OP_WRITE => {
                 let mut header = [0u8; 24];
                 if reader.read_exact(&mut header).is_err() {
@@ -105,6 +106,7 @@ fn serve_connection(stream: TcpStream, target: Target) {
                     Err(reason) => return fail(&mut replies, reason),
                 }
             }
+            // ANCHOR_END: nic_write
             OP_NOTIFY => {
                 let mut len = [0u8; 2];
                 if reader.read_exact(&mut len).is_err() {
