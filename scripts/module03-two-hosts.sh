@@ -6,7 +6,7 @@
 #   sudo ./scripts/module03-two-hosts.sh 10gbit
 #   sudo ./scripts/module03-two-hosts.sh 1gbit
 #
-# Results: results/module03_netns_<rate>.{json,svg}. Extra arguments go to
+# Results: results/cpu/module03_netns_<rate>.{json,txt,svg}. Extra arguments go to
 # the client (e.g. --max-tokens 32 --repeat 4).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,4 +31,5 @@ for _ in $(seq 600); do
 done
 ip netns exec sd-node1 "$bin" client --prefill 127.0.0.1:7800 --decode 10.77.0.2:7801 \
     --link "two network namespaces, veth shaped to $rate" \
-    --json "results/module03_netns_$rate.json" --svg "results/module03_netns_$rate.svg" "$@"
+    --json "results/cpu/module03_netns_$rate.json" --svg "results/cpu/module03_netns_$rate.svg" "$@"
+"$bin" show "results/cpu/module03_netns_$rate.json" > /dev/null

@@ -101,7 +101,8 @@ impl ScalingReport {
     /// weights alone do not fit.
     pub fn kv_budget_bytes(&self, model: &ModelKv) -> Option<f64> {
         let usable = self.gpu_memory_gib * GIB * self.utilization;
-        (usable > model.weight_bytes_bf16).then(|| usable - model.weight_bytes_bf16)
+        let free = usable - model.weight_bytes_bf16;
+        (free > 0.0).then_some(free)
     }
 
     /// How many sequences of `seq_len` tokens fit at once.

@@ -8,8 +8,11 @@ use shared::wire::{Breakdown, TransferMode};
 
 use crate::client::RequestResult;
 
+/// A named part of a request's latency and how to read it from a breakdown.
+pub type Component = (&'static str, fn(&Breakdown) -> f64);
+
 /// The components of a request's latency, in path order.
-pub const COMPONENTS: [(&str, fn(&Breakdown) -> f64); 9] = [
+pub const COMPONENTS: [Component; 9] = [
     ("prefill", |b| b.prefill_s),
     ("serialize", |b| b.serialize_s),
     ("transfer (exposed)", |b| b.transfer_exposed_s),

@@ -41,9 +41,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Repeats per size: enough for a stable median, bounded by ~256 MiB moved.
+/// Repeats per size: enough for a stable median (at least 16), bounded by
+/// ~1 GiB moved per size and path.
 fn repeats(bytes: u64) -> usize {
-    ((256u64 << 20) / bytes).clamp(3, 200) as usize
+    ((1u64 << 30) / bytes).clamp(16, 500) as usize
 }
 
 pub fn one_sided(sizes: &[u64]) -> Result<Vec<(f64, f64)>, AgentError> {
@@ -86,31 +87,39 @@ pub fn one_sided(sizes: &[u64]) -> Result<Vec<(f64, f64)>, AgentError> {
     Ok(out)
 }
 
-/// Module 3's path: a frame per transfer, read into a buffer, copied into place.
+/// Module 3's path: a frame per transfer, read into a buffer, copied into
+/// place. The receiver runs on its own OS thread, as the one-sided target's
+/// "NIC" thread does, so both paths pay the same cross-thread wake-ups.
 pub fn framed(sizes: &[u64]) -> std::io::Result<Vec<(f64, f64)>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let largest = *sizes.iter().max().unwrap_or(&0) as usize;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let receiver = tokio::spawn(async move {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let receiver = std::thread::spawn(move || -> std::io::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
             let (mut reader, mut writer) = stream.into_split();
             let mut buffer = Vec::new();
             let mut destination = vec![0u8; largest];
-            loop {
-                match wire::read_frame(&mut reader, 1 << 30, &mut buffer).await {
-                    Ok(_) => {
-                        destination[..buffer.len()].copy_from_slice(&buffer);
-                        writer.write_all(&[1]).await?;
-                    }
-                    Err(_) => return Ok::<_, std::io::Error>(()),
-                }
+            while wire::read_frame(&mut reader, 1 << 30, &mut buffer)
+                .await
+                .is_ok()
+            {
+                destination[..buffer.len()].copy_from_slice(&buffer);
+                writer.write_all(&[1]).await?;
             }
-        });
+            Ok(())
+        })
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = runtime.block_on(async {
         let stream = tokio::net::TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
         let (mut reader, mut writer) = stream.into_split();
@@ -144,10 +153,13 @@ pub fn framed(sizes: &[u64]) -> std::io::Result<Vec<(f64, f64)>> {
                 bytes as f64 * n as f64 / elapsed / 1e9,
             ));
         }
-        drop(writer);
-        receiver.await.map_err(std::io::Error::other)??;
-        Ok(out)
-    })
+        Ok::<_, std::io::Error>(out)
+    })?;
+    drop(runtime);
+    receiver
+        .join()
+        .map_err(|_| std::io::Error::other("receiver thread panicked"))??;
+    Ok(out)
 }
 
 pub fn run(sizes: &[u64]) -> anyhow::Result<Vec<SizeResult>> {
@@ -167,10 +179,13 @@ pub fn run(sizes: &[u64]) -> anyhow::Result<Vec<SizeResult>> {
 }
 
 pub fn render(results: &[SizeResult]) -> String {
-    let mut out = format!(
+    let mut out = String::from(
+        "ratio = framed / one-sided for latency, one-sided / framed for bandwidth: > 1 means one-sided is better\n",
+    );
+    out.push_str(&format!(
         "{:>9} {:>16} {:>16} {:>8} {:>14} {:>14} {:>8}\n",
         "size", "one-sided µs", "framed µs", "ratio", "one-sided GB/s", "framed GB/s", "ratio"
-    );
+    ));
     for r in results {
         let size = if r.bytes >= 1 << 20 {
             format!("{} MiB", r.bytes >> 20)
