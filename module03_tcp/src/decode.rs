@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use module04_rdma::agent::{BackendChoice, TransferAgent};
+use module04_rdma::metadata::BackendKind;
 use module04_rdma::region::{MemoryRegion, RegionId};
 use shared::engine::handle::{EngineHandle, EngineThread, HandleError};
 use shared::engine::request::{Request, TokenEvent};
@@ -101,44 +102,36 @@ impl DecodeServer {
         Self::with_one_sided(model, tokenizer, config, None)
     }
 
-    /// As [`DecodeServer::new`]; with `agent_listen`, the KV pool is also
-    /// registered with a transfer agent listening there, for one-sided writes.
+    /// As [`DecodeServer::new`]; with a transfer `backend`, the KV pool is
+    /// also registered with a transfer agent, for one-sided writes.
     pub fn with_one_sided(
         model: Llama,
         tokenizer: Tokenizer,
         config: EngineConfig,
-        agent_listen: Option<&str>,
+        backend: Option<BackendChoice>,
     ) -> Result<Arc<DecodeServer>, StartError> {
         let fingerprint = ModelFingerprint::of(&model);
         let (kind, context) = (model.kind(), model.config().max_position_embeddings);
         let eos = model.config().eos_ids();
         let engine = Engine::new(model, config, eos)?;
         let thread = EngineThread::spawn(move || engine)?;
-        let one_sided = match agent_listen {
+        let one_sided = match backend {
             None => None,
-            Some(listen) => {
+            Some(backend) => {
                 let layout = thread
                     .handle()
                     .pool_layout()
                     .map_err(|e| StartError::Agent(e.to_string()))?;
-                if layout.tensor.device() != tch::Device::Cpu {
-                    return Err(StartError::Agent(
-                        "one-sided transfer over the TCP backend needs the KV pool in host memory: run with --device cpu".into(),
-                    ));
-                }
                 let name = format!("decode-{}", std::process::id());
-                let agent = TransferAgent::new(
-                    &name,
-                    BackendChoice::Tcp {
-                        listen: listen.to_string(),
-                    },
-                )
-                .map_err(|e| StartError::Agent(e.to_string()))?;
+                let agent = TransferAgent::new(&name, backend)
+                    .map_err(|e| StartError::Agent(e.to_string()))?;
                 // SAFETY: `layout.tensor` shares the pool's storage and lives
                 // in the server as long as the registration; peers write only
                 // blocks reserved for them, which the engine leaves alone
                 // until `submit_reserved`.
-                let region = agent.register(unsafe { MemoryRegion::of_tensor(&layout.tensor) });
+                let region = agent
+                    .register(unsafe { MemoryRegion::of_tensor(&layout.tensor) })
+                    .map_err(|e| StartError::Agent(e.to_string()))?;
                 Some(OneSidedTarget {
                     agent,
                     region,
@@ -159,6 +152,11 @@ impl DecodeServer {
             next_id: AtomicU64::new(1),
             max_payload: wire::DEFAULT_MAX_PAYLOAD,
         }))
+    }
+
+    /// The backend one-sided writes arrive by, if this server takes them.
+    pub fn transfer_backend(&self) -> Option<BackendKind> {
+        self.one_sided.as_ref().map(|t| t.agent.backend())
     }
 
     /// Serves prefill workers and clients on `listener` until the task is dropped.

@@ -16,8 +16,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use module03_tcp::client::{self, Workload};
 use module03_tcp::decode::DecodeServer;
-use module03_tcp::prefill::PrefillServer;
+use module03_tcp::prefill::{PrefillServer, DEFAULT_STAGING_BYTES};
 use module03_tcp::report::{ModeRun, RunReport};
+use module04_rdma::agent::BackendChoice;
 use shared::cli::ModelArgs;
 use shared::engine::EngineConfig;
 use shared::wire::TransferMode;
@@ -38,12 +39,16 @@ enum Command {
         /// Memory for the decode engine's KV pool
         #[arg(long, default_value_t = 1.0)]
         kv_cache_gb: f64,
-        /// Also accept one-sided writes into the KV pool (module 4's agent, TCP backend)
+        /// Also accept one-sided writes into the KV pool (module 4's transfer agent)
         #[arg(long)]
         one_sided: bool,
         /// Where the transfer agent listens [default: the --listen host, any port]
         #[arg(long)]
         agent_listen: Option<String>,
+        /// How one-sided writes move: auto (RDMA if a port is active, else
+        /// tcp), tcp, ibverbs or ibverbs:DEVICE
+        #[arg(long, default_value = "auto")]
+        transfer_backend: String,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -54,6 +59,10 @@ enum Command {
         /// The decode server's address
         #[arg(long, default_value = "127.0.0.1:7801")]
         decode: String,
+        /// How one-sided writes move (must match the decode server's):
+        /// auto, tcp, ibverbs or ibverbs:DEVICE
+        #[arg(long, default_value = "auto")]
+        transfer_backend: String,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -128,29 +137,41 @@ async fn main() -> Result<()> {
             kv_cache_gb,
             one_sided,
             agent_listen,
+            transfer_backend,
             model,
         } => {
             let loaded = model.load().context("loading the model")?;
             let config = EngineConfig::with_kv_budget(&loaded.model, (kv_cache_gb * 1e9) as usize);
-            // The TCP backend registers host memory; a GPU pool needs the ibverbs backend.
-            let one_sided = if one_sided && loaded.model.device() != tch::Device::Cpu {
-                eprintln!("warning: --one-sided needs the KV pool in host memory (the TCP backend); disabled on this GPU");
-                false
-            } else {
-                one_sided
-            };
-            let agent_listen = one_sided.then(|| {
-                agent_listen.unwrap_or_else(|| {
+            let backend = if one_sided {
+                let agent_listen = agent_listen.unwrap_or_else(|| {
                     let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
                     format!("{host}:0")
-                })
-            });
-            let server = DecodeServer::with_one_sided(
-                loaded.model,
-                loaded.tokenizer,
-                config,
-                agent_listen.as_deref(),
-            )?;
+                });
+                let backend = BackendChoice::parse(&transfer_backend, &agent_listen)?.resolve();
+                // A CPU cannot write GPU memory: without RDMA, no one-sided mode on a GPU.
+                if matches!(backend, BackendChoice::Tcp { .. })
+                    && loaded.model.device() != tch::Device::Cpu
+                {
+                    eprintln!(
+                        "warning: --one-sided over the TCP backend needs the KV pool in host memory; \
+                         disabled on this GPU (use --device cpu, or an RDMA NIC with GPUDirect)"
+                    );
+                    None
+                } else {
+                    Some(backend)
+                }
+            } else {
+                None
+            };
+            let server =
+                DecodeServer::with_one_sided(loaded.model, loaded.tokenizer, config, backend)
+                    .context(
+                    "starting the decode server (--one-sided on a GPU needs the ibverbs backend \
+                 with GPUDirect RDMA; otherwise run with --device cpu or without --one-sided)",
+                )?;
+            if let Some(backend) = server.transfer_backend() {
+                eprintln!("one-sided writes accepted over {backend:?}");
+            }
             let listener = bind(&listen).await?;
             eprintln!("decode server listening on {listen}");
             run_until_ctrl_c(server.serve(listener)).await
@@ -158,10 +179,18 @@ async fn main() -> Result<()> {
         Command::Prefill {
             listen,
             decode,
+            transfer_backend,
             model,
         } => {
             let loaded = model.load().context("loading the model")?;
-            let server = PrefillServer::new(loaded.model, loaded.tokenizer, decode.clone());
+            let backend = BackendChoice::parse(&transfer_backend, "127.0.0.1:0")?;
+            let server = PrefillServer::with_staging(
+                loaded.model,
+                loaded.tokenizer,
+                decode.clone(),
+                DEFAULT_STAGING_BYTES,
+                backend,
+            )?;
             let listener = bind(&listen).await?;
             eprintln!("prefill server listening on {listen}, decode server at {decode}");
             run_until_ctrl_c(server.serve(listener)).await

@@ -282,27 +282,29 @@ pub struct PrefillServer {
 pub const DEFAULT_STAGING_BYTES: usize = 256 << 20;
 
 impl PrefillServer {
+    /// A prefill server whose one-sided transfers use the TCP backend.
     pub fn new(model: Llama, tokenizer: Tokenizer, decode_address: String) -> Arc<PrefillServer> {
-        Self::with_staging(model, tokenizer, decode_address, DEFAULT_STAGING_BYTES)
+        let tcp = BackendChoice::Tcp {
+            listen: "127.0.0.1:0".into(),
+        };
+        Self::with_staging(model, tokenizer, decode_address, DEFAULT_STAGING_BYTES, tcp)
             .expect("a transfer agent on loopback starts")
     }
 
     /// As [`PrefillServer::new`], with `staging_bytes` of host memory for
-    /// one-sided transfers (the largest prompt KV it can send that way).
+    /// one-sided transfers (the largest prompt KV it can send that way),
+    /// registered with a transfer agent on `backend`. The prefill side only
+    /// initiates writes, so its agent's listen address is never dialled.
     pub fn with_staging(
         model: Llama,
         tokenizer: Tokenizer,
         decode_address: String,
         staging_bytes: usize,
+        backend: BackendChoice,
     ) -> Result<Arc<PrefillServer>, AgentError> {
         let name = format!("prefill-{}-{}", std::process::id(), decode_address);
-        let agent = TransferAgent::new(
-            &name,
-            BackendChoice::Tcp {
-                listen: "127.0.0.1:0".into(),
-            },
-        )?;
-        let region = agent.register(MemoryRegion::alloc(staging_bytes));
+        let agent = TransferAgent::new(&name, backend)?;
+        let region = agent.register(MemoryRegion::alloc(staging_bytes))?;
         let memory = agent.region(region).expect("just registered");
         Ok(Arc::new(PrefillServer {
             agent,

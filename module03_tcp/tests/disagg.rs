@@ -7,6 +7,7 @@ use std::sync::Arc;
 use module03_tcp::client::{self, RequestResult, Workload};
 use module03_tcp::decode::DecodeServer;
 use module03_tcp::prefill::PrefillServer;
+use module04_rdma::agent::BackendChoice;
 use shared::engine::generate::generate;
 use shared::engine::sampling::SamplingParams;
 use shared::engine::EngineConfig;
@@ -32,8 +33,10 @@ async fn listen() -> (TcpListener, String) {
 
 async fn start_decode(model: Llama, tokenizer: shared::model::tokenizer::Tokenizer) -> String {
     let config = EngineConfig::with_kv_budget(&model, 256 << 20);
-    let server =
-        DecodeServer::with_one_sided(model, tokenizer, config, Some("127.0.0.1:0")).unwrap();
+    let tcp = BackendChoice::Tcp {
+        listen: "127.0.0.1:0".into(),
+    };
+    let server = DecodeServer::with_one_sided(model, tokenizer, config, Some(tcp)).unwrap();
     let (listener, address) = listen().await;
     tokio::spawn(server.serve(listener));
     address

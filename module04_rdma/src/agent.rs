@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::backend::ibverbs::IbverbsBackend;
 use crate::backend::tcp::TcpBackend;
 use crate::backend::{Backend, Target, WriteOp};
 use crate::metadata::{AgentMetadata, BackendKind, RemoteRegion};
@@ -38,7 +39,7 @@ pub enum AgentError {
     },
     #[error("a local span of {local} bytes cannot fill a remote span of {remote} bytes")]
     LengthMismatch { local: u64, remote: u64 },
-    #[error("agent {peer:?} speaks {theirs:?}, this agent {ours:?}")]
+    #[error("agent {peer:?} moves bytes with {theirs:?}, this agent with {ours:?}: give both workers the same --transfer-backend")]
     BackendMismatch {
         peer: String,
         theirs: BackendKind,
@@ -48,6 +49,8 @@ pub enum AgentError {
     Remote(String),
     #[error("{0}")]
     Backend(String),
+    #[error("no RDMA device to use: {0}")]
+    NoRdmaDevice(String),
 }
 
 /// A message delivered to the target after the data it follows.
@@ -95,6 +98,56 @@ impl Registry {
 pub enum BackendChoice {
     /// Emulated one-sided writes over TCP, listening on this address.
     Tcp { listen: String },
+    /// RDMA through libibverbs on `device` (the first with an active port
+    /// if `None`); `listen` is the side channel for queue-pair set-up and
+    /// notifications.
+    Ibverbs {
+        device: Option<String>,
+        listen: String,
+    },
+    /// `Ibverbs` where this machine has an active RDMA port, `Tcp` otherwise.
+    Auto { listen: String },
+}
+
+impl BackendChoice {
+    /// Parses a command-line name (`auto`, `tcp`, `ibverbs` or
+    /// `ibverbs:DEVICE`) with the side channel's listen address.
+    pub fn parse(name: &str, listen: &str) -> Result<BackendChoice, AgentError> {
+        let listen = listen.to_string();
+        match name.split_once(':') {
+            None if name == "auto" => Ok(BackendChoice::Auto { listen }),
+            None if name == "tcp" => Ok(BackendChoice::Tcp { listen }),
+            None if name == "ibverbs" => Ok(BackendChoice::Ibverbs {
+                device: None,
+                listen,
+            }),
+            Some(("ibverbs", device)) if !device.is_empty() => Ok(BackendChoice::Ibverbs {
+                device: Some(device.to_string()),
+                listen,
+            }),
+            _ => Err(AgentError::Backend(format!(
+                "unknown transfer backend {name:?}: use auto, tcp, ibverbs or ibverbs:DEVICE (e.g. ibverbs:mlx5_0)"
+            ))),
+        }
+    }
+
+    /// Decides `Auto`: ibverbs where module 0's probe finds an active RDMA
+    /// port, TCP otherwise. Other choices stay as they are.
+    pub fn resolve(self) -> BackendChoice {
+        match self {
+            BackendChoice::Auto { listen } => {
+                let probe = module00_env::rdma::probe();
+                match crate::backend::ibverbs::choose_port(&probe, None) {
+                    Ok(port) => BackendChoice::Ibverbs {
+                        device: Some(port.device),
+                        listen,
+                    },
+                    Err(_) => BackendChoice::Tcp { listen },
+                }
+            }
+            chosen => chosen,
+        }
+    }
 }
 
 /// How long a transfer took and how much it moved.
@@ -123,6 +176,13 @@ impl TransferAgent {
         };
         let backend: Box<dyn Backend> = match backend {
             BackendChoice::Tcp { listen } => Box::new(TcpBackend::start(name, &listen, target)?),
+            BackendChoice::Ibverbs { device, listen } => Box::new(IbverbsBackend::start(
+                name,
+                device.as_deref(),
+                &listen,
+                target,
+            )?),
+            auto @ BackendChoice::Auto { .. } => return TransferAgent::new(name, auto.resolve()),
         };
         Ok(TransferAgent {
             name: name.to_string(),
@@ -138,17 +198,23 @@ impl TransferAgent {
         &self.name
     }
 
-    /// Makes `region` addressable by peers (RDMA: `ibv_reg_mr`). The key is
-    /// random, so a peer must have been given this agent's metadata to write.
-    pub fn register(&self, region: MemoryRegion) -> RegionId {
+    /// Which backend moves this agent's bytes.
+    pub fn backend(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// Makes `region` addressable by peers (RDMA: `ibv_reg_mr`, which pins
+    /// it and returns its key; TCP: a random key), so a peer must have been
+    /// given this agent's metadata to write.
+    pub fn register(&self, region: MemoryRegion) -> Result<RegionId, AgentError> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let rkey = random_key(id);
+        let rkey = self.backend.register(id, &region)?;
         self.registry
             .regions
             .write()
             .expect("registry lock")
             .insert(id, (Arc::new(region), rkey));
-        RegionId(id)
+        Ok(RegionId(id))
     }
 
     /// Withdraws a registration; later writes to it are refused.
@@ -158,6 +224,7 @@ impl TransferAgent {
             .write()
             .expect("registry lock")
             .remove(&id.0);
+        self.backend.deregister(id.0);
     }
 
     /// A registered region, to read what peers wrote (after their notification).
@@ -179,6 +246,7 @@ impl TransferAgent {
                 id: RegionId(id),
                 len: memory.len() as u64,
                 rkey: *rkey,
+                address: memory.as_ptr() as u64,
             })
             .collect();
         exposed.sort_by_key(|r| r.id);
@@ -263,19 +331,21 @@ impl TransferAgent {
                     region_len: exposed.len,
                 });
             }
-            checked.push((*local, *target, exposed.rkey));
+            checked.push((*local, *target, *exposed));
             held.push(memory);
         }
         let ops: Vec<WriteOp<'_>> = checked
             .iter()
             .zip(&held)
-            .map(|((local, target, rkey), memory)| WriteOp {
-                // SAFETY: bounds checked above; the initiator owns its region
-                // and does not write it during its own transfer.
-                data: unsafe { memory.bytes(local.offset as usize, local.len as usize) },
+            .map(|((local, target, exposed), memory)| WriteOp {
+                local: memory,
+                local_region: local.region.0,
+                local_offset: local.offset,
+                len: local.len,
                 region: target.region.0,
-                rkey: *rkey,
+                rkey: exposed.rkey,
                 offset: target.offset,
+                remote_address: exposed.address + target.offset,
             })
             .collect();
         let start = Instant::now();
@@ -300,13 +370,4 @@ impl TransferAgent {
             .expect("notification lock");
         (!guard.is_empty()).then(|| guard.remove(0))
     }
-}
-
-/// A key that is hard to guess without the metadata (not cryptographic:
-/// RDMA rkeys are not secrets either, only unguessable in practice).
-fn random_key(region: u32) -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(region);
-    hasher.finish() as u32
 }

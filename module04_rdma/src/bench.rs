@@ -18,6 +18,7 @@ use shared::wire::{self, Message};
 use tokio::io::AsyncWriteExt;
 
 use crate::agent::{AgentError, BackendChoice, TransferAgent};
+use crate::metadata::BackendKind;
 use crate::region::{Descriptor, MemoryRegion};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,22 +48,14 @@ fn repeats(bytes: u64) -> usize {
     ((1u64 << 30) / bytes).clamp(16, 500) as usize
 }
 
-pub fn one_sided(sizes: &[u64]) -> Result<Vec<(f64, f64)>, AgentError> {
+/// One-sided writes between two agents in this process on `backend`
+/// (through the NIC's loopback for ibverbs); (median µs, GB/s) per size.
+pub fn one_sided(sizes: &[u64], backend: &BackendChoice) -> Result<Vec<(f64, f64)>, AgentError> {
     let largest = *sizes.iter().max().unwrap_or(&0) as usize;
-    let target = TransferAgent::new(
-        "bench-target",
-        BackendChoice::Tcp {
-            listen: "127.0.0.1:0".into(),
-        },
-    )?;
-    let remote_region = target.register(MemoryRegion::alloc(largest));
-    let initiator = TransferAgent::new(
-        "bench-initiator",
-        BackendChoice::Tcp {
-            listen: "127.0.0.1:0".into(),
-        },
-    )?;
-    let local = initiator.register(MemoryRegion::alloc(largest));
+    let target = TransferAgent::new("bench-target", backend.clone())?;
+    let remote_region = target.register(MemoryRegion::alloc(largest))?;
+    let initiator = TransferAgent::new("bench-initiator", backend.clone())?;
+    let local = initiator.register(MemoryRegion::alloc(largest))?;
     initiator.load_remote(&target.metadata())?;
     let mut out = Vec::new();
     for &bytes in sizes {
@@ -162,10 +155,22 @@ pub fn framed(sizes: &[u64]) -> std::io::Result<Vec<(f64, f64)>> {
     Ok(out)
 }
 
-pub fn run(sizes: &[u64]) -> anyhow::Result<Vec<SizeResult>> {
-    let one = one_sided(sizes)?;
+/// The bench's results: which backend did the one-sided writes, and per size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchReport {
+    pub backend: BackendKind,
+    pub sizes: Vec<SizeResult>,
+}
+
+pub fn run(sizes: &[u64], backend: BackendChoice) -> anyhow::Result<BenchReport> {
+    let backend = backend.resolve();
+    let kind = match backend {
+        BackendChoice::Ibverbs { .. } => BackendKind::Ibverbs,
+        _ => BackendKind::Tcp,
+    };
+    let one = one_sided(sizes, &backend)?;
     let framed = framed(sizes)?;
-    Ok(sizes
+    let sizes = sizes
         .iter()
         .zip(one.iter().zip(&framed))
         .map(|(&bytes, (&(ol, ob), &(fl, fb)))| SizeResult {
@@ -175,18 +180,24 @@ pub fn run(sizes: &[u64]) -> anyhow::Result<Vec<SizeResult>> {
             one_sided_gbytes_per_s: ob,
             framed_gbytes_per_s: fb,
         })
-        .collect())
+        .collect();
+    Ok(BenchReport {
+        backend: kind,
+        sizes,
+    })
 }
 
-pub fn render(results: &[SizeResult]) -> String {
-    let mut out = String::from(
-        "ratio = framed / one-sided for latency, one-sided / framed for bandwidth: > 1 means one-sided is better\n",
+pub fn render(report: &BenchReport) -> String {
+    let mut out = format!(
+        "one-sided: {:?} backend; framed: module 3's frames over TCP; loopback\n\
+         ratio = framed / one-sided for latency, one-sided / framed for bandwidth: > 1 means one-sided is better\n",
+        report.backend
     );
     out.push_str(&format!(
         "{:>9} {:>16} {:>16} {:>8} {:>14} {:>14} {:>8}\n",
         "size", "one-sided µs", "framed µs", "ratio", "one-sided GB/s", "framed GB/s", "ratio"
     ));
-    for r in results {
+    for r in &report.sizes {
         let size = if r.bytes >= 1 << 20 {
             format!("{} MiB", r.bytes >> 20)
         } else {

@@ -20,12 +20,15 @@
 //! | transfer request | [`agent::TransferAgent::write`] | pairs of descriptors, posted at once |
 //! | notification | [`agent::Notification`] | a small message delivered after the data |
 //!
-//! Backends move the bytes. [`backend::tcp`] keeps the one-sided semantics
-//! on any machine: the receiving agent's "NIC" is a thread that checks each
-//! write against its registrations and reads the bytes from the socket
-//! straight into the registered memory, never involving the application.
-//! An `ibverbs` backend (RC queue pairs, `RDMA WRITE WITH IMM`) plugs in
-//! behind the same [`backend::Backend`] trait on machines with RDMA devices.
+//! Backends move the bytes. [`backend::ibverbs`] is real RDMA: RC queue
+//! pairs connected over a TCP side channel, `ibv_reg_mr` registrations
+//! (GPU memory too, with GPUDirect), `RDMA WRITE`s polled to completion,
+//! then a notification on the side channel. [`backend::tcp`] keeps the
+//! same one-sided semantics on any machine: the receiving agent's "NIC" is
+//! a thread that checks each write against its registrations and reads the
+//! bytes from the socket straight into the registered memory, never
+//! involving the application. `BackendChoice::Auto` picks ibverbs where
+//! module 0's probe finds an active RDMA port.
 
 pub mod agent;
 pub mod backend;

@@ -1,13 +1,15 @@
 //! `module04_rdma`: one-sided KV transfer.
 //!
 //! ```text
-//! cargo run --release -p module04_rdma -- bench       # one-sided (TCP backend) vs module 3's framed path
+//! cargo run --release -p module04_rdma -- bench                   # one-sided (auto backend) vs module 3's framed path
+//! cargo run --release -p module04_rdma -- bench --backend ibverbs # on a machine with an RDMA NIC
 //! ```
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use module04_rdma::agent::BackendChoice;
 use module04_rdma::bench;
 
 #[derive(Parser)]
@@ -29,15 +31,24 @@ enum Command {
         sizes: Option<Vec<u64>>,
         #[arg(long, default_value = "results/module04_bench.json")]
         json: PathBuf,
+        /// The one-sided side's backend: auto (ibverbs if an RDMA port is
+        /// active, else tcp), tcp, ibverbs or ibverbs:DEVICE
+        #[arg(long, default_value = "auto")]
+        backend: String,
     },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Bench { sizes, json } => {
+        Command::Bench {
+            sizes,
+            json,
+            backend,
+        } => {
             let sizes = sizes.unwrap_or_else(bench::default_sizes);
-            eprintln!("one-sided writes (TCP backend) and framed messages (module 3), loopback …");
-            let results = bench::run(&sizes)?;
+            let backend = BackendChoice::parse(&backend, "127.0.0.1:0")?;
+            eprintln!("one-sided writes and framed messages (module 3), loopback …");
+            let results = bench::run(&sizes, backend)?;
             let table = bench::render(&results);
             print!("{table}");
             if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -26,6 +26,9 @@ pub struct RemoteRegion {
     pub len: u64,
     /// The remote key: writes that do not present it are refused (RDMA's `rkey`).
     pub rkey: u32,
+    /// The region's start in the target's address space: RDMA WRITE names
+    /// remote memory by virtual address; the TCP backend ignores it.
+    pub address: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +79,7 @@ mod tests {
                 id: RegionId(3),
                 len: 1 << 30,
                 rkey: 0xdead_beef,
+                address: 0x7f00_0000_1000,
             }],
         };
         let bytes = m.encode();

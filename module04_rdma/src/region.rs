@@ -38,12 +38,22 @@ impl Descriptor {
     }
 }
 
+/// Where a region's memory lives. Only an RDMA NIC with GPUDirect can
+/// reach GPU memory directly; a CPU (the TCP backend) needs host memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Location {
+    Host,
+    /// Device memory of CUDA device `n`.
+    Cuda(usize),
+}
+
 /// Memory an agent can register. Either owned (a buffer this region
 /// allocated) or borrowed (someone else's memory, e.g. a KV pool tensor,
 /// whose owner promises to keep it alive while registered).
 pub struct MemoryRegion {
     ptr: *mut u8,
     len: usize,
+    location: Location,
     _owned: Option<Vec<u8>>,
 }
 
@@ -59,6 +69,7 @@ impl MemoryRegion {
         MemoryRegion {
             ptr: buffer.as_mut_ptr(),
             len,
+            location: Location::Host,
             _owned: Some(buffer),
         }
     }
@@ -66,19 +77,21 @@ impl MemoryRegion {
     /// Someone else's memory.
     ///
     /// # Safety
-    /// `ptr..ptr + len` must stay valid and unmoved for as long as the
-    /// region is registered, and nothing may read it while a peer may be
-    /// writing it (wait for the notification) — the same contract RDMA
-    /// memory registration has.
-    pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> MemoryRegion {
+    /// `ptr..ptr + len` must be memory at `location` that stays valid and
+    /// unmoved for as long as the region is registered, and nothing may
+    /// read it while a peer may be writing it (wait for the notification) —
+    /// the same contract RDMA memory registration has.
+    pub unsafe fn borrowed(ptr: *mut u8, len: usize, location: Location) -> MemoryRegion {
         MemoryRegion {
             ptr,
             len,
+            location,
             _owned: None,
         }
     }
 
-    /// The memory of a contiguous CPU tensor (a KV pool, say).
+    /// The memory of a contiguous tensor (a KV pool, say), on the host or
+    /// on a GPU.
     ///
     /// # Safety
     /// As for [`MemoryRegion::borrowed`]: the tensor must outlive the registration.
@@ -87,13 +100,16 @@ impl MemoryRegion {
             tensor.is_contiguous(),
             "only contiguous tensors can be registered"
         );
-        assert_eq!(
-            tensor.device(),
-            tch::Device::Cpu,
-            "the TCP backend registers host memory"
-        );
+        let location = match tensor.device() {
+            tch::Device::Cuda(n) => Location::Cuda(n),
+            _ => Location::Host,
+        };
         let len = tensor.numel() * tensor.kind().elt_size_in_bytes();
-        MemoryRegion::borrowed(tensor.data_ptr() as *mut u8, len)
+        MemoryRegion::borrowed(tensor.data_ptr() as *mut u8, len, location)
+    }
+
+    pub fn location(&self) -> Location {
+        self.location
     }
 
     pub fn len(&self) -> usize {
@@ -114,6 +130,11 @@ impl MemoryRegion {
     /// No peer may be writing the span (see [`MemoryRegion::borrowed`]).
     pub unsafe fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         assert!(offset + len <= self.len, "span outside the region");
+        assert_eq!(
+            self.location,
+            Location::Host,
+            "the CPU can only read host memory"
+        );
         std::slice::from_raw_parts(self.ptr.add(offset), len)
     }
 
@@ -124,6 +145,11 @@ impl MemoryRegion {
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut(&self, offset: usize, len: usize) -> &mut [u8] {
         assert!(offset + len <= self.len, "span outside the region");
+        assert_eq!(
+            self.location,
+            Location::Host,
+            "the CPU can only write host memory"
+        );
         std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
     }
 }

@@ -1,12 +1,13 @@
-//! The transfer agent end to end on the TCP backend: one-sided writes land
-//! where the descriptors say, notifications follow the data, and every
-//! out-of-bounds or unauthorised write is refused on both sides.
+//! The transfer agent end to end: one-sided writes land where the
+//! descriptors say, notifications follow the data, and every out-of-bounds
+//! or unauthorised write is refused on both sides. On the TCP backend
+//! everywhere; on ibverbs where this machine has an active RDMA port.
 
 use std::time::Duration;
 
 use module04_rdma::agent::{AgentError, BackendChoice, TransferAgent};
-use module04_rdma::metadata::AgentMetadata;
-use module04_rdma::region::{Descriptor, MemoryRegion, RegionId};
+use module04_rdma::metadata::{AgentMetadata, BackendKind};
+use module04_rdma::region::{Descriptor, Location, MemoryRegion, RegionId};
 use rand::{Rng, SeedableRng};
 
 fn agent(name: &str) -> TransferAgent {
@@ -29,11 +30,107 @@ fn filled(len: usize, seed: u64) -> (MemoryRegion, Vec<u8>) {
 
 #[test]
 fn scattered_blocks_land_where_the_descriptors_say() {
-    let decode = agent("decode");
-    let pool = decode.register(MemoryRegion::alloc(64 * 1024));
-    let prefill = agent("prefill");
+    scattered_blocks_land(agent("decode"), agent("prefill"));
+}
+
+/// Whether this machine has an RDMA port to test the ibverbs backend on.
+fn rdma_port() -> bool {
+    let probe = module00_env::rdma::probe();
+    let found = probe.active_ports().next().is_some();
+    if !found {
+        eprintln!(
+            "skipped: no RDMA device ({})",
+            probe.missing.unwrap_or_default()
+        );
+    }
+    found
+}
+
+#[test]
+fn ibverbs_backend_moves_blocks_where_a_device_exists() {
+    if !rdma_port() {
+        return;
+    }
+    let rdma = |name: &str| {
+        TransferAgent::new(
+            name,
+            BackendChoice::Ibverbs {
+                device: None,
+                listen: "127.0.0.1:0".into(),
+            },
+        )
+        .unwrap()
+    };
+    scattered_blocks_land(rdma("decode"), rdma("prefill"));
+}
+
+#[test]
+fn asking_for_ibverbs_without_a_device_says_why() {
+    if rdma_port() {
+        return;
+    }
+    let result = TransferAgent::new(
+        "rdma",
+        BackendChoice::Ibverbs {
+            device: None,
+            listen: "127.0.0.1:0".into(),
+        },
+    );
+    match result {
+        Err(AgentError::NoRdmaDevice(why)) => assert!(!why.is_empty()),
+        Err(other) => panic!("expected NoRdmaDevice, got {other}"),
+        Ok(_) => panic!("an ibverbs agent without an RDMA device"),
+    }
+}
+
+#[test]
+fn auto_uses_rdma_exactly_when_a_port_is_active() {
+    let agent = TransferAgent::new(
+        "auto",
+        BackendChoice::Auto {
+            listen: "127.0.0.1:0".into(),
+        },
+    )
+    .unwrap();
+    let expected = if rdma_port() {
+        BackendKind::Ibverbs
+    } else {
+        BackendKind::Tcp
+    };
+    assert_eq!(agent.backend(), expected);
+    assert_eq!(agent.metadata().backend, expected);
+}
+
+#[test]
+fn backend_names_parse_or_say_what_is_accepted() {
+    assert!(matches!(
+        BackendChoice::parse("ibverbs:mlx5_0", "0.0.0.0:0").unwrap(),
+        BackendChoice::Ibverbs { device: Some(d), .. } if d == "mlx5_0"
+    ));
+    assert!(matches!(
+        BackendChoice::parse("tcp", "0.0.0.0:0").unwrap(),
+        BackendChoice::Tcp { .. }
+    ));
+    let err = BackendChoice::parse("nixl", "0.0.0.0:0").unwrap_err();
+    assert!(err.to_string().contains("auto, tcp, ibverbs"), "{err}");
+    assert!(BackendChoice::parse("ibverbs:", "0.0.0.0:0").is_err());
+}
+
+#[test]
+fn the_tcp_backend_refuses_gpu_memory_with_a_way_out() {
+    let agent = agent("decode");
+    let mut host = vec![0u8; 64];
+    // Claimed to be GPU memory; refused before anything could touch it.
+    let fake_gpu = unsafe { MemoryRegion::borrowed(host.as_mut_ptr(), 64, Location::Cuda(0)) };
+    let err = agent.register(fake_gpu).unwrap_err();
+    assert!(err.to_string().contains("host staging buffer"), "{err}");
+    assert!(agent.metadata().regions.is_empty());
+}
+
+fn scattered_blocks_land(decode: TransferAgent, prefill: TransferAgent) {
+    let pool = decode.register(MemoryRegion::alloc(64 * 1024)).unwrap();
     let (source, data) = filled(16 * 1024, 1);
-    let local = prefill.register(source);
+    let local = prefill.register(source).unwrap();
     // The metadata travels as bytes (through etcd or a side channel in practice).
     let metadata = AgentMetadata::decode(&decode.metadata().encode()).unwrap();
     prefill.load_remote(&metadata).unwrap();
@@ -72,9 +169,9 @@ fn scattered_blocks_land_where_the_descriptors_say() {
 #[test]
 fn out_of_bounds_and_unknown_regions_are_refused_before_sending() {
     let decode = agent("decode");
-    let pool = decode.register(MemoryRegion::alloc(4096));
+    let pool = decode.register(MemoryRegion::alloc(4096)).unwrap();
     let prefill = agent("prefill");
-    let local = prefill.register(MemoryRegion::alloc(8192));
+    let local = prefill.register(MemoryRegion::alloc(8192)).unwrap();
     prefill.load_remote(&decode.metadata()).unwrap();
 
     let too_far = [(
@@ -122,9 +219,9 @@ fn out_of_bounds_and_unknown_regions_are_refused_before_sending() {
 #[test]
 fn the_target_checks_again_stale_metadata_is_refused() {
     let decode = agent("decode");
-    let pool = decode.register(MemoryRegion::alloc(4096));
+    let pool = decode.register(MemoryRegion::alloc(4096)).unwrap();
     let prefill = agent("prefill");
-    let local = prefill.register(MemoryRegion::alloc(4096));
+    let local = prefill.register(MemoryRegion::alloc(4096)).unwrap();
     prefill.load_remote(&decode.metadata()).unwrap();
     // The target withdraws the region; the initiator's metadata still lists it.
     decode.deregister(pool);
@@ -137,9 +234,9 @@ fn the_target_checks_again_stale_metadata_is_refused() {
 #[test]
 fn a_forged_key_is_refused_by_the_target() {
     let decode = agent("decode");
-    let pool = decode.register(MemoryRegion::alloc(4096));
+    let pool = decode.register(MemoryRegion::alloc(4096)).unwrap();
     let prefill = agent("prefill");
-    let local = prefill.register(MemoryRegion::alloc(4096));
+    let local = prefill.register(MemoryRegion::alloc(4096)).unwrap();
     let mut forged = decode.metadata();
     forged.regions[0].rkey ^= 1;
     prefill.load_remote(&forged).unwrap();
@@ -154,10 +251,14 @@ fn a_real_kv_tensor_crosses_into_a_registered_tensor() {
     // A layer's K and V as the pool holds them, written into a pool-shaped tensor.
     let pool = Tensor::zeros([4, 2, 64, 3, 8], (Kind::Float, Device::Cpu));
     let decode = agent("decode");
-    let pool_id = decode.register(unsafe { MemoryRegion::of_tensor(&pool) });
+    let pool_id = decode
+        .register(unsafe { MemoryRegion::of_tensor(&pool) })
+        .unwrap();
     let kv = Tensor::randn([2, 16, 3, 8], (Kind::Float, Device::Cpu)); // one block of K and V
     let prefill = agent("prefill");
-    let local = prefill.register(unsafe { MemoryRegion::of_tensor(&kv) });
+    let local = prefill
+        .register(unsafe { MemoryRegion::of_tensor(&kv) })
+        .unwrap();
     prefill.load_remote(&decode.metadata()).unwrap();
     // Layer 1, block 2 (slots 32..48), K and V: two spans in the pool.
     let slot_bytes = 3 * 8 * 4;

@@ -264,8 +264,7 @@ fn reserved_blocks_filled_by_a_peer_decode_like_imported_kv() {
             .into_iter()
             .enumerate()
         {
-            pool
-                .narrow(2, slot, 1)
+            pool.narrow(2, slot, 1)
                 .copy_(&out.kv.narrow(2, position as i64, 1));
         }
         decode
