@@ -8,3 +8,4 @@ echo "[test] cargo test --workspace"
 cargo test --workspace --all-targets
 echo "[test] mdbook build book"
 mdbook build book
+./scripts/check-book-includes.sh
