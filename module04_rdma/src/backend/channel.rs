@@ -20,7 +20,7 @@
 //! error the same way.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 
 use super::{Target, WriteOp};
 use crate::agent::{AgentError, Notification};
@@ -190,6 +190,31 @@ pub fn post(
             "unexpected reply {other} from {peer}"
         ))),
     }
+}
+
+/// Listens on `listen` and hands every incoming connection to `serve` on
+/// a thread of its own; returns the address peers dial.
+pub fn listen(
+    name: &str,
+    listen: &str,
+    serve: impl Fn(TcpStream) + Clone + Send + 'static,
+) -> Result<String, AgentError> {
+    let listener = TcpListener::bind(listen)
+        .map_err(|e| AgentError::Backend(format!("cannot listen on {listen}: {e}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| AgentError::Backend(e.to_string()))?
+        .to_string();
+    std::thread::Builder::new()
+        .name(format!("{name}-side-channel"))
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let serve = serve.clone();
+                std::thread::spawn(move || serve(stream));
+            }
+        })
+        .map_err(|e| AgentError::Backend(e.to_string()))?;
+    Ok(address)
 }
 
 /// Connects to a peer's side channel.

@@ -37,7 +37,7 @@
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -556,22 +556,10 @@ impl IbverbsBackend {
     ) -> Result<IbverbsBackend, AgentError> {
         let choice = choose_port(&module00_env::rdma::probe(), device)?;
         let device = Arc::new(Device::open(choice)?);
-        let listener = TcpListener::bind(listen)
-            .map_err(|e| AgentError::Backend(format!("cannot listen on {listen}: {e}")))?;
-        let address = listener
-            .local_addr()
-            .map_err(|e| AgentError::Backend(e.to_string()))?
-            .to_string();
         let shared = device.clone();
-        std::thread::Builder::new()
-            .name(format!("{name}-qp-listener"))
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let (device, target) = (shared.clone(), target.clone());
-                    std::thread::spawn(move || accept_peer(stream, device, target));
-                }
-            })
-            .map_err(|e| AgentError::Backend(e.to_string()))?;
+        let address = channel::listen(name, listen, move |stream| {
+            accept_peer(stream, shared.clone(), target.clone())
+        })?;
         Ok(IbverbsBackend {
             name: name.to_string(),
             address,

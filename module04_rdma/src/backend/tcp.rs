@@ -9,7 +9,7 @@
 //! arrives. The frames are the side channel's ([`super::channel`]).
 
 use std::collections::HashMap;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::Mutex;
 
 use super::channel::{self, Writes};
@@ -27,21 +27,9 @@ pub struct TcpBackend {
 impl TcpBackend {
     /// Listens on `listen` (e.g. `127.0.0.1:0`) and serves incoming writes into `target`.
     pub fn start(name: &str, listen: &str, target: Target) -> Result<TcpBackend, AgentError> {
-        let listener = TcpListener::bind(listen)
-            .map_err(|e| AgentError::Backend(format!("cannot listen on {listen}: {e}")))?;
-        let address = listener
-            .local_addr()
-            .map_err(|e| AgentError::Backend(e.to_string()))?
-            .to_string();
-        std::thread::Builder::new()
-            .name(format!("{name}-nic"))
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let target = target.clone();
-                    std::thread::spawn(move || channel::serve(stream, target, Writes::Accepted));
-                }
-            })
-            .map_err(|e| AgentError::Backend(e.to_string()))?;
+        let address = channel::listen(name, listen, move |stream| {
+            channel::serve(stream, target.clone(), Writes::Accepted)
+        })?;
         Ok(TcpBackend {
             name: name.to_string(),
             address,
