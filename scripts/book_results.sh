@@ -23,6 +23,7 @@ for run in loopback netns_10gbit netns_1gbit; do
 done
 mkdir -p book/src/figures
 cp results/cpu/module03_netns_1gbit.svg book/src/figures/module03_netns_1gbit.svg
+cp results/cpu/module05_mooncake_20k.svg book/src/figures/module05_mooncake_20k.svg
 cp results/cpu/module02_scaling.svg book/src/figures/module02_scaling.svg
 cp results/cpu/module01_bench.svg book/src/figures/module01_smollm2_cpu.svg
 cp results/h100/tinyllama-1.1b_h100.svg book/src/figures/module01_tinyllama_h100.svg

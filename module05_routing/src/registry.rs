@@ -1,0 +1,214 @@
+//! Worker discovery in etcd.
+//!
+//! A worker puts `PREFIX/workers/NAME` → its [`WorkerInfo`] (JSON) under a
+//! **lease**: a time-to-live that the worker keeps renewing. If the worker
+//! dies — crash, kill -9, network partition — the renewals stop, the lease
+//! expires, and etcd deletes the key by itself. The router **watches** the
+//! prefix and sees joins (puts) and leaves (deletes) as they happen, so no
+//! one has to tell it that a worker is gone. This is how Dynamo (and
+//! Kubernetes' endpoints) do membership.
+//!
+//! KV events do *not* go through etcd: etcd replicates every write through
+//! Raft to disk, which suits a membership change a minute, not thousands
+//! of block events a second. Workers stream those to the router directly
+//! (see [`crate::index`]); etcd only says who to listen to.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Prefill,
+    Decode,
+    Aggregated,
+}
+
+/// What a worker publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    /// Where it serves requests (and streams its KV events).
+    pub address: String,
+    pub role: Role,
+    /// KV-cache capacity, in blocks.
+    pub capacity_blocks: usize,
+}
+
+/// A change in membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    Joined(WorkerInfo),
+    Left { name: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot reach etcd at {endpoint}: {source}. Start one with ./scripts/etcd.sh, or point --etcd (or SPARK_DISAGG_ETCD) at yours")]
+    Unreachable {
+        endpoint: String,
+        source: etcd_client::Error,
+    },
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("a worker entry under {key} is not valid JSON: {message}")]
+    BadEntry { key: String, message: String },
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    prefix: String,
+}
+
+/// A live registration: renews its lease until dropped or revoked.
+pub struct Registration {
+    lease: i64,
+    keep_alive: tokio::task::JoinHandle<()>,
+    client: Client,
+}
+
+impl Registration {
+    /// Leaves at once (a clean shutdown): the key disappears now, not at expiry.
+    pub async fn revoke(mut self) -> Result<(), RegistryError> {
+        self.keep_alive.abort();
+        self.client.lease_revoke(self.lease).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Registration {
+    /// Stops renewing; the key disappears when the lease expires — what a
+    /// crash looks like to everyone else.
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+    }
+}
+
+impl Registry {
+    pub async fn connect(endpoint: &str, prefix: &str) -> Result<Registry, RegistryError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let unreachable = |source| RegistryError::Unreachable {
+            endpoint: endpoint.to_string(),
+            source,
+        };
+        let mut client = Client::connect([endpoint], Some(options))
+            .await
+            .map_err(unreachable)?;
+        // Connecting is lazy; ask something to know etcd is really there.
+        client.status().await.map_err(unreachable)?;
+        Ok(Registry {
+            client,
+            prefix: format!("{}/workers/", prefix.trim_end_matches('/')),
+        })
+    }
+
+    /// Publishes `info` under a lease of `ttl` seconds and keeps renewing it
+    /// (every third of the TTL).
+    pub async fn register(
+        &self,
+        info: &WorkerInfo,
+        ttl: i64,
+    ) -> Result<Registration, RegistryError> {
+        let mut client = self.client.clone();
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let value = serde_json::to_string(info).expect("worker info serialises");
+        client
+            .put(
+                format!("{}{}", self.prefix, info.name),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let keep_alive = tokio::spawn(async move {
+            loop {
+                if keeper.keep_alive().await.is_err() {
+                    return;
+                }
+                if !matches!(responses.message().await, Ok(Some(_))) {
+                    return;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+        Ok(Registration {
+            lease,
+            keep_alive,
+            client,
+        })
+    }
+
+    /// The workers registered now.
+    pub async fn workers(&self) -> Result<Vec<WorkerInfo>, RegistryError> {
+        let response = self
+            .client
+            .clone()
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| parse(kv.key_str().unwrap_or_default(), kv.value()))
+            .collect()
+    }
+
+    // ANCHOR: watch
+    /// The current workers, and every join and leave from then on.
+    pub async fn watch(
+        &self,
+    ) -> Result<(Vec<WorkerInfo>, mpsc::Receiver<Membership>), RegistryError> {
+        let mut client = self.client.clone();
+        let snapshot = client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let workers = snapshot
+            .kvs()
+            .iter()
+            .map(|kv| parse(kv.key_str().unwrap_or_default(), kv.value()))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Watch from just after the snapshot: no change is missed or seen twice.
+        let revision = snapshot.header().map_or(0, |h| h.revision()) + 1;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
+        let mut stream = client.watch(self.prefix.as_str(), Some(options)).await?;
+        let prefix = self.prefix.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok(Some(response)) = stream.message().await {
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let key = kv.key_str().unwrap_or_default();
+                    let change = match event.event_type() {
+                        EventType::Put => match parse(key, kv.value()) {
+                            Ok(info) => Membership::Joined(info),
+                            Err(_) => continue,
+                        },
+                        EventType::Delete => Membership::Left {
+                            name: key.trim_start_matches(prefix.as_str()).to_string(),
+                        },
+                    };
+                    if tx.send(change).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((workers, rx))
+    }
+    // ANCHOR_END: watch
+}
+
+fn parse(key: &str, value: &[u8]) -> Result<WorkerInfo, RegistryError> {
+    serde_json::from_slice(value).map_err(|e| RegistryError::BadEntry {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
