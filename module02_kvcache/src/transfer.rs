@@ -18,6 +18,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use shared::stats::median;
 use tch::{Device, Kind, Tensor};
 
 /// A class of link, by its order-of-magnitude numbers.
@@ -192,13 +193,7 @@ pub fn measure_loopback(
     }
     let (deserialize_times, received) = receiver.join().expect("receiver thread")?;
     let first_transfer_seconds = serialize_times[0] + network_times[0] + deserialize_times[0];
-    let warm = |times: Vec<f64>| {
-        median(if times.len() > 1 {
-            times[1..].to_vec()
-        } else {
-            times
-        })
-    };
+    let warm = |times: Vec<f64>| median(if times.len() > 1 { &times[1..] } else { &times });
     Ok((
         TransferMeasurement {
             prompt_tokens: kv.size()[2] as usize,
@@ -212,11 +207,6 @@ pub fn measure_loopback(
         },
         received,
     ))
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// The formula for KV caches of `tokens` at `bytes_per_token`, as a table.

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
+use shared::stats::percentile;
 use shared::wire::{Breakdown, TransferMode};
 
 use crate::client::RequestResult;
@@ -40,17 +41,6 @@ pub struct ModeRun {
     /// Median over requests of transfer overhead / total.
     pub overhead_fraction_p50: f64,
     pub mean_kv_bytes: f64,
-}
-
-/// Nearest-rank percentile of `values` (q in 0..=1).
-pub fn percentile(values: &[f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }
 
 impl ModeRun {
@@ -240,19 +230,5 @@ impl RunReport {
             .draw()?;
         root.present()?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
-        assert_eq!(percentile(&v, 0.5), 3.0);
-        assert_eq!(percentile(&v, 0.99), 5.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert!(percentile(&[], 0.5).is_nan());
     }
 }

@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use shared::stats::median;
 use shared::wire::{self, Message};
 use tokio::io::AsyncWriteExt;
 
@@ -35,11 +36,6 @@ pub struct SizeResult {
 /// Sizes from 4 KiB to 64 MiB, ×4 each step.
 pub fn default_sizes() -> Vec<u64> {
     (0..=7).map(|i| 4096u64 << (2 * i)).collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Repeats per size: enough for a stable median (at least 16), bounded by
@@ -73,7 +69,7 @@ pub fn one_sided(sizes: &[u64], backend: &BackendChoice) -> Result<Vec<(f64, f64
         let elapsed = start.elapsed().as_secs_f64();
         target.take_notifications();
         out.push((
-            median(latencies) * 1e6,
+            median(&latencies) * 1e6,
             bytes as f64 * n as f64 / elapsed / 1e9,
         ));
     }
@@ -142,7 +138,7 @@ pub fn framed(sizes: &[u64]) -> std::io::Result<Vec<(f64, f64)>> {
             }
             let elapsed = start.elapsed().as_secs_f64();
             out.push((
-                median(latencies) * 1e6,
+                median(&latencies) * 1e6,
                 bytes as f64 * n as f64 / elapsed / 1e9,
             ));
         }

@@ -147,16 +147,22 @@ impl Registry {
 
     /// The workers registered now.
     pub async fn workers(&self) -> Result<Vec<WorkerInfo>, RegistryError> {
+        Ok(self.snapshot().await?.0)
+    }
+
+    /// The workers registered now, and the etcd revision they were read at.
+    async fn snapshot(&self) -> Result<(Vec<WorkerInfo>, i64), RegistryError> {
         let response = self
             .client
             .clone()
             .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
-        response
+        let workers = response
             .kvs()
             .iter()
             .map(|kv| parse(kv.key_str().unwrap_or_default(), kv.value()))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((workers, response.header().map_or(0, |h| h.revision())))
     }
 
     // ANCHOR: watch
@@ -164,21 +170,17 @@ impl Registry {
     pub async fn watch(
         &self,
     ) -> Result<(Vec<WorkerInfo>, mpsc::Receiver<Membership>), RegistryError> {
-        let mut client = self.client.clone();
-        let snapshot = client
-            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        let workers = snapshot
-            .kvs()
-            .iter()
-            .map(|kv| parse(kv.key_str().unwrap_or_default(), kv.value()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (workers, revision) = self.snapshot().await?;
         // Watch from just after the snapshot: no change is missed or seen twice.
-        let revision = snapshot.header().map_or(0, |h| h.revision()) + 1;
+        let revision = revision + 1;
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision);
-        let mut stream = client.watch(self.prefix.as_str(), Some(options)).await?;
+        let mut stream = self
+            .client
+            .clone()
+            .watch(self.prefix.as_str(), Some(options))
+            .await?;
         let prefix = self.prefix.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

@@ -27,6 +27,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 use shared::kv::hash::BlockHash;
 use shared::kv::prefix_cache::KvEvent;
+use shared::stats::percentile;
 
 use crate::index::{PrefixIndex, WorkerEvent, WorkerId};
 use crate::policy::{RouteRequest, RoutingPolicy, WorkerLoad};
@@ -163,14 +164,6 @@ impl SimWorker {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank]
-}
-
 // ANCHOR: simulate
 /// Replays `requests` through `policy`; `progress` is called per request.
 pub fn simulate(
@@ -247,7 +240,6 @@ pub fn simulate(
         }
         progress();
     }
-    ttfts.sort_by(f64::total_cmp);
     let per_worker: Vec<usize> = workers.iter().map(|w| w.requests).collect();
     let mean = per_worker.iter().sum::<usize>() as f64 / per_worker.len() as f64;
     let hit_rate = hits as f64 / blocks.max(1) as f64;
@@ -257,8 +249,8 @@ pub fn simulate(
         hit_rate_vs_oracle: if oracle > 0.0 { hit_rate / oracle } else { 0.0 },
         load_balance: *per_worker.iter().max().unwrap_or(&0) as f64 / mean.max(1e-9),
         ttft_mean_s: ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64,
-        ttft_p50_s: percentile(&ttfts, 50.0),
-        ttft_p99_s: percentile(&ttfts, 99.0),
+        ttft_p50_s: percentile(&ttfts, 0.5),
+        ttft_p99_s: percentile(&ttfts, 0.99),
         prefill_tokens,
         decision_us: deciding * 1e6 / requests.len().max(1) as f64,
     }

@@ -20,4 +20,5 @@ pub mod engine;
 pub mod etcd_server;
 pub mod kv;
 pub mod model;
+pub mod stats;
 pub mod wire;
