@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shared::wire::{self, Breakdown, FrameError, Message, TransferMode};
+use shared::engine::sampling::SamplingParams;
+use shared::wire::{self, Breakdown, FrameError, Message, Prompt, TransferMode};
 use tokio::net::TcpStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,10 +104,14 @@ pub async fn run(address: &str, workload: &Workload) -> Result<Vec<RequestResult
         while next < workload.prompts.len() && in_flight.len() < workload.concurrency.max(1) {
             let message = Message::Generate {
                 request_id: next as u64,
-                prompt: workload.prompts[next].clone(),
-                max_tokens: workload.max_tokens,
-                ignore_eos: workload.ignore_eos,
+                prompt: Prompt::Text(workload.prompts[next].clone()),
+                params: SamplingParams {
+                    max_tokens: workload.max_tokens as usize,
+                    ignore_eos: workload.ignore_eos,
+                    ..SamplingParams::default()
+                },
                 mode: workload.mode,
+                decode: None,
             };
             in_flight.insert(
                 next as u64,

@@ -25,7 +25,7 @@ use shared::engine::{Engine, EngineConfig, EngineError};
 use shared::kv::block::BlockId;
 use shared::model::llama::Llama;
 use shared::model::tokenizer::Tokenizer;
-use shared::wire::{self, Breakdown, FrameError, KvAssembler, Message, ModelFingerprint};
+use shared::wire::{self, Breakdown, FrameError, KvAssembler, Message, ModelFingerprint, Prompt};
 use tch::Kind;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -38,6 +38,35 @@ pub enum StartError {
     Thread(#[from] std::io::Error),
     #[error("cannot offer one-sided transfer: {0}")]
     Agent(String),
+}
+
+/// The transfer backend a decode server should offer for one-sided writes,
+/// from its flags: `None` without `--one-sided`, and `None` (with a warning)
+/// where writes could not land — the TCP backend's "NIC" is a CPU thread,
+/// which cannot write a KV pool in GPU memory.
+pub fn one_sided_backend(
+    one_sided: bool,
+    transfer_backend: &str,
+    agent_listen: Option<String>,
+    listen: &str,
+    device: tch::Device,
+) -> Result<Option<BackendChoice>, module04_rdma::agent::AgentError> {
+    if !one_sided {
+        return Ok(None);
+    }
+    let agent_listen = agent_listen.unwrap_or_else(|| {
+        let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+        format!("{host}:0")
+    });
+    let backend = BackendChoice::parse(transfer_backend, &agent_listen)?.resolve();
+    if matches!(backend, BackendChoice::Tcp { .. }) && device != tch::Device::Cpu {
+        eprintln!(
+            "warning: --one-sided over the TCP backend needs the KV pool in host memory; \
+             disabled on this GPU (use --device cpu, or an RDMA NIC with GPUDirect)"
+        );
+        return Ok(None);
+    }
+    Ok(Some(backend))
 }
 
 /// A decode server: one engine on its own thread, many connections.
@@ -209,20 +238,11 @@ impl DecodeServer {
                 Message::KvBegin {
                     request_id,
                     prompt,
-                    max_tokens,
-                    ignore_eos,
+                    params,
                     one_sided,
                 } => {
-                    self.begin(
-                        &mut incoming,
-                        request_id,
-                        prompt,
-                        max_tokens,
-                        ignore_eos,
-                        one_sided,
-                        &out,
-                    )
-                    .await
+                    self.begin(&mut incoming, request_id, prompt, params, one_sided, &out)
+                        .await
                 }
                 Message::KvLayer { request_id, layer } => match incoming.get_mut(&request_id) {
                     Some(Incoming {
@@ -257,17 +277,15 @@ impl DecodeServer {
                 Message::Generate {
                     request_id,
                     prompt,
-                    max_tokens,
-                    ignore_eos,
+                    params,
                     ..
                 } => {
-                    self.clone().run_locally(
-                        request_id,
-                        prompt,
-                        max_tokens,
-                        ignore_eos,
-                        out.clone(),
-                    );
+                    self.clone()
+                        .run_locally(request_id, prompt, params, out.clone());
+                    Ok(())
+                }
+                Message::SubscribeKvEvents => {
+                    self.publish_kv_events(out.clone());
                     Ok(())
                 }
                 other => Err((None, format!("a decode server does not accept {other:?}"))),
@@ -297,21 +315,39 @@ impl DecodeServer {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Streams the engine's block events to a router on this connection
+    /// until either side goes away.
+    fn publish_kv_events(&self, out: UnboundedSender<Message>) {
+        let Ok(mut events) = self.handle.subscribe_kv_events() else {
+            return send_error_all(&out, "the engine has stopped");
+        };
+        tokio::spawn(async move {
+            while let Some(events) = events.recv().await {
+                if out.send(Message::KvEvents { events }).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     async fn begin(
         &self,
         incoming: &mut HashMap<u64, Incoming>,
         request_id: u64,
         prompt: Vec<u32>,
-        max_tokens: u32,
-        ignore_eos: bool,
+        params: SamplingParams,
         one_sided: bool,
         out: &UnboundedSender<Message>,
     ) -> Result<(), (Option<u64>, String)> {
-        if prompt.is_empty() || prompt.len() + max_tokens as usize > self.context {
+        if prompt.is_empty() || prompt.len() + params.max_tokens > self.context {
             return Err((
                 Some(request_id),
-                format!("a prompt of {} tokens plus {max_tokens} new ones does not fit the context of {}", prompt.len(), self.context),
+                format!(
+                    "a prompt of {} tokens plus {} new ones does not fit the context of {}",
+                    prompt.len(),
+                    params.max_tokens,
+                    self.context
+                ),
             ));
         }
         let kv = if one_sided {
@@ -345,11 +381,6 @@ impl DecodeServer {
                 f.head_dim as usize,
                 self.kind,
             ))
-        };
-        let params = SamplingParams {
-            max_tokens: max_tokens as usize,
-            ignore_eos,
-            ..SamplingParams::default()
         };
         incoming.insert(
             request_id,
@@ -397,6 +428,7 @@ impl DecodeServer {
             };
             self.stream_tokens(
                 request_id,
+                engine_id,
                 vec![first_token],
                 events,
                 submitted,
@@ -411,21 +443,14 @@ impl DecodeServer {
     fn run_locally(
         self: Arc<Self>,
         request_id: u64,
-        text: String,
-        max_tokens: u32,
-        ignore_eos: bool,
+        prompt: Prompt,
+        params: SamplingParams,
         out: UnboundedSender<Message>,
     ) {
         tokio::spawn(async move {
-            let prompt = match self.tokenizer.encode(&text) {
-                Ok(p) if !p.is_empty() => p,
-                Ok(_) => return send_error(&out, request_id, "the prompt is empty".into()),
-                Err(e) => return send_error(&out, request_id, e.to_string()),
-            };
-            let params = SamplingParams {
-                max_tokens: max_tokens as usize,
-                ignore_eos,
-                ..SamplingParams::default()
+            let prompt = match prompt.into_tokens(&self.tokenizer) {
+                Ok(p) => p,
+                Err(e) => return send_error(&out, request_id, e),
             };
             let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let handle = self.handle.clone();
@@ -443,15 +468,27 @@ impl DecodeServer {
                 prompt_tokens,
                 ..Breakdown::default()
             };
-            self.stream_tokens(request_id, Vec::new(), events, submitted, breakdown, out)
-                .await;
+            self.stream_tokens(
+                request_id,
+                engine_id,
+                Vec::new(),
+                events,
+                submitted,
+                breakdown,
+                out,
+            )
+            .await;
         });
     }
 
     /// Relays the engine's events as Token frames, then Done with timings.
+    /// If the connection is gone (the client hung up, or stopped reading at a
+    /// stop string), the request is cancelled: its slot and blocks go to others.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_tokens(
         &self,
         request_id: u64,
+        engine_id: u64,
         already: Vec<u32>,
         mut events: UnboundedReceiver<TokenEvent>,
         submitted: Instant,
@@ -470,15 +507,20 @@ impl DecodeServer {
                     first_at.get_or_insert_with(Instant::now);
                     count += 1;
                     let text = decoder.push(token).ok().flatten().unwrap_or_default();
-                    let _ = out.send(Message::Token {
+                    let sent = out.send(Message::Token {
                         request_id,
                         token,
                         text,
                     });
+                    if sent.is_err() {
+                        self.handle.cancel(engine_id);
+                        return;
+                    }
                 }
                 TokenEvent::Finished { metrics, .. } => {
                     let end = Instant::now();
                     breakdown.output_tokens = count;
+                    breakdown.cached_prompt_tokens = metrics.cached_prompt_tokens as u32;
                     if already.is_empty() {
                         // Local: the engine did the prefill too.
                         breakdown.prefill_s = metrics.prefill_time.map_or(0.0, |d| d.as_secs_f64());
@@ -509,6 +551,13 @@ async fn submit(
         Ok(Err(e)) => Err(format!("the decode engine refused the request: {e}")),
         Err(e) => Err(format!("the decode engine failed: {e}")),
     }
+}
+
+fn send_error_all(out: &UnboundedSender<Message>, message: &str) {
+    let _ = out.send(Message::Error {
+        request_id: None,
+        message: message.to_string(),
+    });
 }
 
 fn send_error(out: &UnboundedSender<Message>, request_id: u64, message: String) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use module03_tcp::client::{self, Workload};
-use module03_tcp::decode::DecodeServer;
+use module03_tcp::decode::{one_sided_backend, DecodeServer};
 use module03_tcp::prefill::{PrefillServer, DEFAULT_STAGING_BYTES};
 use module03_tcp::report::{ModeRun, RunReport};
 use module04_rdma::agent::BackendChoice;
@@ -142,27 +142,13 @@ async fn main() -> Result<()> {
         } => {
             let loaded = model.load().context("loading the model")?;
             let config = EngineConfig::with_kv_budget(&loaded.model, (kv_cache_gb * 1e9) as usize);
-            let backend = if one_sided {
-                let agent_listen = agent_listen.unwrap_or_else(|| {
-                    let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
-                    format!("{host}:0")
-                });
-                let backend = BackendChoice::parse(&transfer_backend, &agent_listen)?.resolve();
-                // A CPU cannot write GPU memory: without RDMA, no one-sided mode on a GPU.
-                if matches!(backend, BackendChoice::Tcp { .. })
-                    && loaded.model.device() != tch::Device::Cpu
-                {
-                    eprintln!(
-                        "warning: --one-sided over the TCP backend needs the KV pool in host memory; \
-                         disabled on this GPU (use --device cpu, or an RDMA NIC with GPUDirect)"
-                    );
-                    None
-                } else {
-                    Some(backend)
-                }
-            } else {
-                None
-            };
+            let backend = one_sided_backend(
+                one_sided,
+                &transfer_backend,
+                agent_listen,
+                &listen,
+                loaded.model.device(),
+            )?;
             let server =
                 DecodeServer::with_one_sided(loaded.model, loaded.tokenizer, config, backend)
                     .context(
@@ -187,7 +173,7 @@ async fn main() -> Result<()> {
             let server = PrefillServer::with_staging(
                 loaded.model,
                 loaded.tokenizer,
-                decode.clone(),
+                Some(decode.clone()),
                 DEFAULT_STAGING_BYTES,
                 backend,
             )?;

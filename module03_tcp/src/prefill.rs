@@ -26,7 +26,7 @@ use module04_rdma::region::{Descriptor, MemoryRegion, RegionId};
 use shared::engine::sampling::{Sampler, SamplingParams};
 use shared::model::llama::{causal_attention, AttentionCache, Llama};
 use shared::model::tokenizer::Tokenizer;
-use shared::wire::{self, FrameError, Message, ModelFingerprint, TransferMode};
+use shared::wire::{self, FrameError, Message, ModelFingerprint, Prompt, TransferMode};
 use tch::Tensor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -102,7 +102,7 @@ impl DecodeLink {
     ) -> Result<DecodeLink, String> {
         let unreachable = |e: &dyn std::fmt::Display| {
             format!(
-                "cannot reach the decode server at {address}: {e}. Is `module03_tcp decode --listen {address}` running?"
+                "cannot reach the decode server at {address}: {e}. Is a decode server (`module03_tcp decode`, or a module 6 decode worker) listening there?"
             )
         };
         let stream = TcpStream::connect(address)
@@ -265,13 +265,25 @@ struct Staging {
     memory: Arc<MemoryRegion>,
 }
 
-/// A prefill server: one model, one link to a decode server, many clients.
+/// One client request, as a prefill server receives it.
+struct ClientRequest {
+    id: u64,
+    prompt: Prompt,
+    params: SamplingParams,
+    mode: TransferMode,
+    /// The decode worker to ship the KV to (else the server's default).
+    decode: Option<String>,
+}
+
+/// A prefill server: one model, a link to each decode server it ships KV
+/// to, many clients.
 pub struct PrefillServer {
     model: Mutex<Llama>,
     tokenizer: Tokenizer,
     fingerprint: ModelFingerprint,
-    decode_address: String,
-    link: tokio::sync::Mutex<Option<Arc<DecodeLink>>>,
+    /// Where KV goes when a request names no decode worker.
+    default_decode: Option<String>,
+    links: tokio::sync::Mutex<HashMap<String, Arc<DecodeLink>>>,
     next_id: AtomicU64,
     pool: BufferPool,
     agent: TransferAgent,
@@ -283,7 +295,12 @@ pub const DEFAULT_STAGING_BYTES: usize = 256 << 20;
 
 impl PrefillServer {
     /// A prefill server whose one-sided transfers use the TCP backend.
-    pub fn new(model: Llama, tokenizer: Tokenizer, decode_address: String) -> Arc<PrefillServer> {
+    /// Requests that name no decode worker go to `decode_address`, if any.
+    pub fn new(
+        model: Llama,
+        tokenizer: Tokenizer,
+        decode_address: Option<String>,
+    ) -> Arc<PrefillServer> {
         let tcp = BackendChoice::Tcp {
             listen: "127.0.0.1:0".into(),
         };
@@ -298,11 +315,16 @@ impl PrefillServer {
     pub fn with_staging(
         model: Llama,
         tokenizer: Tokenizer,
-        decode_address: String,
+        decode_address: Option<String>,
         staging_bytes: usize,
         backend: BackendChoice,
     ) -> Result<Arc<PrefillServer>, AgentError> {
-        let name = format!("prefill-{}-{}", std::process::id(), decode_address);
+        static AGENTS: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "prefill-{}-{}",
+            std::process::id(),
+            AGENTS.fetch_add(1, Ordering::Relaxed)
+        );
         let agent = TransferAgent::new(&name, backend)?;
         let region = agent.register(MemoryRegion::alloc(staging_bytes))?;
         let memory = agent.region(region).expect("just registered");
@@ -312,8 +334,8 @@ impl PrefillServer {
             fingerprint: ModelFingerprint::of(&model),
             model: Mutex::new(model),
             tokenizer,
-            decode_address,
-            link: tokio::sync::Mutex::new(None),
+            default_decode: decode_address,
+            links: tokio::sync::Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             pool: BufferPool::default(),
         }))
@@ -328,22 +350,20 @@ impl PrefillServer {
         }
     }
 
-    /// The link to the decode server, (re)connecting if there is none or it died.
-    async fn link(&self) -> Result<Arc<DecodeLink>, String> {
-        let mut guard = self.link.lock().await;
-        if let Some(link) = guard.as_ref().filter(|l| !l.dead.load(Ordering::SeqCst)) {
+    /// The link to decode server `address`, (re)connecting if there is none
+    /// or it died.
+    async fn link(&self, address: &str) -> Result<Arc<DecodeLink>, String> {
+        let mut links = self.links.lock().await;
+        if let Some(link) = links
+            .get(address)
+            .filter(|l| !l.dead.load(Ordering::SeqCst))
+        {
             return Ok(link.clone());
         }
         let link = Arc::new(
-            DecodeLink::connect(
-                &self.decode_address,
-                &self.fingerprint,
-                self.pool.clone(),
-                &self.agent,
-            )
-            .await?,
+            DecodeLink::connect(address, &self.fingerprint, self.pool.clone(), &self.agent).await?,
         );
-        *guard = Some(link.clone());
+        links.insert(address.to_string(), link.clone());
         Ok(link)
     }
 
@@ -364,21 +384,20 @@ impl PrefillServer {
                 Ok(Message::Generate {
                     request_id,
                     prompt,
-                    max_tokens,
-                    ignore_eos,
+                    params,
                     mode,
+                    decode,
                 }) => {
                     let (server, to_client) = (self.clone(), to_client.clone());
                     tokio::spawn(async move {
-                        let params = SamplingParams {
-                            max_tokens: max_tokens as usize,
-                            ignore_eos,
-                            ..SamplingParams::default()
+                        let request = ClientRequest {
+                            id: request_id,
+                            prompt,
+                            params,
+                            mode,
+                            decode,
                         };
-                        if let Err(message) = server
-                            .run_request(request_id, &prompt, params, mode, &to_client)
-                            .await
-                        {
+                        if let Err(message) = server.run_request(request, &to_client).await {
                             let _ = to_client.send(Message::Error {
                                 request_id: Some(request_id),
                                 message,
@@ -487,16 +506,23 @@ impl PrefillServer {
     /// One request: prefill, ship the KV, relay the decode worker's tokens.
     async fn run_request(
         self: &Arc<Self>,
-        client_id: u64,
-        text: &str,
-        params: SamplingParams,
-        mode: TransferMode,
+        request: ClientRequest,
         to_client: &UnboundedSender<Message>,
     ) -> Result<(), String> {
+        let ClientRequest {
+            id: client_id,
+            prompt,
+            params,
+            mode,
+            decode,
+        } = request;
         if mode == TransferMode::Local {
             return Err("local requests run on the decode server alone: send them there".into());
         }
-        let prompt = self.tokenizer.encode(text).map_err(|e| e.to_string())?;
+        let Some(decode) = decode.or_else(|| self.default_decode.clone()) else {
+            return Err("no decode worker named: this prefill server was started without --decode, so each request must name one".into());
+        };
+        let prompt = prompt.into_tokens(&self.tokenizer)?;
         let context = self
             .model
             .lock()
@@ -510,7 +536,7 @@ impl PrefillServer {
                 params.max_tokens
             ));
         }
-        let link = self.link().await?;
+        let link = self.link(&decode).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut replies = link.register(id);
         let result = self
@@ -555,8 +581,7 @@ impl PrefillServer {
             Message::KvBegin {
                 request_id: id,
                 prompt: prompt.clone(),
-                max_tokens: params.max_tokens as u32,
-                ignore_eos: params.ignore_eos,
+                params: params.clone(),
                 one_sided,
             },
             Vec::new(),

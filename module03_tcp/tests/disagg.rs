@@ -44,7 +44,7 @@ async fn start_decode(model: Llama, tokenizer: shared::model::tokenizer::Tokeniz
 
 async fn start_prefill(decode: &str) -> String {
     let m = smollm2();
-    let server = PrefillServer::new(m.model, m.tokenizer, decode.to_string());
+    let server = PrefillServer::new(m.model, m.tokenizer, Some(decode.to_string()));
     let (listener, address) = listen().await;
     tokio::spawn(Arc::clone(&server).serve(listener));
     address

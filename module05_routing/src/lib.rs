@@ -17,12 +17,19 @@
 //!   least-loaded, and KV-aware (cached prefix against load);
 //! * [`trace`] and [`sim`]: a trace replayed across simulated workers with
 //!   finite caches, to compare the policies on the same requests;
-//! * [`report`]: the table and the plot.
+//! * [`report`]: the table and the plot;
+//! * [`router`]: all of it live — etcd membership, the workers' KV event
+//!   streams and a policy behind one `route` call (module 6's router);
+//! * [`chats`] and [`live`]: real engines behind that router, driven by
+//!   multi-turn conversations.
 
+pub mod chats;
 pub mod index;
+pub mod live;
 pub mod policy;
 pub mod registry;
 pub mod report;
+pub mod router;
 pub mod sim;
 pub mod trace;
 

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p module05_routing -- simulate --trace ../shared/traces/conversation_trace.jsonl
 //! cargo run --release -p module05_routing -- simulate --synthetic        # seeded multi-turn chats
+//! cargo run --release -p module05_routing -- live                        # real engines behind the router
 //! cargo run --release -p module05_routing -- decision-cost               # µs per KV-aware decision
 //! cargo run --release -p module05_routing -- workers                     # who is registered in etcd
 //! ```
@@ -12,11 +13,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use module05_routing::registry::Registry;
+use module05_routing::live::{self, LiveConfig};
+use module05_routing::registry::{self, Registry};
 use module05_routing::sim::{self, SimConfig};
 use module05_routing::trace::{self, SyntheticChats};
 use module05_routing::{decision_cost_us, policy, report};
-use shared::cli::EtcdArgs;
+use shared::cli::{EtcdArgs, ModelArgs};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +68,38 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+    /// Real engines behind the router: multi-turn chats, hit rate and TTFT per policy.
+    Live {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[arg(long, default_value_t = LiveConfig::default().workers)]
+        workers: usize,
+        /// Conversations
+        #[arg(long, default_value_t = LiveConfig::default().sessions)]
+        sessions: usize,
+        /// User turns per conversation
+        #[arg(long, default_value_t = LiveConfig::default().turns)]
+        turns: usize,
+        /// Tokens generated per turn
+        #[arg(long, default_value_t = LiveConfig::default().max_tokens)]
+        max_tokens: usize,
+        /// Conversations in flight at once
+        #[arg(long, default_value_t = LiveConfig::default().concurrency)]
+        concurrency: usize,
+        /// KV pool per worker, in blocks of 16 tokens
+        #[arg(long, default_value_t = LiveConfig::default().kv_blocks)]
+        kv_blocks: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = policy::DEFAULT_POLICIES.map(String::from))]
+        policies: Vec<String>,
+        #[arg(long, default_value_t = 1.0)]
+        overlap_weight: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "results/module05_live.json")]
+        json: PathBuf,
+    },
     /// Time KV-aware decisions against a large index.
     DecisionCost {
         #[arg(long, default_value_t = 16)]
@@ -84,8 +118,26 @@ enum Command {
     },
 }
 
+/// Writes `json` and, beside it, the table as `.txt`.
+fn write_outputs(json: &std::path::Path, body: &str, table: &str) -> Result<()> {
+    if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(json, format!("{body}\n"))
+        .with_context(|| format!("writing {}", json.display()))?;
+    std::fs::write(json.with_extension("txt"), table)?;
+    eprintln!("wrote {} (and .txt)", json.display());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Command::Simulate {
             trace: path,
@@ -153,15 +205,68 @@ async fn main() -> Result<()> {
             bar.finish_and_clear();
             let table = report::table(&result);
             print!("{table}");
-            if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&json, serde_json::to_string_pretty(&result)? + "\n")
-                .with_context(|| format!("writing {}", json.display()))?;
-            std::fs::write(json.with_extension("txt"), &table)?;
+            write_outputs(&json, &serde_json::to_string_pretty(&result)?, &table)?;
             let svg = svg.unwrap_or_else(|| json.with_extension("svg"));
             report::write_svg(&result, &svg).map_err(|e| anyhow::anyhow!("plotting: {e}"))?;
             eprintln!("wrote {} (and .txt), {}", json.display(), svg.display());
+            Ok(())
+        }
+        Command::Live {
+            model,
+            etcd,
+            workers,
+            sessions,
+            turns,
+            max_tokens,
+            concurrency,
+            kv_blocks,
+            policies,
+            overlap_weight,
+            seed,
+            json,
+        } => {
+            if workers == 0 || sessions == 0 || turns == 0 || max_tokens == 0 {
+                bail!("--workers, --sessions, --turns and --max-tokens must be at least 1");
+            }
+            let config = LiveConfig {
+                workers,
+                sessions,
+                turns,
+                max_tokens,
+                concurrency,
+                kv_blocks,
+                overlap_weight,
+                seed,
+            };
+            let (endpoint, _private_etcd) = registry::etcd_or_private(&etcd.etcd).await?;
+            let loaded = model.load().context("loading the model")?;
+            let bar = ProgressBar::new((sessions * turns * policies.len()) as u64);
+            bar.set_style(ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} turns ({msg}, {eta})",
+            )?);
+            let results = live::run(
+                &loaded.model,
+                &loaded.tokenizer,
+                &endpoint,
+                &config,
+                &policies,
+                &|policy, _| {
+                    bar.set_message(policy.to_string());
+                    bar.inc(1)
+                },
+            )
+            .await?;
+            bar.finish_and_clear();
+            let table = live::table(&config, &results);
+            print!("{table}");
+            let report = serde_json::json!({
+                "model": loaded.source.display().to_string(),
+                "device": shared::device::device_name(loaded.model.device()),
+                "date": chrono::Local::now().format("%Y-%m-%d").to_string(),
+                "config": config,
+                "results": results,
+            });
+            write_outputs(&json, &serde_json::to_string_pretty(&report)?, &table)?;
             Ok(())
         }
         Command::DecisionCost {

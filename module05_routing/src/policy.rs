@@ -38,7 +38,8 @@ pub struct WorkerLoad {
     pub active_blocks: usize,
 }
 
-pub trait RoutingPolicy {
+/// `Send`, so a live router can hold one behind a lock shared by tasks.
+pub trait RoutingPolicy: Send {
     fn name(&self) -> String;
     /// Picks one of `workers` (never empty).
     fn choose(

@@ -54,6 +54,8 @@ pub enum RegistryError {
     },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("no etcd answered at {endpoint}, and a private one could not start: {message}")]
+    NoEtcd { endpoint: String, message: String },
     #[error("a worker entry under {key} is not valid JSON: {message}")]
     BadEntry { key: String, message: String },
 }
@@ -206,6 +208,28 @@ impl Registry {
         Ok((workers, rx))
     }
     // ANCHOR_END: watch
+}
+
+/// The etcd at `endpoint` if one answers there; otherwise a private etcd
+/// started now on free loopback ports (deleted when the returned server is
+/// dropped), so a demo runs on a machine where nobody started one.
+/// Returns the endpoint to use.
+pub async fn etcd_or_private(
+    endpoint: &str,
+) -> Result<(String, Option<shared::etcd_server::EtcdServer>), RegistryError> {
+    match Registry::connect(endpoint, "/").await {
+        Ok(_) => Ok((endpoint.to_string(), None)),
+        Err(RegistryError::Unreachable { .. }) => {
+            let server =
+                shared::etcd_server::EtcdServer::start().map_err(|e| RegistryError::NoEtcd {
+                    endpoint: endpoint.to_string(),
+                    message: e.to_string(),
+                })?;
+            tracing::info!(endpoint = %server.endpoint, "no etcd at {endpoint}; started a private one");
+            Ok((server.endpoint.clone(), Some(server)))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn parse(key: &str, value: &[u8]) -> Result<WorkerInfo, RegistryError> {

@@ -9,7 +9,8 @@
 //! * [`device`] — CPU or CUDA, f32 or bf16;
 //! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts;
 //! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6);
-//! * [`wire`] — the frames prefill and decode workers exchange (modules 3, 4, 6).
+//! * [`wire`] — the frames prefill and decode workers exchange (modules 3, 4, 6);
+//! * [`worker_client`] — one request to a worker over that protocol (modules 5, 6).
 //!
 //! Only code that two or more modules use belongs here; each module's own
 //! idea lives in its own crate.
@@ -22,3 +23,4 @@ pub mod kv;
 pub mod model;
 pub mod stats;
 pub mod wire;
+pub mod worker_client;

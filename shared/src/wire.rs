@@ -25,11 +25,14 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::engine::sampling::SamplingParams;
+use crate::kv::prefix_cache::NumberedKvEvent;
 use crate::model::llama::Llama;
+use crate::model::tokenizer::Tokenizer;
 
 pub const MAGIC: [u8; 4] = *b"SDKV";
 /// Bumped whenever a frame or message changes shape.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes before the header: magic, version, two lengths.
 pub const PREFIX_LEN: usize = 4 + 2 + 4 + 8;
 /// Headers are small (ids, token lists, timings); anything bigger is corrupt.
@@ -75,6 +78,37 @@ impl ModelFingerprint {
     }
 }
 
+/// A prompt as text, which the worker tokenizes, or as token ids, from a
+/// frontend that tokenized it already (to count it and hash its blocks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl Prompt {
+    /// The prompt's token ids: text is tokenized, ids are checked against
+    /// the vocabulary (an id out of range would index past the embedding table).
+    pub fn into_tokens(self, tokenizer: &Tokenizer) -> Result<Vec<u32>, String> {
+        let tokens = match self {
+            Prompt::Text(text) => tokenizer.encode(&text).map_err(|e| e.to_string())?,
+            Prompt::Tokens(tokens) => {
+                let vocab = tokenizer.vocab_size();
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(format!(
+                        "token id {bad} is outside the vocabulary of {vocab} tokens"
+                    ));
+                }
+                tokens
+            }
+        };
+        if tokens.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        Ok(tokens)
+    }
+}
+
 /// How the prefill worker ships a prompt's KV.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +140,8 @@ impl TransferMode {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Breakdown {
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV the worker's prefix cache already held.
+    pub cached_prompt_tokens: u32,
     pub output_tokens: u32,
     pub kv_bytes: u64,
     /// Prefill worker: the forward pass over the prompt.
@@ -145,12 +181,14 @@ pub enum Message {
         agent: Option<Vec<u8>>,
     },
     /// Client → prefill worker (or → decode worker, for the local baseline).
+    /// A prefill worker ships the KV to `decode`, or to the decode worker it
+    /// was started with when `decode` is `None`.
     Generate {
         request_id: u64,
-        prompt: String,
-        max_tokens: u32,
-        ignore_eos: bool,
+        prompt: Prompt,
+        params: SamplingParams,
         mode: TransferMode,
+        decode: Option<String>,
     },
     /// Prefill → decode: a prompt's KV follows in one [`Message::KvLayer`]
     /// frame per layer, then [`Message::KvEnd`].
@@ -160,8 +198,7 @@ pub enum Message {
     KvBegin {
         request_id: u64,
         prompt: Vec<u32>,
-        max_tokens: u32,
-        ignore_eos: bool,
+        params: SamplingParams,
         one_sided: bool,
     },
     /// Decode → prefill: where a one-sided request's KV goes — the reserved
@@ -192,6 +229,12 @@ pub enum Message {
         request_id: u64,
         breakdown: Breakdown,
     },
+    /// Router → worker: stream me your prefix cache's block events. The
+    /// connection then carries only [`Message::KvEvents`], starting with a
+    /// snapshot of every block cached now.
+    SubscribeKvEvents,
+    /// Worker → router: stored and removed blocks, numbered by the worker.
+    KvEvents { events: Vec<NumberedKvEvent> },
     /// Something failed; `request_id` is `None` when the whole connection is doomed.
     Error {
         request_id: Option<u64>,

@@ -247,6 +247,11 @@ impl Engine {
         }
     }
 
+    /// Hashes of every block the prefix cache holds now (for a router; see module 5).
+    pub fn cached_block_hashes(&self) -> Vec<crate::kv::hash::BlockHash> {
+        self.scheduler.cache.cached_hashes()
+    }
+
     /// Block-hash events since the last call (for a router; see module 5).
     pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
         self.scheduler.cache.drain_events()

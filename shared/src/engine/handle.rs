@@ -6,16 +6,21 @@
 //! servers) talk to it through an [`EngineHandle`]: submit a request, get a
 //! stream of [`TokenEvent`]s back; cancel by id. The output channel is
 //! tokio's unbounded channel, usable from async and plain threads alike.
+//!
+//! The thread also **publishes the prefix cache's block events** (which
+//! block contents it now holds or has evicted) to subscribers, numbered from
+//! 1 — what a KV-aware router (module 5) listens to.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::core::{Engine, EngineError};
 use super::metrics::EngineStats;
 use super::request::{Request, RequestId, TokenEvent};
 use crate::kv::block::BlockId;
+use crate::kv::prefix_cache::{KvEvent, NumberedKvEvent};
 
 /// The engine's KV pool as a peer writing into it needs to see it.
 pub struct PoolLayout {
@@ -64,6 +69,7 @@ enum Command {
     PoolLayout(mpsc::Sender<PoolLayout>),
     Cancel(RequestId),
     Stats(mpsc::Sender<EngineStats>),
+    SubscribeKvEvents(UnboundedSender<Vec<NumberedKvEvent>>),
     Shutdown,
 }
 
@@ -209,6 +215,18 @@ impl EngineHandle {
         let _ = self.commands.send(Command::Cancel(id));
     }
 
+    /// The prefix cache's block events from now on. The first batch is a
+    /// snapshot: one `Stored` event naming every block cached already.
+    pub fn subscribe_kv_events(
+        &self,
+    ) -> Result<UnboundedReceiver<Vec<NumberedKvEvent>>, HandleError> {
+        let (tx, rx) = unbounded_channel();
+        self.commands
+            .send(Command::SubscribeKvEvents(tx))
+            .map_err(|_| HandleError::Stopped)?;
+        Ok(rx)
+    }
+
     pub fn stats(&self) -> Result<EngineStats, HandleError> {
         let (tx, rx) = mpsc::channel();
         self.commands
@@ -218,8 +236,54 @@ impl EngineHandle {
     }
 }
 
+/// Numbers the engine's block events and hands them to every subscriber.
+#[derive(Default)]
+struct KvEventPublisher {
+    subscribers: Vec<UnboundedSender<Vec<NumberedKvEvent>>>,
+    last_seq: u64,
+}
+
+impl KvEventPublisher {
+    fn number(&mut self, events: Vec<KvEvent>) -> Vec<NumberedKvEvent> {
+        events
+            .into_iter()
+            .map(|event| {
+                self.last_seq += 1;
+                NumberedKvEvent {
+                    seq: self.last_seq,
+                    event,
+                }
+            })
+            .collect()
+    }
+
+    /// A new subscriber first gets everything cached now, then what changes.
+    fn subscribe(&mut self, engine: &Engine, subscriber: UnboundedSender<Vec<NumberedKvEvent>>) {
+        let snapshot = self.number(vec![KvEvent::Stored {
+            parent: None,
+            hashes: engine.cached_block_hashes(),
+        }]);
+        if subscriber.send(snapshot).is_ok() {
+            self.subscribers.push(subscriber);
+        }
+    }
+
+    /// Drains the engine's events (always, so they never pile up) and sends
+    /// them on; subscribers that went away are dropped.
+    fn publish(&mut self, engine: &mut Engine) {
+        let events = engine.drain_kv_events();
+        if events.is_empty() || self.subscribers.is_empty() {
+            return;
+        }
+        let batch = self.number(events);
+        self.subscribers.retain(|s| s.send(batch.clone()).is_ok());
+    }
+}
+
 fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
+    let mut publisher = KvEventPublisher::default();
     loop {
+        publisher.publish(&mut engine);
         // Block for a command only when there is nothing to step.
         let next = if engine.has_unfinished() {
             match commands.try_recv() {
@@ -288,6 +352,10 @@ fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
             }
             Some(Command::Stats(reply)) => {
                 let _ = reply.send(engine.stats());
+                continue;
+            }
+            Some(Command::SubscribeKvEvents(subscriber)) => {
+                publisher.subscribe(&engine, subscriber);
                 continue;
             }
             Some(Command::Shutdown) => return,

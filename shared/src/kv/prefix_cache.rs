@@ -25,9 +25,11 @@ use serde::{Deserialize, Serialize};
 use super::block::BlockId;
 use super::hash::BlockHash;
 
-/// A change in which block contents this cache holds.
+/// A change in which block contents this cache holds. (Externally tagged
+/// in serde, the default: bincode, the wire format, cannot decode the
+/// internally tagged form.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum KvEvent {
     /// These blocks, each the child of the one before (the first a child of
     /// `parent`), are now cached.
@@ -37,6 +39,14 @@ pub enum KvEvent {
     },
     /// These blocks were evicted.
     Removed { hashes: Vec<BlockHash> },
+}
+
+/// A [`KvEvent`] with the worker's sequence number (from 1, increasing), so a
+/// router can apply each event once and in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberedKvEvent {
+    pub seq: u64,
+    pub event: KvEvent,
 }
 
 /// Hit counters for the prefix cache.
@@ -121,6 +131,12 @@ impl PrefixCache {
     /// Takes the events since the last call.
     pub fn drain_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Every block content this cache can reuse now: a snapshot for a router
+    /// that starts listening to the events late.
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.by_hash.keys().copied().collect()
     }
 
     /// Maps the longest cached run of `hashes` (a prompt's full blocks, in

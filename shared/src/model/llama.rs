@@ -302,6 +302,37 @@ impl Llama {
         Llama::new(config, tensors, device, kind).expect("random tensors have the expected shapes")
     }
 
+    /// A second model over the same weight storage (no copy): several
+    /// engines in one process — module 5's live workers — can share one set
+    /// of weights, as threads share a read-only memory map.
+    pub fn share_weights(&self) -> Llama {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| DecoderLayer {
+                input_norm: l.input_norm.shallow_clone(),
+                qkv_proj: l.qkv_proj.shallow_clone(),
+                o_proj: l.o_proj.shallow_clone(),
+                post_norm: l.post_norm.shallow_clone(),
+                gate_up_proj: l.gate_up_proj.shallow_clone(),
+                down_proj: l.down_proj.shallow_clone(),
+            })
+            .collect();
+        Llama {
+            config: self.config.clone(),
+            device: self.device,
+            kind: self.kind,
+            embed_tokens: self.embed_tokens.shallow_clone(),
+            layers,
+            norm: self.norm.shallow_clone(),
+            lm_head: self.lm_head.shallow_clone(),
+            rope: Rope {
+                cos: self.rope.cos.shallow_clone(),
+                sin: self.rope.sin.shallow_clone(),
+            },
+        }
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }

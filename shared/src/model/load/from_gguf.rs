@@ -47,6 +47,12 @@ pub fn load(path: &Path) -> Result<ModelFiles, LoadError> {
     })
 }
 
+/// The configuration and tokenizer alone, without dequantising any weights.
+pub fn load_metadata(path: &Path) -> Result<(LlamaConfig, Tokenizer), LoadError> {
+    let file = GgufFile::open(path)?;
+    Ok((config_from_metadata(&file)?, tokenizer(&file)?))
+}
+
 /// Reads the `llama.*` hyper-parameters.
 pub fn config_from_metadata(file: &GgufFile) -> Result<LlamaConfig, LoadError> {
     let path = file.path();

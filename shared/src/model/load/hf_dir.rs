@@ -24,6 +24,30 @@ use crate::model::config::LlamaConfig;
 use crate::model::tokenizer::Tokenizer;
 
 pub fn load(dir: &Path) -> Result<ModelFiles, LoadError> {
+    let config = read_config(dir)?;
+    let mut tensors = NamedTensors::new();
+    for shard in shard_paths(dir)? {
+        read_safetensors(&shard, &mut tensors)?;
+    }
+    check_tensors(dir, &config, &tensors)?;
+
+    let tokenizer = tokenizer(dir, &config)?;
+    Ok(ModelFiles {
+        source: dir.to_path_buf(),
+        config,
+        tensors,
+        tokenizer,
+    })
+}
+
+/// The configuration and tokenizer alone, without reading any weights.
+pub fn load_metadata(dir: &Path) -> Result<(LlamaConfig, Tokenizer), LoadError> {
+    let config = read_config(dir)?;
+    let tokenizer = tokenizer(dir, &config)?;
+    Ok((config, tokenizer))
+}
+
+fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let config_path = dir.join("config.json");
     let raw: Value = read_json(&config_path)?.ok_or_else(|| LoadError::Format {
         path: dir.to_path_buf(),
@@ -49,20 +73,7 @@ pub fn load(dir: &Path) -> Result<ModelFiles, LoadError> {
         path: config_path.clone(),
         message,
     })?;
-
-    let mut tensors = NamedTensors::new();
-    for shard in shard_paths(dir)? {
-        read_safetensors(&shard, &mut tensors)?;
-    }
-    check_tensors(dir, &config, &tensors)?;
-
-    let tokenizer = tokenizer(dir, &config)?;
-    Ok(ModelFiles {
-        source: dir.to_path_buf(),
-        config,
-        tensors,
-        tokenizer,
-    })
+    Ok(config)
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {

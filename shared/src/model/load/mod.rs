@@ -87,13 +87,32 @@ pub struct ModelFiles {
 
 /// Loads a model from a `.gguf` file or a Hugging Face directory.
 pub fn load(path: &Path) -> Result<ModelFiles, LoadError> {
+    check_path(path)?;
     if path.is_dir() {
         hf_dir::load(path)
-    } else if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    } else {
         from_gguf::load(path)
+    }
+}
+
+/// A model's configuration and tokenizer, without its weights: what an HTTP
+/// frontend needs to count tokens and apply the chat template.
+pub fn load_metadata(path: &Path) -> Result<(LlamaConfig, Tokenizer), LoadError> {
+    check_path(path)?;
+    if path.is_dir() {
+        hf_dir::load_metadata(path)
+    } else {
+        from_gguf::load_metadata(path)
+    }
+}
+
+/// A directory, or a file ending in `.gguf`.
+fn check_path(path: &Path) -> Result<(), LoadError> {
+    let gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if path.is_dir() || (gguf && path.exists()) {
+        Ok(())
     } else if !path.exists() {
         Err(LoadError::io(
             path,
