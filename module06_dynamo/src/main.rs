@@ -1,13 +1,341 @@
-//! `module06_dynamo`: the full system behind an OpenAI-compatible API
+//! `module06_dynamo`: the full system behind an OpenAI-compatible API.
 //!
-//! Not built yet: this module arrives with issue #9 (book chapter 6).
-//! Until then the binary says so and exits with an error, rather than print
-//! anything that looks like a result.
+//! ```text
+//! cargo run --release -p module06_dynamo -- up                 # etcd + 1 prefill + 1 decode + frontend on :8000
+//! cargo run --release -p module06_dynamo -- bench              # four deployments under the same load
+//! cargo run --release -p module06_dynamo -- worker --role decode --etcd HOST:2379    # one worker (multi-node)
+//! cargo run --release -p module06_dynamo -- frontend --etcd HOST:2379               # the frontend alone
+//! ```
 
-fn main() {
-    eprintln!(
-        "module06_dynamo (the full system behind an OpenAI-compatible API) is not implemented yet: it arrives with issue #9, \
-         book chapter 6. See README.md for the modules that run today."
-    );
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use module05_routing::policy;
+use module05_routing::registry::Registry;
+use module05_routing::router::Router;
+use module06_dynamo::bench::{self, LoadSpec};
+use module06_dynamo::deploy::{model_name, Deployment, DeploymentSpec};
+use module06_dynamo::disagg::DisaggPolicy;
+use module06_dynamo::frontend::{Frontend, FrontendConfig};
+use module06_dynamo::worker::{self, shutdown_signal, WorkerArgs};
+use shared::cli::EtcdArgs;
+use shared::kv::block::DEFAULT_BLOCK_SIZE;
+use shared::wire::TransferMode;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Module 6: an OpenAI-compatible frontend over KV-aware routed prefill and decode workers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags of a whole deployment (`up` and `bench`).
+#[derive(Debug, Clone, Args)]
+struct DeployArgs {
+    /// A .gguf file or Hugging Face directory [default: $SPARK_DISAGG_MODEL]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// KV pool per decode or aggregated worker
+    #[arg(long, default_value_t = 0.5)]
+    kv_cache_gb: f64,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+struct RoutingArgs {
+    /// Routing policy: kv-aware, kv-aware:W, least-loaded, session-affinity, round-robin, random
+    #[arg(long, default_value = "kv-aware")]
+    policy: String,
+    /// Prefill remotely only if at least this many prompt tokens are not cached
+    #[arg(long, default_value_t = DisaggPolicy::default().min_remote_prefill_tokens)]
+    min_remote_prefill: usize,
+    /// Prefill locally when the prefill worker has this many requests in flight
+    #[arg(long, default_value_t = DisaggPolicy::default().max_prefill_queue)]
+    max_prefill_queue: usize,
+    /// How prefill workers ship KV: layerwise, bulk or onesided
+    #[arg(long, default_value = "layerwise", value_parser = parse_transfer)]
+    transfer: TransferMode,
+}
+
+impl RoutingArgs {
+    fn disagg(&self) -> DisaggPolicy {
+        DisaggPolicy {
+            min_remote_prefill_tokens: self.min_remote_prefill,
+            max_prefill_queue: self.max_prefill_queue,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start etcd (if none answers), workers and the frontend; Ctrl-C stops all.
+    Up {
+        #[command(flatten)]
+        deploy: DeployArgs,
+        #[command(flatten)]
+        routing: RoutingArgs,
+        #[arg(long, default_value_t = 1)]
+        prefill: usize,
+        #[arg(long, default_value_t = 1)]
+        decode: usize,
+        #[arg(long, default_value_t = 0)]
+        aggregated: usize,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY`
+        #[arg(long, env = "SPARK_DISAGG_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// Run one worker (for multi-node deployments).
+    Worker(WorkerArgs),
+    /// Run the frontend and router alone, over workers registered in etcd.
+    Frontend {
+        /// The model the workers run (read for its tokenizer and context length)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        #[arg(long, default_value = module06_dynamo::DEFAULT_PREFIX)]
+        prefix: String,
+        #[command(flatten)]
+        routing: RoutingArgs,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        #[arg(long, env = "SPARK_DISAGG_API_KEY")]
+        api_key: Option<String>,
+    },
+    /// Drive the same load through four deployments and compare them.
+    Bench {
+        #[command(flatten)]
+        deploy: DeployArgs,
+        #[arg(long, default_value_t = LoadSpec::default().conversations)]
+        conversations: usize,
+        #[arg(long, default_value_t = LoadSpec::default().turns)]
+        turns: usize,
+        /// Conversations started per second
+        #[arg(long, default_value_t = LoadSpec::default().rate)]
+        rate: f64,
+        #[arg(long, default_value_t = LoadSpec::default().max_tokens)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = LoadSpec::default().slo_ttft_s * 1e3)]
+        slo_ttft_ms: f64,
+        #[arg(long, default_value_t = LoadSpec::default().slo_itl_s * 1e3)]
+        slo_itl_ms: f64,
+        /// Variants to run, comma-separated (baseline, disagg-tcp, disagg-onesided, full)
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "results/module06_bench.json")]
+        json: PathBuf,
+    },
+}
+
+fn parse_transfer(name: &str) -> Result<TransferMode, String> {
+    match name {
+        "layerwise" => Ok(TransferMode::Layerwise),
+        "bulk" => Ok(TransferMode::Bulk),
+        "onesided" => Ok(TransferMode::OneSided),
+        other => Err(format!(
+            "unknown transfer {other:?}: use layerwise, bulk or onesided"
+        )),
+    }
+}
+
+fn deployment_spec(deploy: &DeployArgs) -> DeploymentSpec {
+    DeploymentSpec {
+        device: deploy.device.clone(),
+        dtype: deploy.dtype.clone(),
+        kv_cache_gb: deploy.kv_cache_gb,
+        etcd: deploy.etcd.etcd.clone(),
+        ..DeploymentSpec::new(deploy.model.clone())
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Worker(args) => worker::run(args).await,
+        Command::Up {
+            deploy,
+            routing,
+            prefill,
+            decode,
+            aggregated,
+            host,
+            port,
+            api_key,
+        } => {
+            if decode + aggregated == 0 {
+                anyhow::bail!("nothing would decode: give --decode or --aggregated at least 1");
+            }
+            let spec = DeploymentSpec {
+                prefill,
+                decode,
+                aggregated,
+                one_sided: routing.transfer == TransferMode::OneSided,
+                transfer: routing.transfer,
+                policy: routing.policy.clone(),
+                disagg: routing.disagg(),
+                listen: format!("{host}:{port}")
+                    .parse::<SocketAddr>()
+                    .context("--host must be an IP address")?,
+                api_key,
+                ..deployment_spec(&deploy)
+            };
+            eprintln!(
+                "starting {prefill} prefill, {decode} decode and {aggregated} aggregated worker(s)…"
+            );
+            let exe = std::env::current_exe()?;
+            let deployment = Deployment::start(&exe, &spec).await?;
+            println!(
+                "spark-disagg is serving {} at {}",
+                model_of(&spec),
+                deployment.url
+            );
+            println!(
+                "  try: curl {}/v1/chat/completions -H 'content-type: application/json' \\",
+                deployment.url
+            );
+            println!("         -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"What is a KV cache?\"}}],\"max_tokens\":40}}'");
+            println!(
+                "  metrics: {0}/metrics   health: {0}/health   Ctrl-C stops everything",
+                deployment.url
+            );
+            shutdown_signal().await;
+            eprintln!("stopping…");
+            deployment.stop().await;
+            Ok(())
+        }
+        Command::Frontend {
+            model,
+            etcd,
+            prefix,
+            routing,
+            host,
+            port,
+            api_key,
+        } => {
+            let path = model
+                .or_else(shared::model::default_model_path)
+                .context("no model given: pass --model (the workers' model, for its tokenizer)")?;
+            let (config, tokenizer) = shared::model::load::load_metadata(&path)?;
+            let registry = Registry::connect(&etcd.etcd, &prefix).await?;
+            let policy = policy::by_name(&routing.policy, 0, 1.0)
+                .with_context(|| format!("unknown policy {:?}", routing.policy))?;
+            let router = Router::start(&registry, policy, DEFAULT_BLOCK_SIZE).await?;
+            let frontend = Frontend::new(
+                tokenizer,
+                router,
+                FrontendConfig {
+                    model_name: model_name(&path),
+                    context: config.max_position_embeddings,
+                    api_key,
+                    disagg: routing.disagg(),
+                    transfer: routing.transfer,
+                    token_timeout: Duration::from_secs(60),
+                },
+            );
+            let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                .await
+                .with_context(|| format!("cannot listen on {host}:{port}"))?;
+            println!("frontend serving at http://{}", listener.local_addr()?);
+            axum::serve(listener, frontend.app())
+                .with_graceful_shutdown(shutdown_signal())
+                .await?;
+            Ok(())
+        }
+        Command::Bench {
+            deploy,
+            conversations,
+            turns,
+            rate,
+            max_tokens,
+            slo_ttft_ms,
+            slo_itl_ms,
+            only,
+            seed,
+            json,
+        } => {
+            let load = LoadSpec {
+                conversations,
+                turns,
+                rate,
+                max_tokens,
+                seed,
+                slo_ttft_s: slo_ttft_ms / 1e3,
+                slo_itl_s: slo_itl_ms / 1e3,
+            };
+            let base = DeploymentSpec {
+                // Any free port: a bench must not collide with a running `up`.
+                listen: "127.0.0.1:0".parse().expect("valid"),
+                ..deployment_spec(&deploy)
+            };
+            let mut variants = bench::variants(&base);
+            if !only.is_empty() {
+                variants.retain(|v| only.iter().any(|o| o == v.name));
+                if variants.is_empty() {
+                    anyhow::bail!("--only matched no variant; use baseline, disagg-tcp, disagg-onesided, full");
+                }
+            }
+            let bar = ProgressBar::new((variants.len() * conversations * turns) as u64);
+            bar.set_style(ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} requests ({elapsed}, {eta} left)",
+            )?);
+            let tick = bar.clone();
+            let exe = std::env::current_exe()?;
+            let results =
+                bench::compare(&exe, &variants, &load, Arc::new(move || tick.inc(1))).await?;
+            bar.finish_and_clear();
+            let table = bench::table(&load, &results);
+            print!("{table}");
+            if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            let report = serde_json::json!({
+                "model": model_of(&base),
+                "device": deploy.device,
+                "machine": format!("{} CPU cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+                "date": chrono::Local::now().format("%Y-%m-%d").to_string(),
+                "load": load,
+                "results": results,
+            });
+            std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
+                .with_context(|| format!("writing {}", json.display()))?;
+            std::fs::write(json.with_extension("txt"), &table)?;
+            eprintln!("wrote {} (and .txt)", json.display());
+            Ok(())
+        }
+    }
+}
+
+fn model_of(spec: &DeploymentSpec) -> String {
+    spec.model
+        .clone()
+        .or_else(shared::model::default_model_path)
+        .map(|p| model_name(&p))
+        .unwrap_or_else(|| "the model".into())
 }
