@@ -278,7 +278,12 @@ struct ClientRequest {
 /// A prefill server: one model, a link to each decode server it ships KV
 /// to, many clients.
 pub struct PrefillServer {
+    /// Locked by the blocking thread that runs a prefill — never from an
+    /// async task, where waiting for a long forward pass would stall the
+    /// runtime (and with it every connection and the etcd keep-alive).
     model: Mutex<Llama>,
+    /// The model's context length, read once (so no task takes the lock for it).
+    context: usize,
     tokenizer: Tokenizer,
     fingerprint: ModelFingerprint,
     /// Where KV goes when a request names no decode worker.
@@ -332,6 +337,7 @@ impl PrefillServer {
             agent,
             staging: Staging { region, memory },
             fingerprint: ModelFingerprint::of(&model),
+            context: model.config().max_position_embeddings,
             model: Mutex::new(model),
             tokenizer,
             default_decode: decode_address,
@@ -523,12 +529,7 @@ impl PrefillServer {
             return Err("no decode worker named: this prefill server was started without --decode, so each request must name one".into());
         };
         let prompt = prompt.into_tokens(&self.tokenizer)?;
-        let context = self
-            .model
-            .lock()
-            .expect("model lock")
-            .config()
-            .max_position_embeddings;
+        let context = self.context;
         if prompt.is_empty() || prompt.len() + params.max_tokens > context {
             return Err(format!(
                 "the prompt has {} tokens; it must have at least 1 and leave room for {} new ones in the context of {context}",

@@ -129,13 +129,19 @@ impl Registry {
             .await?;
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
+        let name = info.name.clone();
         let keep_alive = tokio::spawn(async move {
             loop {
-                if keeper.keep_alive().await.is_err() {
+                if let Err(e) = keeper.keep_alive().await {
+                    tracing::warn!(worker = %name, error = %e, "lease keep-alive failed; the registration will expire");
                     return;
                 }
-                if !matches!(responses.message().await, Ok(Some(_))) {
-                    return;
+                match responses.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    other => {
+                        tracing::warn!(worker = %name, reply = ?other, "lease keep-alive refused; the registration will expire");
+                        return;
+                    }
                 }
                 tokio::time::sleep(period).await;
             }

@@ -135,7 +135,9 @@ impl Router {
                 let Some(router) = weak.upgrade() else { return };
                 match change {
                     Membership::Joined(info) => router.join(info),
-                    Membership::Left { name } => router.leave(&name, None),
+                    Membership::Left { name } => {
+                        router.leave(&name, None);
+                    }
                 }
             }
         });
@@ -176,16 +178,21 @@ impl Router {
             let router = Arc::downgrade(self);
             tokio::spawn(async move {
                 let reason = follow_kv_events(&router, id, &info).await;
-                if let Some(router) = router.upgrade() {
-                    tracing::warn!(worker = %info.name, %reason, "KV event stream ended; worker dropped from routing");
-                    router.leave(&info.name, Some(id));
+                // A worker that left cleanly is gone from etcd (and from here)
+                // before its stream closes; only a crash is news.
+                if router
+                    .upgrade()
+                    .is_some_and(|r| r.leave(&info.name, Some(id)))
+                {
+                    tracing::warn!(worker = %info.name, %reason, "KV event stream broke; worker dropped from routing");
                 }
             });
         }
     }
 
-    /// Drops worker `name` (only if it is still incarnation `id`, when given).
-    fn leave(&self, name: &str, id: Option<WorkerId>) {
+    /// Drops worker `name` (only if it is still incarnation `id`, when
+    /// given); returns whether it was there to drop.
+    fn leave(&self, name: &str, id: Option<WorkerId>) -> bool {
         let mut state = self.state.lock().expect("router lock");
         let same = state
             .members
@@ -196,6 +203,7 @@ impl Router {
             state.index.remove_worker(member.id);
             tracing::info!(worker = %name, "worker left");
         }
+        same
     }
 
     fn apply_events(&self, id: WorkerId, events: Vec<shared::kv::prefix_cache::NumberedKvEvent>) {
