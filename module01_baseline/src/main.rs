@@ -121,12 +121,7 @@ struct ConvertArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shared::cli::init_logging();
     match Cli::parse().command {
         Command::Generate(args) => run_generate(args),
         Command::Convert(args) => run_convert(args),

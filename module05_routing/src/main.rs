@@ -100,6 +100,8 @@ enum Command {
         #[arg(long, default_value = "results/module05_live.json")]
         json: PathBuf,
     },
+    /// Print the table of a `live` run's JSON again (and rewrite its .txt).
+    ShowLive { json: PathBuf },
     /// Time KV-aware decisions against a large index.
     DecisionCost {
         #[arg(long, default_value_t = 16)]
@@ -118,26 +120,9 @@ enum Command {
     },
 }
 
-/// Writes `json` and, beside it, the table as `.txt`.
-fn write_outputs(json: &std::path::Path, body: &str, table: &str) -> Result<()> {
-    if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(json, format!("{body}\n"))
-        .with_context(|| format!("writing {}", json.display()))?;
-    std::fs::write(json.with_extension("txt"), table)?;
-    eprintln!("wrote {} (and .txt)", json.display());
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shared::cli::init_logging();
     match Cli::parse().command {
         Command::Simulate {
             trace: path,
@@ -205,7 +190,7 @@ async fn main() -> Result<()> {
             bar.finish_and_clear();
             let table = report::table(&result);
             print!("{table}");
-            write_outputs(&json, &serde_json::to_string_pretty(&result)?, &table)?;
+            shared::results::write(&json, &result, &table)?;
             let svg = svg.unwrap_or_else(|| json.with_extension("svg"));
             report::write_svg(&result, &svg).map_err(|e| anyhow::anyhow!("plotting: {e}"))?;
             eprintln!("wrote {} (and .txt), {}", json.display(), svg.display());
@@ -266,7 +251,20 @@ async fn main() -> Result<()> {
                 "config": config,
                 "results": results,
             });
-            write_outputs(&json, &serde_json::to_string_pretty(&report)?, &table)?;
+            shared::results::write(&json, &report, &table)?;
+            eprintln!("wrote {} (and .txt)", json.display());
+            Ok(())
+        }
+        Command::ShowLive { json } => {
+            let report = shared::results::read(&json)?;
+            let config: LiveConfig = serde_json::from_value(report["config"].clone())
+                .context("not a `live` result: no config")?;
+            let results: Vec<live::LivePolicyResult> =
+                serde_json::from_value(report["results"].clone())
+                    .context("not a `live` result: no results")?;
+            let table = live::table(&config, &results);
+            print!("{table}");
+            std::fs::write(json.with_extension("txt"), table)?;
             Ok(())
         }
         Command::DecisionCost {

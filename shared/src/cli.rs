@@ -64,3 +64,13 @@ pub struct EtcdArgs {
     #[arg(long, env = "SPARK_DISAGG_ETCD", default_value = "127.0.0.1:2379")]
     pub etcd: String,
 }
+
+/// Logs to stderr, at `warn` unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

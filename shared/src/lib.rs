@@ -7,7 +7,8 @@
 //!   Hugging Face loaders, and its tokenizer with chat templates;
 //! * [`engine`] — sampling and the reference generation loop;
 //! * [`device`] — CPU or CUDA, f32 or bf16;
-//! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts;
+//! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts, and logging;
+//! * [`results`] — benches' JSON results and their tables beside them;
 //! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6);
 //! * [`wire`] — the frames prefill and decode workers exchange (modules 3, 4, 6);
 //! * [`worker_client`] — one request to a worker over that protocol (modules 5, 6).
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod etcd_server;
 pub mod kv;
 pub mod model;
+pub mod results;
 pub mod stats;
 pub mod wire;
 pub mod worker_client;
