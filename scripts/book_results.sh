@@ -21,6 +21,8 @@ cargo run --release -q -p module02_kvcache -- --out results/cpu > /dev/null
 for run in loopback netns_10gbit netns_1gbit; do
     cargo run --release -q -p module03_tcp -- show "results/cpu/module03_$run.json" > /dev/null
 done
+cargo run --release -q -p module05_routing -- show-live results/cpu/module05_live.json > /dev/null
+cargo run --release -q -p module06_dynamo -- show results/cpu/module06_bench.json > /dev/null
 mkdir -p book/src/figures
 cp results/cpu/module03_netns_1gbit.svg book/src/figures/module03_netns_1gbit.svg
 cp results/cpu/module05_mooncake_20k.svg book/src/figures/module05_mooncake_20k.svg

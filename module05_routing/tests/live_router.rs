@@ -40,7 +40,9 @@ async fn run_once(address: &str, prompt: &[u32]) -> u32 {
 async fn kv_events_fill_the_index_and_a_repeated_prompt_goes_home() {
     let etcd = EtcdServer::start().unwrap();
     let m = smollm2();
-    let registry = Registry::connect(&etcd.endpoint, "/test-live").await.unwrap();
+    let registry = Registry::connect(&etcd.endpoint, "/test-live")
+        .await
+        .unwrap();
     let workers = LiveWorkers::start(&m.model, &m.tokenizer, &registry, 2, 64, "w")
         .await
         .unwrap();

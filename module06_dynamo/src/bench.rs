@@ -44,10 +44,10 @@ pub struct LoadSpec {
 impl Default for LoadSpec {
     fn default() -> Self {
         LoadSpec {
-            conversations: 12,
+            conversations: 10,
             turns: 3,
-            rate: 1.0,
-            max_tokens: 24,
+            rate: 0.25,
+            max_tokens: 16,
             seed: 0,
             slo_ttft_s: 1.0,
             slo_itl_s: 0.15,
@@ -159,11 +159,17 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
+    /// `p50/p90/p99`, scaled by `unit`, with `decimals`.
+    fn show(&self, unit: f64, decimals: usize) -> String {
+        let [a, b, c] = [self.p50, self.p90, self.p99].map(|x| x * unit);
+        format!("{a:.decimals$}/{b:.decimals$}/{c:.decimals$}")
+    }
+
     fn of(values: &[f64]) -> Self {
         Percentiles {
-            p50: percentile(values, 50.0),
-            p90: percentile(values, 90.0),
-            p99: percentile(values, 99.0),
+            p50: percentile(values, 0.5),
+            p90: percentile(values, 0.9),
+            p99: percentile(values, 0.99),
         }
     }
 }
@@ -406,6 +412,33 @@ pub async fn compare(
     Ok(results)
 }
 
+/// Where prefills ran and the KV bytes moved, read from a frontend's
+/// `/metrics`: (remote prefills, local prefills, KV bytes).
+pub async fn scrape_transfer_counters(url: &str) -> Result<(u64, u64, u64), String> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| format!("reading {url}/metrics: {e}"))?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut remote, mut local, mut bytes) = (0, 0, 0);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let value = value.parse::<f64>().unwrap_or(0.0) as u64;
+        if name.starts_with("spark_prefill_total{place=\"remote\"}") {
+            remote += value;
+        } else if name.starts_with("spark_prefill_total") {
+            local += value;
+        } else if name.starts_with("spark_kv_transfer_bytes_total") {
+            bytes += value;
+        }
+    }
+    Ok((remote, local, bytes))
+}
+
 /// Sums an `IntCounterVec` over its labels.
 trait SumOverLabels {
     fn collect_bytes(&self) -> u64;
@@ -422,53 +455,74 @@ impl SumOverLabels for prometheus::IntCounterVec {
     }
 }
 
+/// One line of the table: the name left-aligned, the rest right-aligned.
+fn row(cells: &[String; 11]) -> String {
+    const WIDTHS: [usize; 11] = [16, 4, 19, 18, 17, 6, 6, 8, 7, 6, 7];
+    let mut line = format!("{:<w$}", cells[0], w = WIDTHS[0]);
+    for (cell, width) in cells.iter().zip(WIDTHS).skip(1) {
+        line += &format!(" {cell:>width$}");
+    }
+    line + "\n"
+}
+
 /// The variants side by side, as ratios to the first.
 pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
     let mut out = format!(
         "{} conversations × {} turns, {:.2} conversations/s (Poisson), {} tokens per turn; SLO: TTFT ≤ {:.0} ms, ITL ≤ {:.0} ms\n",
         load.conversations, load.turns, load.rate, load.max_tokens, load.slo_ttft_s * 1e3, load.slo_itl_s * 1e3
     );
-    out += &format!(
-        "{:<16} {:>5} {:>17} {:>17} {:>15} {:>10} {:>9} {:>10} {:>8} {:>7}\n",
+    let header = [
         "variant",
         "fail",
-        "TTFT p50/p99 ms",
-        "ITL p50/p99 ms",
-        "E2E p50/p99 s",
+        "TTFT p50/p90/p99 ms",
+        "ITL p50/p90/p99 ms",
+        "E2E p50/p90/p99 s",
         "tok/s",
+        "×base",
         "goodput",
-        "vs base",
+        "TTFT ×",
         "remote",
-        "KV MiB"
-    );
-    let base = results
-        .first()
-        .map(|r| r.summary.output_tokens_per_s)
-        .unwrap_or(1.0);
-    let base_ttft = results.first().map(|r| r.summary.ttft_s.p50).unwrap_or(1.0);
+        "KV MiB",
+    ];
+    out += &row(&header.map(String::from));
+    let first = results.first().map(|r| &r.summary);
+    let base_tps = first.map_or(1.0, |s| s.output_tokens_per_s);
+    let base_ttft = first.map_or(1.0, |s| s.ttft_s.p50);
     for r in results {
         let s = &r.summary;
-        out += &format!(
-            "{:<16} {:>5} {:>8.0}/{:<8.0} {:>8.1}/{:<8.1} {:>7.2}/{:<7.2} {:>10.1} {:>7.2}/s {:>4.2}x {:>4.2}x {:>8} {:>7.1}\n",
-            r.name,
-            s.failed,
-            s.ttft_s.p50 * 1e3,
-            s.ttft_s.p99 * 1e3,
-            s.itl_s.p50 * 1e3,
-            s.itl_s.p99 * 1e3,
-            s.e2e_s.p50,
-            s.e2e_s.p99,
-            s.output_tokens_per_s,
-            s.goodput_per_s,
-            s.output_tokens_per_s / base.max(f64::MIN_POSITIVE),
-            s.ttft_s.p50 / base_ttft.max(f64::MIN_POSITIVE),
-            format!("{}/{}", r.remote_prefills, r.remote_prefills + r.local_prefills),
-            r.kv_bytes as f64 / (1 << 20) as f64,
-        );
+        out += &row(&[
+            r.name.clone(),
+            s.failed.to_string(),
+            s.ttft_s.show(1e3, 0),
+            s.itl_s.show(1e3, 0),
+            s.e2e_s.show(1.0, 2),
+            format!("{:.1}", s.output_tokens_per_s),
+            format!(
+                "{:.2}x",
+                s.output_tokens_per_s / base_tps.max(f64::MIN_POSITIVE)
+            ),
+            format!("{:.2}/s", s.goodput_per_s),
+            format!("{:.2}x", s.ttft_s.p50 / base_ttft.max(f64::MIN_POSITIVE)),
+            format!(
+                "{}/{}",
+                r.remote_prefills,
+                r.remote_prefills + r.local_prefills
+            ),
+            format!("{:.1}", r.kv_bytes as f64 / (1 << 20) as f64),
+        ]);
     }
-    out += "vs base: output tokens/s, then TTFT p50, each as a ratio to the first variant; remote: prefills run on a prefill worker / all\n";
+    out += "×base: output tokens/s over the first variant's; TTFT ×: TTFT p50 over the first variant's; \
+            goodput: requests/s within the SLO; remote: prefills run on a prefill worker / all\n";
     for r in results {
         out += &format!("  {:<16} {}\n", r.name, r.what);
+    }
+    if let Some(r) = results.iter().find(|r| r.summary.failed > 0) {
+        let e = r.summary.samples.iter().find_map(|s| s.error.as_ref());
+        out += &format!(
+            "first failure ({}): {}\n",
+            r.name,
+            e.map_or("-", |e| e.as_str())
+        );
     }
     out
 }

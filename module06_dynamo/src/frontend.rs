@@ -41,6 +41,7 @@ use crate::openai::{
     Sampling, Usage,
 };
 use crate::stop::StopScanner;
+use crate::worker::role_name;
 
 /// How the frontend behaves.
 #[derive(Debug, Clone)]
@@ -594,9 +595,9 @@ async fn models(State(f): State<Arc<Frontend>>, headers: HeaderMap) -> Response 
 
 /// 200 while some decode or aggregated worker can take requests, else 503.
 async fn health(State(f): State<Arc<Frontend>>) -> Response {
-    let workers: Vec<_> = f
-        .router
-        .workers()
+    let known = f.router.workers();
+    let serving = known.iter().any(|w| w.info.role != Role::Prefill);
+    let workers: Vec<_> = known
         .into_iter()
         .map(|w| {
             json!({
@@ -608,11 +609,6 @@ async fn health(State(f): State<Arc<Frontend>>) -> Response {
             })
         })
         .collect();
-    let serving = f
-        .router
-        .workers()
-        .iter()
-        .any(|w| w.info.role != Role::Prefill);
     let status = if serving {
         StatusCode::OK
     } else {
@@ -629,16 +625,13 @@ async fn health(State(f): State<Arc<Frontend>>) -> Response {
 
 async fn metrics(State(f): State<Arc<Frontend>>) -> Response {
     f.metrics.up_seconds.set(f.started.elapsed().as_secs_f64());
-    for role in ["prefill", "decode", "aggregated"] {
-        let n = f
-            .router
-            .workers()
-            .iter()
-            .filter(|w| {
-                serde_json::to_value(w.info.role).ok() == Some(serde_json::Value::from(role))
-            })
-            .count();
-        f.metrics.workers.with_label_values(&[role]).set(n as f64);
+    let workers = f.router.workers();
+    for role in [Role::Prefill, Role::Decode, Role::Aggregated] {
+        let n = workers.iter().filter(|w| w.info.role == role).count();
+        f.metrics
+            .workers
+            .with_label_values(&[role_name(role)])
+            .set(n as f64);
     }
     (
         [("content-type", "text/plain; version=0.0.4")],

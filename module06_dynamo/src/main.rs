@@ -1,6 +1,7 @@
 //! `module06_dynamo`: the full system behind an OpenAI-compatible API.
 //!
 //! ```text
+//! cargo run --release -p module06_dynamo -- demo               # up, one streamed request, down
 //! cargo run --release -p module06_dynamo -- up                 # etcd + 1 prefill + 1 decode + frontend on :8000
 //! cargo run --release -p module06_dynamo -- bench              # four deployments under the same load
 //! cargo run --release -p module06_dynamo -- worker --role decode --etcd HOST:2379    # one worker (multi-node)
@@ -101,6 +102,20 @@ enum Command {
         #[arg(long, env = "SPARK_DISAGG_API_KEY")]
         api_key: Option<String>,
     },
+    /// Bring the system up, send one streamed chat request, show where its time went, stop.
+    Demo {
+        #[command(flatten)]
+        deploy: DeployArgs,
+        #[arg(
+            long,
+            default_value = "Explain in two sentences why a KV cache makes decoding faster."
+        )]
+        prompt: String,
+        #[arg(long, default_value_t = 48)]
+        max_tokens: usize,
+    },
+    /// Print the table of a `bench` run's JSON again (and rewrite its .txt).
+    Show { json: PathBuf },
     /// Run one worker (for multi-node deployments).
     Worker(WorkerArgs),
     /// Run the frontend and router alone, over workers registered in etcd.
@@ -141,6 +156,12 @@ enum Command {
         /// Variants to run, comma-separated (baseline, disagg-tcp, disagg-onesided, full)
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Drive a deployment that is already running (e.g. across hosts) instead
+        #[arg(long, conflicts_with = "only")]
+        url: Option<String>,
+        /// What to call it in the report, with --url
+        #[arg(long, default_value = "external")]
+        name: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value = "results/module06_bench.json")]
@@ -171,14 +192,63 @@ fn deployment_spec(deploy: &DeployArgs) -> DeploymentSpec {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shared::cli::init_logging();
     match Cli::parse().command {
         Command::Worker(args) => worker::run(args).await,
+        Command::Show { json } => {
+            let report = shared::results::read(&json)?;
+            let load: LoadSpec = serde_json::from_value(report["load"].clone())
+                .context("not a `bench` result: no load")?;
+            let results: Vec<bench::VariantResult> =
+                serde_json::from_value(report["results"].clone())
+                    .context("not a `bench` result: no results")?;
+            let table = bench::table(&load, &results);
+            print!("{table}");
+            std::fs::write(json.with_extension("txt"), table)?;
+            Ok(())
+        }
+        Command::Demo {
+            deploy,
+            prompt,
+            max_tokens,
+        } => {
+            let spec = DeploymentSpec {
+                listen: "127.0.0.1:0".parse().expect("valid"),
+                ..deployment_spec(&deploy)
+            };
+            eprintln!(
+                "starting etcd (if needed), 1 prefill worker, 1 decode worker and the frontend…"
+            );
+            let deployment = Deployment::start(&std::env::current_exe()?, &spec).await?;
+            println!("frontend at {}; asking: {prompt}", deployment.url);
+            let body = serde_json::json!({
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            });
+            let reply = bench::stream_chat(&reqwest::Client::new(), &deployment.url, &body).await;
+            let metrics = deployment.frontend.metrics.render();
+            deployment.stop().await;
+            let reply = reply.map_err(|e| anyhow::anyhow!("the request failed: {e}"))?;
+            println!("\n{}\n", reply.text.trim());
+            println!(
+                "{} prompt + {} generated tokens; TTFT {:.0} ms, {:.1} ms per token after it, {:.2} s in all",
+                reply.prompt_tokens,
+                reply.completion_tokens,
+                reply.ttft_s * 1e3,
+                reply.itl_s.iter().sum::<f64>() * 1e3 / reply.itl_s.len().max(1) as f64,
+                reply.e2e_s
+            );
+            for line in metrics.lines().filter(|l| {
+                l.starts_with("spark_prefill_total")
+                    || l.starts_with("spark_kv_transfer_bytes_total")
+            }) {
+                println!("  {line}");
+            }
+            Ok(())
+        }
         Command::Up {
             deploy,
             routing,
@@ -277,6 +347,8 @@ async fn main() -> Result<()> {
             slo_ttft_ms,
             slo_itl_ms,
             only,
+            url,
+            name,
             seed,
             json,
         } => {
@@ -301,20 +373,43 @@ async fn main() -> Result<()> {
                     anyhow::bail!("--only matched no variant; use baseline, disagg-tcp, disagg-onesided, full");
                 }
             }
-            let bar = ProgressBar::new((variants.len() * conversations * turns) as u64);
+            let runs = if url.is_some() { 1 } else { variants.len() };
+            let bar = ProgressBar::new((runs * conversations * turns) as u64);
             bar.set_style(ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} requests ({elapsed}, {eta} left)",
             )?);
             let tick = bar.clone();
-            let exe = std::env::current_exe()?;
-            let results =
-                bench::compare(&exe, &variants, &load, Arc::new(move || tick.inc(1))).await?;
+            let progress = Arc::new(move || tick.inc(1));
+            let results = match &url {
+                Some(url) => {
+                    // The frontend's counters, before and after: this run's share.
+                    let before = bench::scrape_transfer_counters(url).await;
+                    let summary = bench::drive(url, &load, progress).await;
+                    let after = bench::scrape_transfer_counters(url).await;
+                    let (remote, local, bytes) = match (before, after) {
+                        (Ok(b), Ok(a)) => (a.0 - b.0, a.1 - b.1, a.2 - b.2),
+                        (Err(e), _) | (_, Err(e)) => {
+                            eprintln!("warning: {e}; the remote and KV columns stay 0");
+                            (0, 0, 0)
+                        }
+                    };
+                    vec![bench::VariantResult {
+                        what: format!("the deployment at {url}"),
+                        name,
+                        summary,
+                        remote_prefills: remote,
+                        local_prefills: local,
+                        kv_bytes: bytes,
+                    }]
+                }
+                None => {
+                    let exe = std::env::current_exe()?;
+                    bench::compare(&exe, &variants, &load, progress).await?
+                }
+            };
             bar.finish_and_clear();
             let table = bench::table(&load, &results);
             print!("{table}");
-            if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
             let report = serde_json::json!({
                 "model": model_of(&base),
                 "device": deploy.device,
@@ -323,9 +418,7 @@ async fn main() -> Result<()> {
                 "load": load,
                 "results": results,
             });
-            std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
-                .with_context(|| format!("writing {}", json.display()))?;
-            std::fs::write(json.with_extension("txt"), &table)?;
+            shared::results::write(&json, &report, &table)?;
             eprintln!("wrote {} (and .txt)", json.display());
             Ok(())
         }

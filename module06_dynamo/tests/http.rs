@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use module05_routing::registry::Role;
 use module06_dynamo::bench::stream_chat;
 use module06_dynamo::deploy::{Deployment, DeploymentSpec};
 use module06_dynamo::disagg::DisaggPolicy;
@@ -222,13 +223,16 @@ async fn openai_api_end_to_end_with_remote_prefill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_stream_fails_the_request_fast_and_leaves_the_router() {
+async fn a_decode_worker_killed_mid_stream_fails_the_request_fast_and_leaves_the_router() {
     let etcd = EtcdServer::start().unwrap();
     let mut d = deploy(&etcd, |s| {
-        s.prefill = 0;
-        s.decode = 0;
-        s.aggregated = 2;
+        s.prefill = 1;
+        s.decode = 2;
         s.policy = "round-robin".into();
+        s.disagg = DisaggPolicy {
+            min_remote_prefill_tokens: 0,
+            max_prefill_queue: usize::MAX,
+        };
     })
     .await;
     let url = d.url.clone();
@@ -236,8 +240,17 @@ async fn a_worker_killed_mid_stream_fails_the_request_fast_and_leaves_the_router
     let mut body = chat_body(400, true);
     body["ignore_eos"] = json!(true);
 
-    // Round-robin: the first request goes to the first worker.
-    let victim = d.frontend.router().workers()[0].info.name.clone();
+    // Round-robin: the first request goes to the first decode worker (its
+    // prefill runs on the prefill worker, which then relays its tokens).
+    let victim = d
+        .frontend
+        .router()
+        .workers()
+        .into_iter()
+        .find(|w| w.info.role == Role::Decode)
+        .unwrap()
+        .info
+        .name;
     let request = tokio::spawn({
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         async move { stream_chat(&client, &url, &body).await }
@@ -254,7 +267,8 @@ async fn a_worker_killed_mid_stream_fails_the_request_fast_and_leaves_the_router
     assert!(error.contains("error"), "{error}");
     assert!(killed.elapsed() < Duration::from_secs(5));
 
-    // The router dropped the worker; the survivor serves the next requests.
+    // The router dropped the worker; the surviving decode worker serves the
+    // next requests, still prefilled remotely.
     let deadline = Instant::now() + Duration::from_secs(5);
     while d
         .frontend
@@ -281,7 +295,7 @@ async fn a_worker_killed_mid_stream_fails_the_request_fast_and_leaves_the_router
         .json()
         .await
         .unwrap();
-    assert_eq!(health["workers"].as_array().unwrap().len(), 1, "{health}");
+    assert_eq!(health["workers"].as_array().unwrap().len(), 2, "{health}");
     d.stop().await;
 }
 
