@@ -30,6 +30,19 @@ struct Cli {
     command: Command,
 }
 
+/// Which policies to compare, and their knobs.
+#[derive(Debug, Clone, clap::Args)]
+struct PolicyArgs {
+    /// Policies to compare, comma-separated
+    #[arg(long, value_delimiter = ',', default_values_t = policy::DEFAULT_POLICIES.map(String::from))]
+    policies: Vec<String>,
+    /// KV-aware cost: weight of the prefill blocks left to compute against load
+    #[arg(long, default_value_t = 1.0)]
+    overlap_weight: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Replay a trace across simulated workers under each routing policy.
@@ -55,14 +68,8 @@ enum Command {
         /// Divide arrival times by this (2 = twice the load)
         #[arg(long, default_value_t = 1.0)]
         speedup: f64,
-        /// Policies to compare, comma-separated
-        #[arg(long, value_delimiter = ',', default_values_t = policy::DEFAULT_POLICIES.map(String::from))]
-        policies: Vec<String>,
-        /// KV-aware cost: weight of the prefill blocks left to compute against load
-        #[arg(long, default_value_t = 1.0)]
-        overlap_weight: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        choice: PolicyArgs,
         #[arg(long, default_value = "results/module05_sim.json")]
         json: PathBuf,
         #[arg(long)]
@@ -91,12 +98,8 @@ enum Command {
         /// KV pool per worker, in blocks of 16 tokens
         #[arg(long, default_value_t = LiveConfig::default().kv_blocks)]
         kv_blocks: usize,
-        #[arg(long, value_delimiter = ',', default_values_t = policy::DEFAULT_POLICIES.map(String::from))]
-        policies: Vec<String>,
-        #[arg(long, default_value_t = 1.0)]
-        overlap_weight: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        choice: PolicyArgs,
         #[arg(long, default_value = "results/module05_live.json")]
         json: PathBuf,
     },
@@ -133,9 +136,12 @@ async fn main() -> Result<()> {
             prefill_tokens_per_s,
             decode_ms_per_token,
             speedup,
-            policies,
-            overlap_weight,
-            seed,
+            choice:
+                PolicyArgs {
+                    policies,
+                    overlap_weight,
+                    seed,
+                },
             json,
             svg,
         } => {
@@ -205,9 +211,12 @@ async fn main() -> Result<()> {
             max_tokens,
             concurrency,
             kv_blocks,
-            policies,
-            overlap_weight,
-            seed,
+            choice:
+                PolicyArgs {
+                    policies,
+                    overlap_weight,
+                    seed,
+                },
             json,
         } => {
             if workers == 0 || sessions == 0 || turns == 0 || max_tokens == 0 {

@@ -55,6 +55,18 @@ struct DeployArgs {
     etcd: EtcdArgs,
 }
 
+/// Where the frontend listens, and who may use it.
+#[derive(Debug, Clone, Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*
+    #[arg(long, env = "SPARK_DISAGG_API_KEY")]
+    api_key: Option<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 struct RoutingArgs {
     /// Routing policy: kv-aware, kv-aware:W, least-loaded, session-affinity, round-robin, random
@@ -94,13 +106,8 @@ enum Command {
         decode: usize,
         #[arg(long, default_value_t = 0)]
         aggregated: usize,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        /// Require `Authorization: Bearer KEY`
-        #[arg(long, env = "SPARK_DISAGG_API_KEY")]
-        api_key: Option<String>,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Bring the system up, send one streamed chat request, show where its time went, stop.
     Demo {
@@ -129,12 +136,8 @@ enum Command {
         prefix: String,
         #[command(flatten)]
         routing: RoutingArgs,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long, default_value_t = 8000)]
-        port: u16,
-        #[arg(long, env = "SPARK_DISAGG_API_KEY")]
-        api_key: Option<String>,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Drive the same load through four deployments and compare them.
     Bench {
@@ -255,9 +258,7 @@ async fn main() -> Result<()> {
             prefill,
             decode,
             aggregated,
-            host,
-            port,
-            api_key,
+            serve,
         } => {
             if decode + aggregated == 0 {
                 anyhow::bail!("nothing would decode: give --decode or --aggregated at least 1");
@@ -270,10 +271,10 @@ async fn main() -> Result<()> {
                 transfer: routing.transfer,
                 policy: routing.policy.clone(),
                 disagg: routing.disagg(),
-                listen: format!("{host}:{port}")
+                listen: format!("{}:{}", serve.host, serve.port)
                     .parse::<SocketAddr>()
                     .context("--host must be an IP address")?,
-                api_key,
+                api_key: serve.api_key,
                 ..deployment_spec(&deploy)
             };
             eprintln!(
@@ -305,9 +306,7 @@ async fn main() -> Result<()> {
             etcd,
             prefix,
             routing,
-            host,
-            port,
-            api_key,
+            serve,
         } => {
             let path = model
                 .or_else(shared::model::default_model_path)
@@ -323,15 +322,15 @@ async fn main() -> Result<()> {
                 FrontendConfig {
                     model_name: model_name(&path),
                     context: config.max_position_embeddings,
-                    api_key,
+                    api_key: serve.api_key,
                     disagg: routing.disagg(),
                     transfer: routing.transfer,
                     token_timeout: Duration::from_secs(60),
                 },
             );
-            let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            let listener = tokio::net::TcpListener::bind((serve.host.as_str(), serve.port))
                 .await
-                .with_context(|| format!("cannot listen on {host}:{port}"))?;
+                .with_context(|| format!("cannot listen on {}:{}", serve.host, serve.port))?;
             println!("frontend serving at http://{}", listener.local_addr()?);
             axum::serve(listener, frontend.app())
                 .with_graceful_shutdown(shutdown_signal())
