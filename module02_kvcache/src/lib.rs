@@ -24,3 +24,11 @@ pub mod compress;
 pub mod formats;
 pub mod scaling;
 pub mod transfer;
+
+/// Lab exercises (book chapter 2): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module02_kvcache.rs"]
+pub mod exercises;

@@ -33,6 +33,14 @@ pub mod router;
 pub mod sim;
 pub mod trace;
 
+/// Lab exercises (book chapter 5): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module05_routing.rs"]
+pub mod exercises;
+
 use std::time::Instant;
 
 use index::{PrefixIndex, WorkerEvent, WorkerId};

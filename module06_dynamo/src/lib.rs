@@ -28,5 +28,13 @@ pub mod openai;
 pub mod stop;
 pub mod worker;
 
+/// Lab exercises (book chapter 6): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module06_dynamo.rs"]
+pub mod exercises;
+
 /// The etcd key prefix deployments register under.
 pub const DEFAULT_PREFIX: &str = "/spark-disagg/module06";
