@@ -22,3 +22,11 @@ pub mod net;
 pub mod rdma;
 pub mod report;
 pub mod verdict;
+
+/// Lab exercises (book chapter 0): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module00_env.rs"]
+pub mod exercises;

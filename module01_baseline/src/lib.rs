@@ -8,3 +8,11 @@
 pub mod bench;
 pub mod peer;
 pub mod report;
+
+/// Lab exercises (book chapter 1): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module01_baseline.rs"]
+pub mod exercises;

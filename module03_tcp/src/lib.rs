@@ -26,3 +26,11 @@ pub mod client;
 pub mod decode;
 pub mod prefill;
 pub mod report;
+
+/// Lab exercises (book chapter 3): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module03_tcp.rs"]
+pub mod exercises;

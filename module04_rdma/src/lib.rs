@@ -35,3 +35,11 @@ pub mod backend;
 pub mod bench;
 pub mod metadata;
 pub mod region;
+
+/// Lab exercises (book chapter 4): stubs for you to write, or the reference
+/// solutions with `--features solutions`.
+#[cfg(not(feature = "solutions"))]
+pub mod exercises;
+#[cfg(feature = "solutions")]
+#[path = "../../solutions/module04_rdma.rs"]
+pub mod exercises;
