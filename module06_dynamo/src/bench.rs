@@ -398,7 +398,7 @@ pub async fn compare(
             "local_prefill_queue_full",
         ]
         .map(|p| m.prefill_place.with_label_values(&[p]).get());
-        let kv_bytes = m.kv_transfer_bytes.collect_bytes();
+        let kv_bytes = m.kv_transfer_bytes.total();
         results.push(VariantResult {
             name: v.name.into(),
             what: v.what.into(),
@@ -439,13 +439,13 @@ pub async fn scrape_transfer_counters(url: &str) -> Result<(u64, u64, u64), Stri
     Ok((remote, local, bytes))
 }
 
-/// Sums an `IntCounterVec` over its labels.
-trait SumOverLabels {
-    fn collect_bytes(&self) -> u64;
+/// A counter family's total over all its labels.
+trait Total {
+    fn total(&self) -> u64;
 }
 
-impl SumOverLabels for prometheus::IntCounterVec {
-    fn collect_bytes(&self) -> u64 {
+impl Total for prometheus::IntCounterVec {
+    fn total(&self) -> u64 {
         use prometheus::core::Collector;
         self.collect()
             .iter()

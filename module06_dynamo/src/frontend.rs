@@ -273,6 +273,15 @@ impl Frontend {
     /// Answers `job`: an SSE stream or one JSON body.
     async fn respond(self: &Arc<Self>, job: Job) -> Response {
         let endpoint = job.endpoint;
+        // Refuse before a stream starts (a stream's status is 200 at once).
+        if !self
+            .router
+            .workers()
+            .iter()
+            .any(|w| w.info.role != Role::Prefill)
+        {
+            return self.fail(endpoint, no_worker());
+        }
         let stream = job.sampling.stream;
         let include_usage = job.sampling.include_usage;
         let id = format!(
@@ -487,11 +496,10 @@ impl Frontend {
 
     /// Picks the decode worker and, if prefill goes remote, the prefill worker.
     fn plan(&self, job: &Job) -> Result<(Route, Option<Route>, PrefillPlace), ApiError> {
-        let route = self.router.route(&job.prompt, job.session).ok_or_else(|| {
-            ApiError::unavailable(
-                "no decode or aggregated worker is registered; start one (`module06_dynamo worker --role decode`) or wait for it to join",
-            )
-        })?;
+        let route = self
+            .router
+            .route(&job.prompt, job.session)
+            .ok_or_else(no_worker)?;
         let queue = (route.worker.role == Role::Decode)
             .then(|| self.router.prefill_queue())
             .flatten();
@@ -532,6 +540,12 @@ impl Frontend {
                 .observe(seconds);
         }
     }
+}
+
+fn no_worker() -> ApiError {
+    ApiError::unavailable(
+        "no decode or aggregated worker is registered; start one (`module06_dynamo worker --role decode`) or wait for it to join",
+    )
 }
 
 fn worker_error(worker: &str, e: WorkerClientError) -> ApiError {

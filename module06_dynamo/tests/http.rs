@@ -340,3 +340,28 @@ async fn two_hundred_concurrent_streams_lose_and_duplicate_nothing() {
     }
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_decode_worker_even_a_stream_gets_a_503() {
+    let etcd = EtcdServer::start().unwrap();
+    let d = deploy(&etcd, |s| {
+        s.prefill = 0;
+        s.decode = 0;
+        s.aggregated = 0;
+    })
+    .await;
+    for stream in [false, true] {
+        let (status, error) = post_raw(
+            &d.url,
+            "/v1/chat/completions",
+            chat_body(4, stream).to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, 503, "stream {stream}: {error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains("no decode"), "{message}");
+    }
+    let health = reqwest::get(format!("{}/health", d.url)).await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    d.stop().await;
+}
