@@ -95,6 +95,10 @@ struct OneSidedTarget {
     _pool: std::sync::Mutex<tch::Tensor>,
 }
 
+/// The requests a connection has handed to the engine: the peer's request
+/// id → the engine's, so that a `Cancel` can reach the engine.
+type Generating = Arc<std::sync::Mutex<HashMap<u64, u64>>>;
+
 /// Where a prompt's KV is arriving.
 enum Arriving {
     /// Layer frames, assembled here.
@@ -210,6 +214,8 @@ impl DecodeServer {
         });
         let mut payload = Vec::new();
         let mut incoming: HashMap<u64, Incoming> = HashMap::new();
+        // Requests of this connection in the engine: link id → engine id.
+        let generating: Generating = Arc::default();
         loop {
             let message = match wire::read_frame(&mut reader, self.max_payload, &mut payload).await
             {
@@ -268,8 +274,18 @@ impl DecodeServer {
                     Some(mut request) if request.kv.is_complete() => {
                         request.first_token = Some(first_token);
                         let _ = out.send(Message::KvReceived { request_id });
-                        self.clone()
-                            .continue_request(request_id, request, out.clone());
+                        let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                        generating
+                            .lock()
+                            .expect("generating lock")
+                            .insert(request_id, engine_id);
+                        self.clone().continue_request(
+                            request_id,
+                            engine_id,
+                            request,
+                            out.clone(),
+                            generating.clone(),
+                        );
                         Ok(())
                     }
                     Some(_) => Err((Some(request_id), "KvEnd before every layer arrived".into())),
@@ -282,6 +298,19 @@ impl DecodeServer {
                 } => {
                     self.clone()
                         .run_locally(request_id, prompt, params, out.clone());
+                    Ok(())
+                }
+                Message::Cancel { request_id } => {
+                    if let Some(request) = incoming.remove(&request_id) {
+                        self.release(request);
+                    }
+                    let engine_id = generating
+                        .lock()
+                        .expect("generating lock")
+                        .remove(&request_id);
+                    if let Some(engine_id) = engine_id {
+                        self.handle.cancel(engine_id);
+                    }
                     Ok(())
                 }
                 Message::SubscribeKvEvents => {
@@ -309,10 +338,20 @@ impl DecodeServer {
     /// Returns the blocks of one-sided requests that never completed.
     fn release_all(&self, incoming: &mut HashMap<u64, Incoming>) {
         for (_, request) in incoming.drain() {
-            if let Arriving::Blocks(blocks) = request.kv {
-                self.handle.release_reserved(blocks);
-            }
+            self.release(request);
         }
+    }
+
+    /// Returns a request's reserved blocks, if its KV was arriving one-sided.
+    fn release(&self, request: Incoming) {
+        if let Arriving::Blocks(blocks) = request.kv {
+            self.handle.release_reserved(blocks);
+        }
+    }
+
+    /// The decode engine's counters (running and waiting requests, blocks).
+    pub fn engine_stats(&self) -> Result<shared::engine::metrics::EngineStats, HandleError> {
+        self.handle.stats()
     }
 
     /// Streams the engine's block events to a router on this connection
@@ -399,12 +438,13 @@ impl DecodeServer {
     fn continue_request(
         self: Arc<Self>,
         request_id: u64,
+        engine_id: u64,
         request: Incoming,
         out: UnboundedSender<Message>,
+        generating: Generating,
     ) {
         tokio::spawn(async move {
             let first_token = request.first_token.expect("set before continuing");
-            let engine_id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let engine_request = Request::new(engine_id, request.prompt, request.params);
             let handle = self.handle.clone();
             let submitted = Instant::now();
@@ -436,6 +476,10 @@ impl DecodeServer {
                 out,
             )
             .await;
+            generating
+                .lock()
+                .expect("generating lock")
+                .remove(&request_id);
         });
     }
 

@@ -695,11 +695,16 @@ impl PrefillServer {
             match reply {
                 Message::KvReceived { .. } => transfer_exposed_s += sent_at.elapsed().as_secs_f64(),
                 Message::Token { token, text, .. } => {
-                    let _ = to_client.send(Message::Token {
+                    let sent = to_client.send(Message::Token {
                         request_id: client_id,
                         token,
                         text,
                     });
+                    if sent.is_err() {
+                        // The client is gone: free the decode worker's slot.
+                        let _ = send(Message::Cancel { request_id: id }, Vec::new());
+                        return Err("the client went away; the request was cancelled".into());
+                    }
                 }
                 Message::Done { mut breakdown, .. } => {
                     breakdown.prompt_tokens = prompt_tokens as u32;

@@ -224,3 +224,41 @@ async fn one_sided_needs_a_decode_server_that_offers_it() {
         .unwrap();
     assert_all_ok(&results);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_frees_the_decode_workers_slot() {
+    let m = smollm2();
+    let config = EngineConfig::with_kv_budget(&m.model, 256 << 20);
+    let decode = DecodeServer::new(m.model, m.tokenizer, config).unwrap();
+    let (listener, decode_address) = listen().await;
+    tokio::spawn(decode.clone().serve(listener));
+    let prefill = start_prefill(&decode_address).await;
+
+    let request = shared::worker_client::GenerateRequest {
+        prompt: wire::Prompt::Text("Count to a thousand, slowly.".into()),
+        params: SamplingParams::fixed_length(1000),
+        mode: TransferMode::Layerwise,
+        decode: None,
+    };
+    let mut stream = shared::worker_client::WorkerStream::open(&prefill, request)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(shared::worker_client::WorkerReply::Token { .. }))
+        ));
+    }
+    assert_eq!(decode.engine_stats().unwrap().running, 1);
+    // Hang up mid-stream: the prefill worker cancels on the decode worker,
+    // long before 1000 tokens are done.
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while decode.engine_stats().unwrap().running > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the decode worker is still generating for a client that left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

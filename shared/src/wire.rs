@@ -229,6 +229,9 @@ pub enum Message {
         request_id: u64,
         breakdown: Breakdown,
     },
+    /// Prefill → decode: the client of this request went away (it hung up,
+    /// or a stop string ended it); stop generating.
+    Cancel { request_id: u64 },
     /// Router → worker: stream me your prefix cache's block events. The
     /// connection then carries only [`Message::KvEvents`], starting with a
     /// snapshot of every block cached now.
