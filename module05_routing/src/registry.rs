@@ -13,6 +13,8 @@
 //! of block events a second. Workers stream those to the router directly
 //! (see [`crate::index`]); etcd only says who to listen to.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
@@ -68,7 +70,8 @@ pub struct Registry {
 
 /// A live registration: renews its lease until dropped or revoked.
 pub struct Registration {
-    lease: i64,
+    /// The current lease (a new one after a lost lease is replaced).
+    lease: Arc<AtomicI64>,
     keep_alive: tokio::task::JoinHandle<()>,
     client: Client,
 }
@@ -77,7 +80,9 @@ impl Registration {
     /// Leaves at once (a clean shutdown): the key disappears now, not at expiry.
     pub async fn revoke(mut self) -> Result<(), RegistryError> {
         self.keep_alive.abort();
-        self.client.lease_revoke(self.lease).await?;
+        self.client
+            .lease_revoke(self.lease.load(Ordering::SeqCst))
+            .await?;
         Ok(())
     }
 }
@@ -111,39 +116,37 @@ impl Registry {
     }
 
     /// Publishes `info` under a lease of `ttl` seconds and keeps renewing it
-    /// (every third of the TTL).
+    /// (every third of the TTL). If the lease is lost while the worker lives
+    /// — a stall longer than the TTL, or etcd restarting — the worker
+    /// registers again under a new lease rather than vanish for good.
     pub async fn register(
         &self,
         info: &WorkerInfo,
         ttl: i64,
     ) -> Result<Registration, RegistryError> {
         let mut client = self.client.clone();
-        let lease = client.lease_grant(ttl, None).await?.id();
+        let key = format!("{}{}", self.prefix, info.name);
         let value = serde_json::to_string(info).expect("worker info serialises");
-        client
-            .put(
-                format!("{}{}", self.prefix, info.name),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        let lease = Arc::new(AtomicI64::new(
+            put_under_lease(&mut client, &key, &value, ttl).await?,
+        ));
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
-        let name = info.name.clone();
+        let (name, current) = (info.name.clone(), lease.clone());
+        let mut renewing = client.clone();
         let keep_alive = tokio::spawn(async move {
             loop {
-                if let Err(e) = keeper.keep_alive().await {
-                    tracing::warn!(worker = %name, error = %e, "lease keep-alive failed; the registration will expire");
-                    return;
-                }
-                match responses.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
-                    other => {
-                        tracing::warn!(worker = %name, reply = ?other, "lease keep-alive refused; the registration will expire");
-                        return;
+                let why =
+                    renew_until_lost(&mut renewing, current.load(Ordering::SeqCst), period).await;
+                tracing::warn!(worker = %name, %why, "lease lost; registering again");
+                loop {
+                    match put_under_lease(&mut renewing, &key, &value, ttl).await {
+                        Ok(id) => {
+                            current.store(id, Ordering::SeqCst);
+                            break;
+                        }
+                        Err(_) => tokio::time::sleep(period).await,
                     }
                 }
-                tokio::time::sleep(period).await;
             }
         });
         Ok(Registration {
@@ -235,6 +238,41 @@ pub async fn etcd_or_private(
             Ok((server.endpoint.clone(), Some(server)))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Grants a lease of `ttl` seconds and puts `key` under it; returns the lease.
+async fn put_under_lease(
+    client: &mut Client,
+    key: &str,
+    value: &str,
+    ttl: i64,
+) -> Result<i64, RegistryError> {
+    let lease = client.lease_grant(ttl, None).await?.id();
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await?;
+    Ok(lease)
+}
+
+/// Renews `lease` every `period` until a renewal fails or etcd says the
+/// lease is gone; returns why.
+async fn renew_until_lost(client: &mut Client, lease: i64, period: Duration) -> String {
+    let (mut keeper, mut responses) = match client.lease_keep_alive(lease).await {
+        Ok(pair) => pair,
+        Err(e) => return e.to_string(),
+    };
+    loop {
+        if let Err(e) = keeper.keep_alive().await {
+            return e.to_string();
+        }
+        match responses.message().await {
+            Ok(Some(r)) if r.ttl() > 0 => {}
+            Ok(Some(_)) => return "the lease expired before it was renewed".into(),
+            Ok(None) => return "etcd closed the keep-alive stream".into(),
+            Err(e) => return e.to_string(),
+        }
+        tokio::time::sleep(period).await;
     }
 }
 

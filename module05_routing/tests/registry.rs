@@ -79,3 +79,33 @@ async fn an_unreachable_etcd_says_what_to_do() {
     assert!(err.contains("cannot reach etcd at 127.0.0.1:1"), "{err}");
     assert!(err.contains("scripts/etcd.sh"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_whose_lease_is_lost_registers_again() {
+    let etcd = EtcdServer::start().expect("etcd-server installed (scripts/setup.sh)");
+    let registry = Registry::connect(&etcd.endpoint, "/test").await.unwrap();
+    let (_, mut changes) = registry.watch().await.unwrap();
+    let _registration = registry.register(&worker("phoenix"), 2).await.unwrap();
+    assert_eq!(
+        next(&mut changes, Duration::from_secs(5)).await,
+        Membership::Joined(worker("phoenix"))
+    );
+    // Someone else revokes every lease: what a stall past the TTL looks like.
+    let mut admin = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .unwrap();
+    for lease in admin.leases().await.unwrap().leases() {
+        admin.lease_revoke(lease.id()).await.unwrap();
+    }
+    assert_eq!(
+        next(&mut changes, Duration::from_secs(5)).await,
+        Membership::Left {
+            name: "phoenix".into()
+        }
+    );
+    // The worker is alive, so it comes back by itself, under a new lease.
+    assert_eq!(
+        next(&mut changes, Duration::from_secs(5)).await,
+        Membership::Joined(worker("phoenix"))
+    );
+}

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 /// Seconds a worker's lease lives without renewal: how long a crashed
 /// worker stays registered (the router drops it sooner, when its KV event
 /// stream breaks).
-pub const LEASE_TTL_S: i64 = 3;
+pub const LEASE_TTL_S: i64 = 5;
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
