@@ -398,7 +398,7 @@ pub async fn compare(
             "local_prefill_queue_full",
         ]
         .map(|p| m.prefill_place.with_label_values(&[p]).get());
-        let kv_bytes = m.kv_transfer_bytes.total();
+        let kv_bytes = total(&m.kv_transfer_bytes);
         results.push(VariantResult {
             name: v.name.into(),
             what: v.what.into(),
@@ -440,19 +440,14 @@ pub async fn scrape_transfer_counters(url: &str) -> Result<(u64, u64, u64), Stri
 }
 
 /// A counter family's total over all its labels.
-trait Total {
-    fn total(&self) -> u64;
-}
-
-impl Total for prometheus::IntCounterVec {
-    fn total(&self) -> u64 {
-        use prometheus::core::Collector;
-        self.collect()
-            .iter()
-            .flat_map(|family| family.get_metric())
-            .map(|m| m.get_counter().get_value() as u64)
-            .sum()
-    }
+fn total(counters: &prometheus::IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    counters
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 /// One line of the table: the name left-aligned, the rest right-aligned.

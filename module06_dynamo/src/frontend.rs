@@ -450,7 +450,7 @@ impl Frontend {
                     }
                     if scanned.stopped {
                         let usage = Usage::new(job.prompt.len(), tokens);
-                        self.finish(&worker, job, received, usage, 0, None);
+                        self.finish(&worker, job, received, usage, None, None);
                         let _ = out
                             .send(Piece::End {
                                 finish_reason: "stop",
@@ -473,7 +473,7 @@ impl Frontend {
                         job,
                         received,
                         usage,
-                        breakdown.cached_prompt_tokens as usize,
+                        Some(breakdown.cached_prompt_tokens as usize),
                         transfer,
                     );
                     let finish_reason = if tokens >= job.sampling.params.max_tokens {
@@ -523,7 +523,7 @@ impl Frontend {
         job: &Job,
         received: Instant,
         usage: Usage,
-        cached: usize,
+        cached: Option<usize>,
         transfer: Option<(u64, f64)>,
     ) {
         self.metrics.e2e.observe(received.elapsed().as_secs_f64());

@@ -141,15 +141,18 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished request's tokens for `worker`.
-    pub fn record_tokens(&self, worker: &str, prompt: usize, cached: usize, output: usize) {
+    /// Counts one finished request's tokens for `worker`. `cached` is
+    /// `None` when the worker never reported it (a stop string ended the
+    /// request first): its prompt then stays out of the hit ratio too.
+    pub fn record_tokens(&self, worker: &str, prompt: usize, cached: Option<usize>, output: usize) {
+        self.output_tokens
+            .with_label_values(&[worker])
+            .inc_by(output as u64);
+        let Some(cached) = cached else { return };
         let p = self.prompt_tokens.with_label_values(&[worker]);
         let c = self.cached_prompt_tokens.with_label_values(&[worker]);
         p.inc_by(prompt as u64);
         c.inc_by(cached as u64);
-        self.output_tokens
-            .with_label_values(&[worker])
-            .inc_by(output as u64);
         self.cache_hit_ratio
             .with_label_values(&[worker])
             .set(c.get() as f64 / p.get().max(1) as f64);
