@@ -4,6 +4,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/setup.sh
+# A fresh machine builds everything once: incremental caches would only
+# take disk (gigabytes, with libtorch in every test binary).
+export CARGO_INCREMENTAL=0
 echo "[test] cargo test --workspace (lab exercises with their reference solutions)"
 cargo test --workspace --all-targets --all-features -- --include-ignored
 echo "[test] cargo check (the exercise stubs, as students get them)"
