@@ -6,7 +6,7 @@ mod common;
 
 use shared::engine::generate::{generate, FinishReason};
 use shared::engine::sampling::SamplingParams;
-use shared::engine::{Engine, EngineConfig, Request, TokenEvent};
+use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
 use shared::model::config::LlamaConfig;
 use shared::model::llama::Llama;
 use shared::model::LoadedModel;
@@ -31,6 +31,8 @@ fn config(num_blocks: usize, budget: usize) -> EngineConfig {
         max_num_batched_tokens: budget,
         max_num_seqs: 8,
         enable_prefix_caching: true,
+        decode: DecodeMode::Eager,
+        cudnn_attention: false,
     }
 }
 

@@ -18,6 +18,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::cuda_graph::{CudaGraph, CudaGraphError};
+use super::decode_graph::{DecodeGraphs, DecodeMode};
 use super::generate::FinishReason;
 use super::metrics::{EngineStats, RequestTimings};
 use super::request::{Request, RequestId, Sequence, TokenEvent};
@@ -38,6 +40,13 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
     pub enable_prefix_caching: bool,
+    /// How decode steps run; see [`DecodeMode`].
+    pub decode: DecodeMode,
+    /// Let PyTorch use cuDNN's attention on a GPU outside CUDA graphs. Off
+    /// by default: it plans anew for every shape, and the engine's shapes
+    /// keep changing (see [`CudaGraph::set_cudnn_attention`]). Graphs use
+    /// it either way. The switch is global to the process.
+    pub cudnn_attention: bool,
 }
 
 impl EngineConfig {
@@ -55,6 +64,8 @@ impl EngineConfig {
             max_num_batched_tokens: 512,
             max_num_seqs: 256,
             enable_prefix_caching: true,
+            decode: DecodeMode::best_for(model.device()),
+            cudnn_attention: false,
         }
     }
 }
@@ -105,6 +116,8 @@ pub struct Engine {
     prefilled: HashMap<RequestId, (u32, Tensor, RequestTimings)>,
     /// Events produced outside a step (requests finished on arrival).
     pending_events: Vec<TokenEvent>,
+    /// Padded decode steps (CUDA graphs on a GPU); `None` runs them eagerly.
+    decode_graphs: Option<DecodeGraphs>,
 }
 
 impl Engine {
@@ -130,6 +143,14 @@ impl Engine {
             },
             PrefixCache::new(config.num_blocks, config.enable_prefix_caching),
         );
+        if model.device().is_cuda() && !config.cudnn_attention {
+            CudaGraph::set_cudnn_attention(false);
+        }
+        let decode_graphs =
+            DecodeGraphs::new(config.decode, model.device()).unwrap_or_else(|err| {
+                tracing::warn!("decode steps run eagerly: {err}");
+                None
+            });
         Ok(Engine {
             model,
             pool,
@@ -138,6 +159,7 @@ impl Engine {
             steps: 0,
             prefilled: HashMap::new(),
             pending_events: Vec::new(),
+            decode_graphs,
         })
     }
 
@@ -152,6 +174,54 @@ impl Engine {
 
     pub fn pool(&self) -> &KvPool {
         &self.pool
+    }
+
+    /// How decode steps run now: the configured mode, or eager where it
+    /// could not be had (graphs on a CPU, or after a graph failed).
+    pub fn decode_mode(&self) -> DecodeMode {
+        self.decode_graphs
+            .as_ref()
+            .map_or(DecodeMode::Eager, DecodeGraphs::mode)
+    }
+
+    /// Captures, ahead of time, the decode-step graphs for batches of up to
+    /// `max_batch` sequences whose contexts lie in `contexts` (nothing to do
+    /// when decode steps run eagerly). Returns how many were captured.
+    pub fn prepare_decode_steps(
+        &mut self,
+        max_batch: usize,
+        contexts: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, CudaGraphError> {
+        match &mut self.decode_graphs {
+            Some(graphs) => graphs.prepare_buckets(&self.model, &self.pool, max_batch, contexts),
+            None => Ok(0),
+        }
+    }
+
+    /// Milliseconds of one bare decode step of `batch` sequences over
+    /// `context` tokens, padded as graphs pad it: replayed as a CUDA graph
+    /// in [`DecodeMode::CudaGraphs`], run eagerly otherwise. See
+    /// [`DecodeGraphs::time_step`].
+    pub fn time_decode_step(
+        &mut self,
+        batch: usize,
+        context: usize,
+        iters: usize,
+    ) -> Result<f64, CudaGraphError> {
+        let (model, pool) = (&self.model, &self.pool);
+        match &mut self.decode_graphs {
+            Some(graphs) => graphs.time_step(model, pool, batch, context, iters),
+            None => DecodeGraphs::new(DecodeMode::Padded, model.device())?
+                .expect("padded mode has buffers")
+                .time_step(model, pool, batch, context, iters),
+        }
+    }
+
+    /// CUDA graphs captured so far (one per batch and context bucket used).
+    pub fn graphs_captured(&self) -> u64 {
+        self.decode_graphs
+            .as_ref()
+            .map_or(0, DecodeGraphs::captures)
     }
 
     fn validate(&self, request: &Request) -> Result<(), EngineError> {
@@ -341,7 +411,20 @@ impl Engine {
         let singles: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].len == 1).collect();
         if !singles.is_empty() {
             let inputs: Vec<ChunkInput> = singles.iter().map(|&i| input(&plan[i])).collect();
-            let batch = forward_chunks(&self.model, &self.pool, &inputs);
+            let padded = match self
+                .decode_graphs
+                .as_mut()
+                .map(|graphs| graphs.forward(&self.model, &self.pool, &inputs))
+            {
+                Some(Ok(logits)) => logits,
+                Some(Err(err)) => {
+                    tracing::warn!("CUDA graphs turned off, decode steps run eagerly: {err}");
+                    self.decode_graphs = None;
+                    None
+                }
+                None => None,
+            };
+            let batch = padded.unwrap_or_else(|| forward_chunks(&self.model, &self.pool, &inputs));
             for (row, &i) in singles.iter().enumerate() {
                 logits[i] = Some(batch.get(row as i64));
             }

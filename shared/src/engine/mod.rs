@@ -4,12 +4,16 @@
 //! * [`generate`] — the reference loop for one prompt, with a dense cache;
 //! * [`scheduler`] — continuous batching with chunked prefill and preemption;
 //! * [`runner`] — paged attention and batched forward passes;
+//! * [`decode_graph`] and [`cuda_graph`] — decode steps padded to fixed
+//!   shapes and replayed as CUDA graphs;
 //! * [`core`] — the [`Engine`]: scheduler + runner + paged KV pool, plus the
 //!   `prefill` / `decode_from` halves that disaggregation splits apart;
 //! * [`handle`] — the engine on its own thread, with token streams;
 //! * [`metrics`] and [`request`] — what goes in and what is measured.
 
 pub mod core;
+pub mod cuda_graph;
+pub mod decode_graph;
 pub mod generate;
 pub mod handle;
 pub mod metrics;
@@ -19,4 +23,5 @@ pub mod sampling;
 pub mod scheduler;
 
 pub use self::core::{Engine, EngineConfig, EngineError, PrefillOutput};
+pub use self::decode_graph::DecodeMode;
 pub use self::request::{Request, RequestId, TokenEvent};

@@ -85,6 +85,27 @@ impl<'a> PagedAttention<'a> {
     }
 }
 
+impl<'a> PagedAttention<'a> {
+    /// Attention from slots and a mask already on the device (what a
+    /// padded decode step computes inside its CUDA graph): `write_slots`
+    /// `[batch]`, `read_slots` `[batch · context]`, `mask` `[batch, 1, 1, context]`.
+    pub fn from_slots(
+        pool: &'a KvPool,
+        write_slots: Tensor,
+        read_slots: Tensor,
+        context: i64,
+        mask: Tensor,
+    ) -> Self {
+        PagedAttention {
+            pool,
+            write_slots,
+            read_slots,
+            context,
+            mask: Some(mask),
+        }
+    }
+}
+
 impl AttentionCache for PagedAttention<'_> {
     fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let (b, kv_heads, new, head_dim) =

@@ -12,6 +12,10 @@
 //! A *slot* is one token's K and V for one layer. Writing new tokens is an
 //! `index_copy_` at their slots; reading a sequence back for attention is an
 //! `index_select` of its slots — a gather through the block table.
+//!
+//! One block more than asked for is allocated at the end: the *padding
+//! block*, never handed out, where a padded decode step (see
+//! `engine::decode_graph`) writes the K and V of its padding rows.
 
 use tch::{Device, Kind, Tensor};
 
@@ -51,7 +55,7 @@ impl KvPool {
         let shape = [
             config.num_hidden_layers as i64,
             2,
-            (num_blocks * block_size) as i64,
+            ((num_blocks + 1) * block_size) as i64,
             config.num_kv_heads() as i64,
             config.head_dim() as i64,
         ];
@@ -66,7 +70,13 @@ impl KvPool {
         self.block_size
     }
 
+    /// Blocks that can hold sequences (the padding block is not counted).
     pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// The id of the padding block: scratch space for padding rows.
+    pub fn padding_block(&self) -> usize {
         self.num_blocks
     }
 

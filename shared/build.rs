@@ -1,0 +1,76 @@
+//! Compiles `csrc/cuda_graph.cpp`, the bridge to libtorch's CUDA graphs,
+//! when the libtorch we build against has CUDA (`libtorch_cuda.so` and the
+//! CUDA runtime headers are found). It then sets `cfg(cuda_graphs)`;
+//! without it the engine runs every decode step eagerly, as on a CPU.
+//!
+//! The headers come from libtorch's `include/` and from CUDA's runtime
+//! headers: those of the `nvidia-cuda-runtime` and `nvidia-cuda-crt` wheels
+//! that pip installs next to torch (scripts/requirements.txt), `$CUDA_HOME/include`,
+//! or `/usr/local/cuda/include`.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(cuda_graphs)");
+    println!("cargo::rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo::rerun-if-env-changed=CUDA_HOME");
+    println!("cargo::rerun-if-env-changed=SPARK_DISAGG_NO_CUDA_GRAPHS");
+    if env::var_os("SPARK_DISAGG_NO_CUDA_GRAPHS").is_some() {
+        return;
+    }
+    // torch-sys tells its direct dependents where it found libtorch.
+    let Some(lib) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
+        return;
+    };
+    if !lib.join("libtorch_cuda.so").exists() {
+        return;
+    }
+    let torch = lib.parent().expect("libtorch's lib dir has a parent");
+    let Some(cuda_include) = cuda_runtime_headers(torch) else {
+        println!(
+            "cargo::warning=libtorch has CUDA but no CUDA runtime headers were found \
+             (pip install nvidia-cuda-crt, or set CUDA_HOME); building without CUDA graphs"
+        );
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/cuda_graph.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .flag("-std=c++17")
+        // PyTorch's wheels use the C++11 string ABI since 2.7.
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .warnings(false)
+        .compile("spark_cuda_graph");
+    println!("cargo::rustc-link-search=native={}", lib.display());
+    println!("cargo::rustc-link-lib=dylib=torch_cuda");
+    println!("cargo::rustc-link-lib=dylib=c10_cuda");
+    println!("cargo::rustc-cfg=cuda_graphs");
+}
+
+/// A directory holding `cuda_runtime_api.h`.
+fn cuda_runtime_headers(torch: &Path) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    // pip: site-packages/torch next to site-packages/nvidia/<cu13|cuda_runtime>/include.
+    if let Some(site) = torch.parent() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            for entry in entries.flatten() {
+                candidates.push(entry.path().join("include"));
+            }
+        }
+    }
+    if let Some(home) = env::var_os("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    // Headers installed later (pip install nvidia-cuda-crt) should trigger a rebuild.
+    for dir in candidates.iter().filter(|d| d.exists()) {
+        println!("cargo::rerun-if-changed={}", dir.display());
+    }
+    candidates.into_iter().find(|dir| {
+        dir.join("cuda_runtime_api.h").exists() && dir.join("crt/host_config.h").exists()
+    })
+}

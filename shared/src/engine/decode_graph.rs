@@ -1,0 +1,427 @@
+//! Decode steps with static shapes, replayed as CUDA graphs.
+//!
+//! A CUDA graph (see [`cuda_graph`](super::cuda_graph)) replays exactly the
+//! kernels it recorded, on exactly the same buffers. A decode step changes
+//! every time — the batch grows and shrinks, every sequence's context grows
+//! by one — so the step is given a fixed shape first:
+//!
+//! * the batch is padded up to a **bucket** (1, 2, 4, 8, … 256 sequences);
+//!   padding rows decode token 0 at position 0 into a padding block that
+//!   the allocator never hands out;
+//! * the context is padded up to a bucket too (a multiple of 128 tokens, or
+//!   of an eighth of the next power of two for long contexts), and the
+//!   attention mask hides the padding;
+//! * every input lives in one int64 tensor on the device, written with one
+//!   host-to-device copy per step:
+//!
+//! ```text
+//! inputs = [ tokens (B) | positions (B) | write slots (B) | block table (B × C/block_size) ]
+//! ```
+//!
+//! The slots to read and the mask are computed *inside* the step from the
+//! block table and the positions, so they are part of the graph.
+//!
+//! One graph is captured per `(batch, context)` bucket the first time it is
+//! needed (a warm-up run, then the capture) and kept, up to
+//! [`MAX_GRAPHS`]; all of them share one memory pool. This is what vLLM
+//! does with its `cudagraph_capture_sizes`, minus the eager capture at
+//! start-up.
+//!
+//! [`DecodeMode::Padded`] runs the very same padded step without a graph.
+//! It is slower than eager on every device; it exists so that the padding,
+//! the masks and the padding block are tested on a CPU, where graphs are not.
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+
+use super::cuda_graph::{CudaGraph, CudaGraphError, GraphPool};
+use super::runner::{ChunkInput, PagedAttention};
+use crate::kv::pool::KvPool;
+use crate::model::llama::Llama;
+
+/// How the engine runs a step of single-token decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeMode {
+    /// Exact shapes; every kernel launched from the CPU, every step.
+    #[default]
+    Eager,
+    /// Padded to buckets and replayed as CUDA graphs (needs a CUDA device
+    /// and a build with `cfg(cuda_graphs)`).
+    CudaGraphs,
+    /// Padded to buckets but run eagerly: the graph path without the graph.
+    Padded,
+}
+
+impl DecodeMode {
+    /// The fastest mode that works on `device` with this build.
+    pub fn best_for(device: Device) -> DecodeMode {
+        if device.is_cuda() && CudaGraph::compiled() {
+            DecodeMode::CudaGraphs
+        } else {
+            DecodeMode::Eager
+        }
+    }
+}
+
+impl std::str::FromStr for DecodeMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "eager" => Ok(DecodeMode::Eager),
+            "cuda-graphs" | "graphs" => Ok(DecodeMode::CudaGraphs),
+            "padded" => Ok(DecodeMode::Padded),
+            _ => Err(format!(
+                "unknown decode mode {s:?}: use eager, cuda-graphs or padded"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecodeMode::Eager => "eager",
+            DecodeMode::CudaGraphs => "cuda-graphs",
+            DecodeMode::Padded => "padded",
+        })
+    }
+}
+
+/// The largest batch a graph is captured for; larger decode batches run eagerly.
+pub const MAX_BATCH: usize = 256;
+/// Graphs kept at once; the least recently used one goes first.
+pub const MAX_GRAPHS: usize = 64;
+
+/// The batch bucket: the next power of two.
+pub fn batch_bucket(batch: usize) -> usize {
+    batch.next_power_of_two()
+}
+
+/// The context bucket for `tokens` of context: a multiple of 128 tokens (of
+/// a sixteenth of the next power of two beyond 2048), and of the block size.
+/// Padding adds at most 128 tokens, or an eighth, to the attention's work.
+pub fn context_bucket(tokens: usize, block_size: usize) -> usize {
+    let step = (tokens.next_power_of_two() / 16).max(128);
+    tokens
+        .max(1)
+        .next_multiple_of(step)
+        .next_multiple_of(block_size)
+}
+
+/// One bucket's static buffers, and its graph once captured.
+struct StaticStep {
+    /// See the module docs for the layout.
+    inputs: Tensor,
+    /// `[batch, vocab]`: written by every run of the step.
+    logits: Tensor,
+    graph: Option<CudaGraph>,
+    last_used: u64,
+}
+
+/// Decode steps padded to buckets, with a graph per bucket.
+pub struct DecodeGraphs {
+    /// `Some` for [`DecodeMode::CudaGraphs`], `None` for [`DecodeMode::Padded`].
+    pool: Option<GraphPool>,
+    steps: HashMap<(usize, usize), StaticStep>,
+    clock: u64,
+    captures: u64,
+}
+
+impl DecodeGraphs {
+    /// For [`DecodeMode::CudaGraphs`] or [`DecodeMode::Padded`]; `None` for eager.
+    pub fn new(mode: DecodeMode, device: Device) -> Result<Option<DecodeGraphs>, CudaGraphError> {
+        let pool = match mode {
+            DecodeMode::Eager => return Ok(None),
+            DecodeMode::Padded => None,
+            DecodeMode::CudaGraphs if !device.is_cuda() => {
+                return Err(CudaGraphError::NotCuda(device))
+            }
+            DecodeMode::CudaGraphs => Some(CudaGraph::new_pool()?),
+        };
+        Ok(Some(DecodeGraphs {
+            pool,
+            steps: HashMap::new(),
+            clock: 0,
+            captures: 0,
+        }))
+    }
+
+    pub fn mode(&self) -> DecodeMode {
+        match self.pool {
+            Some(_) => DecodeMode::CudaGraphs,
+            None => DecodeMode::Padded,
+        }
+    }
+
+    /// Graphs captured so far (each is one bucket's first use).
+    pub fn captures(&self) -> u64 {
+        self.captures
+    }
+
+    /// Runs one decode step for `chunks` (one new token each) and returns
+    /// the logits `[chunks.len(), vocab]`, or `None` when the batch is too
+    /// large for a bucket (the caller runs it eagerly).
+    ///
+    /// The logits are a view of the bucket's output buffer: read them before
+    /// the next call.
+    pub fn forward(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        chunks: &[ChunkInput<'_>],
+    ) -> Result<Option<Tensor>, CudaGraphError> {
+        debug_assert!(chunks.iter().all(|c| c.tokens.len() == 1));
+        let batch = chunks.len();
+        if batch == 0 || batch > MAX_BATCH {
+            return Ok(None);
+        }
+        let bs = pool.block_size();
+        let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
+        let key = (batch_bucket(batch), context_bucket(longest, bs));
+        self.clock += 1;
+        if !self.steps.contains_key(&key) {
+            self.make_room();
+            let step = self.prepare(model, pool, key)?;
+            self.steps.insert(key, step);
+        }
+        let step = self.steps.get_mut(&key).expect("inserted above");
+        step.last_used = self.clock;
+
+        let host = pack_inputs(pool, chunks, key);
+        step.inputs.copy_(&Tensor::from_slice(&host));
+        match &step.graph {
+            Some(graph) => graph.replay()?,
+            None => step.logits = static_step(model, pool, &step.inputs, key),
+        }
+        Ok(Some(step.logits.narrow(0, 0, batch as i64)))
+    }
+
+    /// Prepares (with graphs: captures) every bucket that decode steps of
+    /// up to `max_batch` sequences with contexts in `contexts` will use, so
+    /// that no capture happens while something is being timed. Serving
+    /// engines do this at start-up. Returns how many buckets were new.
+    pub fn prepare_buckets(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        max_batch: usize,
+        contexts: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, CudaGraphError> {
+        let bs = pool.block_size();
+        let mut context_buckets: Vec<usize> = contexts.map(|c| context_bucket(c, bs)).collect();
+        context_buckets.dedup();
+        let mut batch_buckets = vec![1];
+        while *batch_buckets.last().unwrap() < batch_bucket(max_batch.min(MAX_BATCH)) {
+            batch_buckets.push(batch_buckets.last().unwrap() * 2);
+        }
+        let mut new = 0;
+        for &c in &context_buckets {
+            for &b in &batch_buckets {
+                if self.steps.contains_key(&(b, c)) {
+                    continue;
+                }
+                self.make_room();
+                let step = self.prepare(model, pool, (b, c))?;
+                self.steps.insert((b, c), step);
+                new += 1;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Times the bare decode step of one bucket: every row is padding, so no
+    /// sequence is touched, and there is no scheduling and no sampling.
+    /// Runs it `iters` times, each followed by a device sync, and returns
+    /// milliseconds per step. This separates the step's own cost from
+    /// everything a served batch adds around it.
+    pub fn time_step(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        batch: usize,
+        context: usize,
+        iters: usize,
+    ) -> Result<f64, CudaGraphError> {
+        let key = (
+            batch_bucket(batch.min(MAX_BATCH)),
+            context_bucket(context, pool.block_size()),
+        );
+        if !self.steps.contains_key(&key) {
+            self.make_room();
+            let step = self.prepare(model, pool, key)?;
+            self.steps.insert(key, step);
+        }
+        let step = self.steps.get_mut(&key).expect("inserted above");
+        let host = Tensor::from_slice(&pack_inputs(pool, &[], key));
+        let sync = || {
+            if let Device::Cuda(index) = model.device() {
+                tch::Cuda::synchronize(index as i64);
+            }
+        };
+        sync();
+        let start = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            step.inputs.copy_(&host);
+            match &step.graph {
+                Some(graph) => graph.replay()?,
+                None => step.logits = static_step(model, pool, &step.inputs, key),
+            }
+            sync();
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+    }
+
+    /// Drops the least recently used step when the table is full.
+    fn make_room(&mut self) {
+        if self.steps.len() < MAX_GRAPHS {
+            return;
+        }
+        let oldest = self
+            .steps
+            .iter()
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(k, _)| *k);
+        if let Some(key) = oldest {
+            self.steps.remove(&key);
+        }
+    }
+
+    /// Allocates a bucket's buffers and, with graphs, warms up and captures.
+    fn prepare(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        key: (usize, usize),
+    ) -> Result<StaticStep, CudaGraphError> {
+        let host = pack_inputs(pool, &[], key);
+        let inputs = Tensor::from_slice(&host).to_device(model.device());
+        let Some(graph_pool) = self.pool else {
+            let logits = static_step(model, pool, &inputs, key);
+            return Ok(StaticStep {
+                inputs,
+                logits,
+                graph: None,
+                last_used: self.clock,
+            });
+        };
+        // A graph's shapes never change, so cuDNN's attention, planned once
+        // here, is the right choice inside it. The warm-up run makes the
+        // libraries (cuBLAS handles, the cuDNN plan) ready outside the capture.
+        let cudnn_before = CudaGraph::set_cudnn_attention(true);
+        let _ = static_step(model, pool, &inputs, key);
+        let captured = CudaGraph::capture(model.device(), graph_pool, || {
+            static_step(model, pool, &inputs, key)
+        });
+        CudaGraph::set_cudnn_attention(cudnn_before);
+        let (graph, logits) = captured?;
+        self.captures += 1;
+        tracing::debug!(
+            batch = key.0,
+            context = key.1,
+            "captured a CUDA graph of the decode step"
+        );
+        Ok(StaticStep {
+            inputs,
+            logits,
+            graph: Some(graph),
+            last_used: self.clock,
+        })
+    }
+}
+
+/// The host side of `inputs` for a bucket: real rows first, then padding
+/// rows (token 0 at position 0, writing into and reading from the padding
+/// block). With no chunks, every row is padding (the warm-up's inputs).
+fn pack_inputs(
+    pool: &KvPool,
+    chunks: &[ChunkInput<'_>],
+    (batch, context): (usize, usize),
+) -> Vec<i64> {
+    let bs = pool.block_size();
+    let blocks_per_row = context / bs;
+    let padding_block = pool.padding_block() as i64;
+    let padding_slot = padding_block * bs as i64;
+    let mut tokens = Vec::with_capacity(batch);
+    let mut positions = Vec::with_capacity(batch);
+    let mut writes = Vec::with_capacity(batch);
+    let mut tables = Vec::with_capacity(batch * blocks_per_row);
+    for c in chunks {
+        tokens.push(c.tokens[0] as i64);
+        positions.push(c.start as i64);
+        writes.push(c.table.slot(c.start, bs));
+        let used = (c.start / bs) + 1;
+        tables.extend(c.table.blocks[..used].iter().map(|b| b.index() as i64));
+        tables.extend(std::iter::repeat_n(padding_block, blocks_per_row - used));
+    }
+    let padding = batch - chunks.len();
+    tokens.extend(std::iter::repeat_n(0, padding));
+    positions.extend(std::iter::repeat_n(0, padding));
+    writes.extend(std::iter::repeat_n(padding_slot, padding));
+    tables.extend(std::iter::repeat_n(padding_block, padding * blocks_per_row));
+    [tokens, positions, writes, tables].concat()
+}
+
+/// The padded decode step, from the static inputs to the logits. Everything
+/// here runs on the device with shapes fixed by the bucket, so it can be
+/// captured.
+fn static_step(model: &Llama, pool: &KvPool, inputs: &Tensor, (b, c): (usize, usize)) -> Tensor {
+    let _no_grad = tch::no_grad_guard();
+    let (b, c) = (b as i64, c as i64);
+    let bs = pool.block_size() as i64;
+    let device = inputs.device();
+    let tokens = inputs.narrow(0, 0, b).reshape([b, 1]);
+    let positions = inputs.narrow(0, b, b).reshape([b, 1]);
+    let write_slots = inputs.narrow(0, 2 * b, b);
+    let tables = inputs
+        .narrow(0, 3 * b, b * (c / bs))
+        .reshape([b, c / bs, 1]);
+    // Slot of every context position: block · block_size + offset.
+    let offsets = Tensor::arange(bs, (Kind::Int64, device)).reshape([1, 1, bs]);
+    let read_slots = (tables * bs + offsets).reshape([-1]);
+    // Position p attends to columns 0..=p.
+    let cols = Tensor::arange(c, (Kind::Int64, device)).reshape([1, 1, 1, c]);
+    let mask = cols.le_tensor(&positions.reshape([b, 1, 1, 1]));
+    let mut attention = PagedAttention::from_slots(pool, write_slots, read_slots, c, mask);
+    let hidden = model.forward(&tokens, &positions, &mut attention);
+    model.logits(&hidden.select(1, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_with_little_waste() {
+        assert_eq!(batch_bucket(1), 1);
+        assert_eq!(batch_bucket(3), 4);
+        assert_eq!(batch_bucket(128), 128);
+        assert_eq!(batch_bucket(129), 256);
+        assert_eq!(context_bucket(1, 16), 128);
+        assert_eq!(context_bucket(513, 16), 640);
+        assert_eq!(context_bucket(640, 16), 640);
+        assert_eq!(context_bucket(5000, 16), 5120);
+        for tokens in 1..10_000 {
+            let c = context_bucket(tokens, 16);
+            assert!(c >= tokens && c % 16 == 0, "{tokens} -> {c}");
+            let waste = c - tokens;
+            assert!(
+                waste < 128 || waste <= tokens / 8,
+                "{tokens} -> {c} wastes too much"
+            );
+        }
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for mode in [
+            DecodeMode::Eager,
+            DecodeMode::CudaGraphs,
+            DecodeMode::Padded,
+        ] {
+            assert_eq!(mode.to_string().parse::<DecodeMode>(), Ok(mode));
+        }
+        assert!("fast".parse::<DecodeMode>().is_err());
+        assert_eq!(DecodeMode::best_for(Device::Cpu), DecodeMode::Eager);
+    }
+}

@@ -1,0 +1,169 @@
+//! Padded decode steps (the shapes CUDA graphs replay) give exactly the
+//! tokens of eager ones.
+//!
+//! On a CPU the padded steps run without graphs (`DecodeMode::Padded`): the
+//! padding of the batch and the context, the masks, the block tables
+//! expanded on the device and the padding block are all exercised. On a
+//! GPU the same comparison runs with real CUDA graphs.
+
+mod common;
+
+use shared::engine::sampling::SamplingParams;
+use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
+use shared::model::config::LlamaConfig;
+use shared::model::llama::Llama;
+use tch::{Device, Kind, Tensor};
+
+fn device() -> Device {
+    Device::cuda_if_available()
+}
+
+/// A small random model whose weights are large enough (std 0.3, not the
+/// usual 0.02) that its next token really depends on attention: with tiny
+/// weights the arg-max barely looks past the current token, and a broken
+/// mask would go unnoticed.
+fn tiny_model(device: Device) -> Llama {
+    let config = LlamaConfig {
+        vocab_size: 128,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 512,
+        ..LlamaConfig::smollm2_135m()
+    };
+    // libtorch has one global generator: tests run in parallel threads.
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _rng = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(7);
+    let tensors = shared::model::load::expected_shapes(&config)
+        .into_iter()
+        .map(|(name, shape)| {
+            let t = if shape.len() == 1 {
+                Tensor::ones(&shape, (Kind::Float, device))
+            } else {
+                Tensor::randn(&shape, (Kind::Float, device)) * 0.3
+            };
+            (name, t)
+        })
+        .collect();
+    Llama::new(config, tensors, device, Kind::Float).unwrap()
+}
+
+fn config(decode: DecodeMode) -> EngineConfig {
+    EngineConfig {
+        block_size: 4,
+        num_blocks: 512,
+        max_num_batched_tokens: 64,
+        max_num_seqs: 16,
+        enable_prefix_caching: true,
+        decode,
+        cudnn_attention: false,
+    }
+}
+
+/// Six prompts from 3 to 120 tokens and different output lengths, so the
+/// batch shrinks as they finish (5 → bucket 8, then 4, 2, 1) and the
+/// longest context crosses a bucket edge (128 tokens).
+fn requests(vocab: u32) -> Vec<Request> {
+    [3usize, 17, 40, 64, 100, 120]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let prompt = (0..len as u32)
+                .map(|t| (t * 31 + i as u32 * 7) % vocab)
+                .collect();
+            Request::new(i as u64, prompt, SamplingParams::fixed_length(8 + 4 * i))
+        })
+        .collect()
+}
+
+fn run(model: Llama, decode: DecodeMode) -> (Vec<Vec<u32>>, Engine) {
+    let vocab = model.config().vocab_size as u32;
+    let mut engine = Engine::new(model, config(decode), vec![]).unwrap();
+    let requests = requests(vocab);
+    let n = requests.len();
+    for request in requests {
+        engine.add_request(request, None).unwrap();
+    }
+    let mut tokens = vec![Vec::new(); n];
+    while engine.has_unfinished() {
+        for event in engine.step() {
+            if let TokenEvent::Token { id, token } = event {
+                tokens[id as usize].push(token);
+            }
+        }
+    }
+    (tokens, engine)
+}
+
+#[test]
+fn padded_decode_steps_give_the_eager_tokens() {
+    let (eager, _) = run(tiny_model(Device::Cpu), DecodeMode::Eager);
+    let (padded, engine) = run(tiny_model(Device::Cpu), DecodeMode::Padded);
+    assert_eq!(engine.decode_mode(), DecodeMode::Padded);
+    assert_eq!(engine.graphs_captured(), 0, "padded mode captures nothing");
+    for (i, (e, p)) in eager.iter().zip(&padded).enumerate() {
+        assert_eq!(e.len(), 8 + 4 * i);
+        assert_eq!(e, p, "request {i}");
+    }
+    assert_eq!(engine.stats().blocks_in_use, 0, "every block released");
+}
+
+#[test]
+fn padded_decode_steps_on_the_real_model() {
+    let loaded =
+        shared::model::load_model(&common::smollm2_gguf(), Device::Cpu, Kind::Float).unwrap();
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a land far away, there lived a",
+    ];
+    let requests = |n: usize| -> Vec<Request> {
+        prompts
+            .iter()
+            .enumerate()
+            .take(n)
+            .map(|(i, p)| {
+                let ids = loaded.tokenizer.encode(p).unwrap();
+                Request::new(i as u64, ids, SamplingParams::fixed_length(6 + 3 * i))
+            })
+            .collect()
+    };
+    let mut results = Vec::new();
+    for decode in [DecodeMode::Eager, DecodeMode::Padded] {
+        let model = loaded.model.share_weights();
+        let mut engine = Engine::new(model, config(decode), vec![]).unwrap();
+        let out = engine.generate_all(requests(prompts.len())).unwrap();
+        results.push(
+            out.into_iter()
+                .map(|(tokens, _, _)| tokens)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+/// With a GPU: real CUDA graphs against eager steps. Without one: asking
+/// for graphs falls back to eager steps, which still give the same tokens.
+#[test]
+fn cuda_graph_decode_steps_give_the_eager_tokens() {
+    let device = device();
+    let (eager, _) = run(tiny_model(device), DecodeMode::Eager);
+    let (graphed, engine) = run(tiny_model(device), DecodeMode::CudaGraphs);
+    assert_eq!(eager, graphed);
+    if device.is_cuda() && shared::engine::cuda_graph::CudaGraph::compiled() {
+        assert_eq!(engine.decode_mode(), DecodeMode::CudaGraphs);
+        // A few batch buckets (8, 4, 2, 1) times two context buckets.
+        let captured = engine.graphs_captured();
+        assert!((2..=10).contains(&captured), "{captured} graphs");
+    } else {
+        assert_eq!(
+            engine.decode_mode(),
+            DecodeMode::Eager,
+            "no graphs on {device:?}"
+        );
+        assert_eq!(engine.graphs_captured(), 0);
+    }
+}
