@@ -55,6 +55,10 @@ pub struct BatchResult {
     pub output_tokens_per_s: f64,
     pub mean_ttft_ms: f64,
     pub mean_itl_ms: f64,
+    /// The bare decode step at this batch size, without scheduling,
+    /// sampling or prefills in between (ours only; see `Engine::time_decode_step`).
+    #[serde(default)]
+    pub decode_step_ms: Option<f64>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -173,6 +177,25 @@ pub fn batch(engine: &mut Engine, config: &BenchConfig, batch: usize) -> BatchRe
                 .iter()
                 .flat_map(|t| t.inter_token.iter().map(|&d| ms(d))),
         ),
+        decode_step_ms: bare_decode_step(engine, config, batch),
+    }
+}
+
+/// The bare decode step of `batch` sequences at the middle of the
+/// generation's context (20 runs), or `None` if it could not be run.
+fn bare_decode_step(engine: &mut Engine, config: &BenchConfig, batch: usize) -> Option<f64> {
+    let context = config.prompt_len + config.output_len / 2;
+    let iters = if engine.model().device().is_cuda() {
+        20
+    } else {
+        3
+    };
+    match engine.time_decode_step(batch, context, iters) {
+        Ok(ms) => Some(ms),
+        Err(err) => {
+            tracing::warn!("could not time the bare decode step: {err}");
+            None
+        }
     }
 }
 

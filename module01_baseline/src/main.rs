@@ -19,7 +19,7 @@ use shared::cli::ModelArgs;
 use shared::device;
 use shared::engine::generate::generate;
 use shared::engine::sampling::SamplingParams;
-use shared::engine::{Engine, EngineConfig};
+use shared::engine::{DecodeMode, Engine, EngineConfig};
 use shared::model::tokenizer::ChatMessage;
 
 #[derive(Parser)]
@@ -71,6 +71,12 @@ struct BenchArgs {
     /// Token budget per engine step (chunked prefill).
     #[arg(long, default_value_t = 512)]
     max_batched_tokens: usize,
+    /// How decode steps run: eager, cuda-graphs or padded [default: cuda-graphs on a GPU, eager on a CPU].
+    #[arg(long)]
+    decode: Option<DecodeMode>,
+    /// Let PyTorch use cuDNN's attention (it plans anew for every shape; off by default).
+    #[arg(long)]
+    cudnn_attention: bool,
     /// Also run Hugging Face transformers on the same workload: `hf`.
     #[arg(long)]
     peer: Option<String>,
@@ -269,6 +275,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let weight_bytes = model.weight_bytes_per_step();
     let mut engine_config = EngineConfig::with_kv_budget(&model, kv_bytes);
     engine_config.max_num_batched_tokens = args.max_batched_tokens;
+    if let Some(decode) = args.decode {
+        engine_config.decode = decode;
+    }
+    engine_config.cudnn_attention = args.cudnn_attention;
     let largest = args
         .batch_sizes
         .iter()
@@ -300,6 +310,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         eprintln!("note: the largest batch does not fit in the KV pool at once; the scheduler will queue or preempt");
     }
 
+    if engine.decode_mode() != DecodeMode::Eager {
+        let start = std::time::Instant::now();
+        let contexts = config.prompt_len + 1..=config.prompt_len + config.output_len;
+        let prepared = engine.prepare_decode_steps(largest, contexts)?;
+        eprintln!(
+            "decode steps: {}, {prepared} buckets prepared in {:.1} s (not timed below)",
+            engine.decode_mode(),
+            start.elapsed().as_secs_f64()
+        );
+    }
     let steps = 2 + config.batch_sizes.len() as u64;
     let bar = bench::progress_bar(steps, "warm-up");
     bench::warm_up(&mut engine, &config);
@@ -354,6 +374,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             device: device::device_name(device),
             device_name: device::describe(device),
             dtype: device::kind_name(kind).into(),
+            decode: engine.decode_mode().to_string(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,
             date: device::today(),

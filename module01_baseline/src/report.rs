@@ -16,9 +16,17 @@ pub struct Setup {
     /// GPU or CPU model name, so results say which machine they came from.
     pub device_name: String,
     pub dtype: String,
+    /// How decode steps ran: `eager` or `cuda-graphs` (see `shared::engine::DecodeMode`).
+    #[serde(default = "eager")]
+    pub decode: String,
     pub kv_cache_blocks: usize,
     pub max_num_batched_tokens: usize,
     pub date: String,
+}
+
+/// Results saved before the decode mode was recorded ran eagerly.
+fn eager() -> String {
+    "eager".into()
 }
 
 /// The memory-bandwidth floor of a batch-1 decode step.
@@ -92,13 +100,14 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
     let peer = report.peer.as_ref();
     let peer_name = peer.map_or("peer", |p| p.name.as_str());
     let mut out = format!(
-        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}\n\
+        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}, {} decode steps\n\
          prompt {} tokens, output {} tokens, KV pool {} blocks, token budget {}/step\n\n",
         s.model,
         s.parameters as f64 / 1e6,
         s.device,
         if redact { "#" } else { s.device_name.as_str() },
         s.dtype,
+        s.decode,
         c.prompt_len,
         c.output_len,
         if redact {
@@ -151,6 +160,15 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
             2,
             false,
         );
+        if let Some(step) = b.decode_step_ms {
+            row(
+                format!("batch {:>3}: bare decode step (ms)", b.batch),
+                step,
+                None,
+                2,
+                false,
+            );
+        }
     }
     if let Some(l) = &report.load {
         out += &format!(

@@ -48,6 +48,10 @@ fn report(with_peer: bool) -> BenchReport {
     let load = bench::offered_load(&mut engine, &config, &indicatif::ProgressBar::hidden());
     assert_eq!(load.requests, 3);
     assert!(batches.iter().all(|b| b.output_tokens_per_s > 0.0));
+    assert!(
+        batches.iter().all(|b| b.decode_step_ms.is_some_and(|ms| ms > 0.0)),
+        "the bare decode step is timed on a CPU too (padded, without graphs)"
+    );
     let peer = with_peer.then(|| PeerResult {
         name: "peer".into(),
         single: single.clone(),
@@ -60,6 +64,7 @@ fn report(with_peer: bool) -> BenchReport {
             device: "cpu".into(),
             device_name: "test machine".into(),
             dtype: "f32".into(),
+            decode: "eager".into(),
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
             date: "today".into(),
