@@ -49,7 +49,9 @@ fn report(with_peer: bool) -> BenchReport {
     assert_eq!(load.requests, 3);
     assert!(batches.iter().all(|b| b.output_tokens_per_s > 0.0));
     assert!(
-        batches.iter().all(|b| b.decode_step_ms.is_some_and(|ms| ms > 0.0)),
+        batches
+            .iter()
+            .all(|b| b.decode_step_ms.is_some_and(|ms| ms > 0.0)),
         "the bare decode step is timed on a CPU too (padded, without graphs)"
     );
     let peer = with_peer.then(|| PeerResult {

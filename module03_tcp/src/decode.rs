@@ -169,7 +169,7 @@ impl DecodeServer {
                     agent,
                     region,
                     block_size: layout.block_size,
-                    pool_slots: layout.num_blocks * layout.block_size,
+                    pool_slots: layout.slots_per_layer,
                     _pool: std::sync::Mutex::new(layout.tensor),
                 })
             }

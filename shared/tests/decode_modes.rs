@@ -10,7 +10,6 @@ mod common;
 
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
-use shared::model::config::LlamaConfig;
 use shared::model::llama::Llama;
 use tch::{Device, Kind, Tensor};
 
@@ -23,16 +22,7 @@ fn device() -> Device {
 /// weights the arg-max barely looks past the current token, and a broken
 /// mask would go unnoticed.
 fn tiny_model(device: Device) -> Llama {
-    let config = LlamaConfig {
-        vocab_size: 128,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        max_position_embeddings: 512,
-        ..LlamaConfig::smollm2_135m()
-    };
+    let config = common::tiny_llama_config(512);
     // libtorch has one global generator: tests run in parallel threads.
     static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _rng = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

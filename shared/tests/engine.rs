@@ -7,7 +7,6 @@ mod common;
 use shared::engine::generate::{generate, FinishReason};
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
-use shared::model::config::LlamaConfig;
 use shared::model::llama::Llama;
 use shared::model::LoadedModel;
 use tch::{Device, Kind};
@@ -127,17 +126,12 @@ fn prefix_cache_hit_gives_the_same_tokens_as_a_cold_run() {
 }
 
 fn tiny_model(seed: u64) -> Llama {
-    let config = LlamaConfig {
-        vocab_size: 128,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(2),
-        max_position_embeddings: 256,
-        ..LlamaConfig::smollm2_135m()
-    };
-    Llama::random(config, seed, Device::Cpu, Kind::Float)
+    Llama::random(
+        common::tiny_llama_config(256),
+        seed,
+        Device::Cpu,
+        Kind::Float,
+    )
 }
 
 /// Steps `engine` until every request is done; the tokens of requests `0..n`.

@@ -28,7 +28,11 @@ pub struct PoolLayout {
     pub tensor: tch::Tensor,
     pub layers: usize,
     pub block_size: usize,
+    /// Blocks that hold sequences.
     pub num_blocks: usize,
+    /// Slots per layer in the tensor: the blocks' slots plus those of the
+    /// padding block at the end (see `KvPool::padding_block`).
+    pub slots_per_layer: usize,
     /// Bytes of one token's K (or V) in one layer.
     pub slot_bytes: usize,
 }
@@ -36,7 +40,7 @@ pub struct PoolLayout {
 impl PoolLayout {
     /// Byte offset of `slot` in `layer`'s K (`which = 0`) or V (`which = 1`).
     pub fn slot_offset_bytes(&self, layer: usize, which: usize, slot: usize) -> usize {
-        ((layer * 2 + which) * self.num_blocks * self.block_size + slot) * self.slot_bytes
+        ((layer * 2 + which) * self.slots_per_layer + slot) * self.slot_bytes
     }
 }
 
@@ -342,6 +346,7 @@ fn run(mut engine: Engine, commands: mpsc::Receiver<Command>) {
                     layers: engine.model().config().num_hidden_layers,
                     block_size: pool.block_size(),
                     num_blocks: pool.num_blocks(),
+                    slots_per_layer: pool.slots_per_layer(),
                     slot_bytes: pool.slot_bytes(),
                 });
                 continue;

@@ -75,6 +75,11 @@ impl KvPool {
         self.num_blocks
     }
 
+    /// Slots in each layer's K (or V): every block's, the padding block's included.
+    pub fn slots_per_layer(&self) -> usize {
+        (self.num_blocks + 1) * self.block_size
+    }
+
     /// The id of the padding block: scratch space for padding rows.
     pub fn padding_block(&self) -> usize {
         self.num_blocks

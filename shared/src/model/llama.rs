@@ -15,9 +15,12 @@
 //! ([`DenseKvCache`]), fixed-size pages shared between sequences in the
 //! engine — without touching the model.
 //!
-//! Two small speed-ups keep the file readable: Q, K and V projections are
+//! A few small speed-ups keep the file readable: Q, K and V projections are
 //! fused into one matrix (one GEMM instead of three), and so are the MLP's
-//! gate and up projections. Nothing else is clever.
+//! gate and up projections; RMSNorm is PyTorch's fused `rms_norm`, and
+//! queries and keys are rotated by RoPE together. Nothing else is clever:
+//! a GPU's decode step is made fast by replaying it as a CUDA graph
+//! (`engine::decode_graph`), not by this file.
 
 use tch::{Device, Kind, Tensor};
 

@@ -32,3 +32,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A two-layer Llama small enough to run many steps in a test: 128 tokens,
+/// hidden 32, 4 query heads sharing 2 KV heads.
+pub fn tiny_llama_config(max_positions: usize) -> shared::model::config::LlamaConfig {
+    shared::model::config::LlamaConfig {
+        vocab_size: 128,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: max_positions,
+        ..shared::model::config::LlamaConfig::smollm2_135m()
+    }
+}
