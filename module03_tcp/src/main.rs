@@ -193,7 +193,7 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("{} is not a module03_tcp result", json.display()))?;
             let table = report.render();
             print!("{table}");
-            std::fs::write(json.with_extension("txt"), &table)?;
+            shared::results::write_table(&json, &table)?;
             let svg = json.with_extension("svg");
             report
                 .write_svg(&svg)

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use module04_rdma::agent::BackendChoice;
 use module04_rdma::bench;
@@ -51,12 +51,7 @@ fn main() -> Result<()> {
             let results = bench::run(&sizes, backend)?;
             let table = bench::render(&results);
             print!("{table}");
-            if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n")
-                .with_context(|| format!("writing {}", json.display()))?;
-            std::fs::write(json.with_extension("txt"), table)?;
+            shared::results::write(&json, &results, &table)?;
             eprintln!("wrote {} (and .txt)", json.display());
             Ok(())
         }

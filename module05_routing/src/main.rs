@@ -266,14 +266,12 @@ async fn main() -> Result<()> {
         }
         Command::ShowLive { json } => {
             let report = shared::results::read(&json)?;
-            let config: LiveConfig = serde_json::from_value(report["config"].clone())
-                .context("not a `live` result: no config")?;
+            let config: LiveConfig = shared::results::field(&report, "config", "live")?;
             let results: Vec<live::LivePolicyResult> =
-                serde_json::from_value(report["results"].clone())
-                    .context("not a `live` result: no results")?;
+                shared::results::field(&report, "results", "live")?;
             let table = live::table(&config, &results);
             print!("{table}");
-            std::fs::write(json.with_extension("txt"), table)?;
+            shared::results::write_table(&json, &table)?;
             Ok(())
         }
         Command::DecisionCost {

@@ -200,14 +200,12 @@ async fn main() -> Result<()> {
         Command::Worker(args) => worker::run(args).await,
         Command::Show { json } => {
             let report = shared::results::read(&json)?;
-            let load: LoadSpec = serde_json::from_value(report["load"].clone())
-                .context("not a `bench` result: no load")?;
+            let load: LoadSpec = shared::results::field(&report, "load", "bench")?;
             let results: Vec<bench::VariantResult> =
-                serde_json::from_value(report["results"].clone())
-                    .context("not a `bench` result: no results")?;
+                shared::results::field(&report, "results", "bench")?;
             let table = bench::table(&load, &results);
             print!("{table}");
-            std::fs::write(json.with_extension("txt"), table)?;
+            shared::results::write_table(&json, &table)?;
             Ok(())
         }
         Command::Demo {

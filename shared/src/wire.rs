@@ -140,7 +140,9 @@ impl TransferMode {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Breakdown {
     pub prompt_tokens: u32,
-    /// Prompt tokens whose KV the worker's prefix cache already held.
+    /// Prompt tokens whose KV the worker's prefix cache already held
+    /// (0 in results saved before it was reported).
+    #[serde(default)]
     pub cached_prompt_tokens: u32,
     pub output_tokens: u32,
     pub kv_bytes: u64,
