@@ -1,7 +1,9 @@
-//! Compiles `csrc/cuda_graph.cpp`, the bridge to libtorch's CUDA graphs,
-//! when the libtorch we build against has CUDA (`libtorch_cuda.so` and the
-//! CUDA runtime headers are found). It then sets `cfg(cuda_graphs)`;
-//! without it the engine runs every decode step eagerly, as on a CPU.
+//! Compiles the C++ bridge to the CUDA side of libtorch — `csrc/cuda_graph.cpp`
+//! (CUDA graphs) and `csrc/cuda_ipc.cpp` (GPU memory shared between
+//! processes) — when the libtorch we build against has CUDA
+//! (`libtorch_cuda.so` and the CUDA runtime headers are found). It then sets
+//! `cfg(cuda_bridge)`; without it the engine runs every decode step eagerly,
+//! as on a CPU, and the CUDA IPC transfer backend reports that it is missing.
 //!
 //! The headers come from libtorch's `include/` and from CUDA's runtime
 //! headers: those of the `nvidia-cuda-runtime` and `nvidia-cuda-crt` wheels
@@ -12,11 +14,13 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(cuda_graphs)");
+    println!("cargo::rustc-check-cfg=cfg(cuda_bridge)");
     println!("cargo::rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo::rerun-if-changed=csrc/cuda_ipc.cpp");
+    println!("cargo::rerun-if-changed=csrc/guarded.h");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
-    println!("cargo::rerun-if-env-changed=SPARK_DISAGG_NO_CUDA_GRAPHS");
-    if env::var_os("SPARK_DISAGG_NO_CUDA_GRAPHS").is_some() {
+    println!("cargo::rerun-if-env-changed=SPARK_DISAGG_NO_CUDA_BRIDGE");
+    if env::var_os("SPARK_DISAGG_NO_CUDA_BRIDGE").is_some() {
         return;
     }
     // torch-sys tells its direct dependents where it found libtorch.
@@ -30,13 +34,14 @@ fn main() {
     let Some(cuda_include) = cuda_runtime_headers(torch) else {
         println!(
             "cargo::warning=libtorch has CUDA but no CUDA runtime headers were found \
-             (pip install nvidia-cuda-crt, or set CUDA_HOME); building without CUDA graphs"
+             (pip install nvidia-cuda-crt, or set CUDA_HOME); building without CUDA graphs or CUDA IPC"
         );
         return;
     };
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_graph.cpp")
+        .file("csrc/cuda_ipc.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .include(cuda_include)
@@ -44,11 +49,11 @@ fn main() {
         // PyTorch's wheels use the C++11 string ABI since 2.7.
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .warnings(false)
-        .compile("spark_cuda_graph");
+        .compile("spark_cuda_bridge");
     println!("cargo::rustc-link-search=native={}", lib.display());
     println!("cargo::rustc-link-lib=dylib=torch_cuda");
     println!("cargo::rustc-link-lib=dylib=c10_cuda");
-    println!("cargo::rustc-cfg=cuda_graphs");
+    println!("cargo::rustc-cfg=cuda_bridge");
 }
 
 /// A directory holding `cuda_runtime_api.h`.

@@ -43,7 +43,8 @@ pub enum StartError {
 /// The transfer backend a decode server should offer for one-sided writes,
 /// from its flags: `None` without `--one-sided`, and `None` (with a warning)
 /// where writes could not land — the TCP backend's "NIC" is a CPU thread,
-/// which cannot write a KV pool in GPU memory.
+/// which cannot write a KV pool in GPU memory. CUDA IPC is the opposite: it
+/// shares GPU memory only, so it needs the pool on a GPU.
 pub fn one_sided_backend(
     one_sided: bool,
     transfer_backend: &str,
@@ -65,6 +66,13 @@ pub fn one_sided_backend(
              disabled on this GPU (use --device cpu, or an RDMA NIC with GPUDirect)"
         );
         return Ok(None);
+    }
+    if matches!(backend, BackendChoice::CudaIpc { .. }) && device == tch::Device::Cpu {
+        return Err(module04_rdma::agent::AgentError::Backend(
+            "--transfer-backend cuda-ipc shares a KV pool in GPU memory: run the decode worker \
+             on a GPU (--device cuda:N), or use the tcp backend"
+                .into(),
+        ));
     }
     Ok(Some(backend))
 }
@@ -609,4 +617,33 @@ fn send_error(out: &UnboundedSender<Message>, request_id: u64, message: String) 
         request_id: Some(request_id),
         message,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sided_backend_follows_where_the_kv_pool_lives() {
+        let cpu = tch::Device::Cpu;
+        let gpu = tch::Device::Cuda(0);
+        let choose = |one_sided, backend: &str, device| {
+            one_sided_backend(one_sided, backend, None, "127.0.0.1:7801", device)
+        };
+        assert!(choose(false, "cuda-ipc", cpu).unwrap().is_none());
+        assert!(matches!(
+            choose(true, "tcp", cpu).unwrap(),
+            Some(BackendChoice::Tcp { listen }) if listen == "127.0.0.1:0"
+        ));
+        // A CPU thread cannot write GPU memory: TCP one-sided is turned off on a GPU.
+        assert!(choose(true, "tcp", gpu).unwrap().is_none());
+        assert!(matches!(
+            choose(true, "cuda-ipc", gpu).unwrap(),
+            Some(BackendChoice::CudaIpc { .. })
+        ));
+        // CUDA IPC shares GPU memory only.
+        let err = choose(true, "cuda-ipc", cpu).unwrap_err();
+        assert!(err.to_string().contains("--device cuda:N"), "{err}");
+        assert!(choose(true, "carrier-pigeon", cpu).is_err());
+    }
 }

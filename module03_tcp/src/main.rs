@@ -46,7 +46,7 @@ enum Command {
         #[arg(long)]
         agent_listen: Option<String>,
         /// How one-sided writes move: auto (RDMA if a port is active, else
-        /// tcp), tcp, ibverbs or ibverbs:DEVICE
+        /// tcp), tcp, ibverbs, ibverbs:DEVICE or cuda-ipc (GPU to GPU)
         #[arg(long, default_value = "auto")]
         transfer_backend: String,
         #[command(flatten)]
@@ -60,7 +60,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7801")]
         decode: String,
         /// How one-sided writes move (must match the decode server's):
-        /// auto, tcp, ibverbs or ibverbs:DEVICE
+        /// auto, tcp, ibverbs, ibverbs:DEVICE or cuda-ipc
         #[arg(long, default_value = "auto")]
         transfer_backend: String,
         #[command(flatten)]

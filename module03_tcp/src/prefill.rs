@@ -27,7 +27,7 @@ use shared::engine::sampling::{Sampler, SamplingParams};
 use shared::model::llama::{causal_attention, AttentionCache, Llama};
 use shared::model::tokenizer::Tokenizer;
 use shared::wire::{self, FrameError, Message, ModelFingerprint, Prompt, TransferMode};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -258,11 +258,17 @@ struct Placement {
     pool_slots: usize,
 }
 
-/// Host memory the prefill worker stages a prompt's KV in for one-sided
-/// writes, registered with its agent once at start-up.
+/// Memory the prefill worker stages a prompt's KV in for one-sided writes,
+/// registered with its agent once at start-up: host memory for the TCP and
+/// RDMA backends, memory of the model's GPU for CUDA IPC (whose writes go
+/// GPU to GPU).
 struct Staging {
     region: RegionId,
     memory: Arc<MemoryRegion>,
+    device: tch::Device,
+    /// Keeps GPU staging memory alive while registered (a `Mutex` only
+    /// because a tensor handle may not be shared between threads).
+    _gpu: Option<Mutex<Tensor>>,
 }
 
 /// One client request, as a prefill server receives it.
@@ -313,10 +319,11 @@ impl PrefillServer {
             .expect("a transfer agent on loopback starts")
     }
 
-    /// As [`PrefillServer::new`], with `staging_bytes` of host memory for
+    /// As [`PrefillServer::new`], with `staging_bytes` of memory for
     /// one-sided transfers (the largest prompt KV it can send that way),
-    /// registered with a transfer agent on `backend`. The prefill side only
-    /// initiates writes, so its agent's listen address is never dialled.
+    /// registered with a transfer agent on `backend`: host memory, or with
+    /// `BackendChoice::CudaIpc` memory of the model's GPU. The prefill side
+    /// only initiates writes, so its agent's listen address is never dialled.
     pub fn with_staging(
         model: Llama,
         tokenizer: Tokenizer,
@@ -330,12 +337,35 @@ impl PrefillServer {
             std::process::id(),
             AGENTS.fetch_add(1, Ordering::Relaxed)
         );
+        let on_gpu = matches!(backend, BackendChoice::CudaIpc { .. });
+        let device = if on_gpu {
+            model.device()
+        } else {
+            tch::Device::Cpu
+        };
+        if on_gpu && device == tch::Device::Cpu {
+            return Err(AgentError::Backend(
+                "the cuda-ipc transfer backend moves KV from GPU to GPU: run the prefill worker \
+                 on a GPU (--device cuda:N), or use the tcp backend"
+                    .into(),
+            ));
+        }
         let agent = TransferAgent::new(&name, backend)?;
-        let region = agent.register(MemoryRegion::alloc(staging_bytes))?;
+        let gpu = on_gpu.then(|| Tensor::zeros([staging_bytes as i64], (Kind::Uint8, device)));
+        let region = match &gpu {
+            // SAFETY: the tensor is kept in `Staging` as long as the agent.
+            Some(tensor) => agent.register(unsafe { MemoryRegion::of_tensor(tensor) })?,
+            None => agent.register(MemoryRegion::alloc(staging_bytes))?,
+        };
         let memory = agent.region(region).expect("just registered");
         Ok(Arc::new(PrefillServer {
             agent,
-            staging: Staging { region, memory },
+            staging: Staging {
+                region,
+                memory,
+                device,
+                _gpu: gpu.map(Mutex::new),
+            },
             fingerprint: ModelFingerprint::of(&model),
             context: model.config().max_position_embeddings,
             model: Mutex::new(model),
@@ -457,7 +487,7 @@ impl PrefillServer {
                 &[layers.len() as i64, 2, tokens, heads, dim],
                 &[],
                 kind,
-                tch::Device::Cpu,
+                self.staging.device,
             )
         };
         for (layer, k, v) in layers {

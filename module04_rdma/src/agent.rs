@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::backend::cuda_ipc::CudaIpcBackend;
 use crate::backend::ibverbs::IbverbsBackend;
 use crate::backend::tcp::TcpBackend;
-use crate::backend::{Backend, Target, WriteOp};
-use crate::metadata::{AgentMetadata, BackendKind, RemoteRegion};
+use crate::backend::{Backend, Registration, Target, WriteOp};
+use crate::metadata::{AgentMetadata, BackendKind, ProcessId, RemoteRegion};
 use crate::region::{Descriptor, MemoryRegion, RegionId};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +64,7 @@ pub struct Notification {
 /// The agent's registrations, shared with the backend's receiving side.
 #[derive(Default)]
 pub struct Registry {
-    regions: RwLock<HashMap<u32, (Arc<MemoryRegion>, u32)>>,
+    regions: RwLock<HashMap<u32, (Arc<MemoryRegion>, Registration)>>,
 }
 
 impl Registry {
@@ -76,10 +77,10 @@ impl Registry {
         len: u64,
     ) -> Result<Arc<MemoryRegion>, String> {
         let regions = self.regions.read().expect("registry lock");
-        let (memory, key) = regions
+        let (memory, registration) = regions
             .get(&region)
             .ok_or_else(|| format!("no region {region} is registered"))?;
-        if *key != rkey {
+        if registration.rkey != rkey {
             return Err(format!("wrong key for region {region}"));
         }
         let descriptor = Descriptor::new(RegionId(region), offset, len);
@@ -105,18 +106,22 @@ pub enum BackendChoice {
         device: Option<String>,
         listen: String,
     },
+    /// GPU to GPU between processes of one host, by CUDA IPC; `listen` is
+    /// the side channel for notifications.
+    CudaIpc { listen: String },
     /// `Ibverbs` where this machine has an active RDMA port, `Tcp` otherwise.
     Auto { listen: String },
 }
 
 impl BackendChoice {
-    /// Parses a command-line name (`auto`, `tcp`, `ibverbs` or
-    /// `ibverbs:DEVICE`) with the side channel's listen address.
+    /// Parses a command-line name (`auto`, `tcp`, `ibverbs`,
+    /// `ibverbs:DEVICE` or `cuda-ipc`) with the side channel's listen address.
     pub fn parse(name: &str, listen: &str) -> Result<BackendChoice, AgentError> {
         let listen = listen.to_string();
         match name.split_once(':') {
             None if name == "auto" => Ok(BackendChoice::Auto { listen }),
             None if name == "tcp" => Ok(BackendChoice::Tcp { listen }),
+            None if name == "cuda-ipc" => Ok(BackendChoice::CudaIpc { listen }),
             None if name == "ibverbs" => Ok(BackendChoice::Ibverbs {
                 device: None,
                 listen,
@@ -126,7 +131,7 @@ impl BackendChoice {
                 listen,
             }),
             _ => Err(AgentError::Backend(format!(
-                "unknown transfer backend {name:?}: use auto, tcp, ibverbs or ibverbs:DEVICE (e.g. ibverbs:mlx5_0)"
+                "unknown transfer backend {name:?}: use auto, tcp, ibverbs, ibverbs:DEVICE (e.g. ibverbs:mlx5_0) or cuda-ipc"
             ))),
         }
     }
@@ -182,6 +187,9 @@ impl TransferAgent {
                 &listen,
                 target,
             )?),
+            BackendChoice::CudaIpc { listen } => {
+                Box::new(CudaIpcBackend::start(name, &listen, target)?)
+            }
             auto @ BackendChoice::Auto { .. } => return TransferAgent::new(name, auto.resolve()),
         };
         Ok(TransferAgent {
@@ -208,12 +216,12 @@ impl TransferAgent {
     /// given this agent's metadata to write.
     pub fn register(&self, region: MemoryRegion) -> Result<RegionId, AgentError> {
         let id = self.next_region.fetch_add(1, Ordering::Relaxed);
-        let rkey = self.backend.register(id, &region)?;
+        let registration = self.backend.register(id, &region)?;
         self.registry
             .regions
             .write()
             .expect("registry lock")
-            .insert(id, (Arc::new(region), rkey));
+            .insert(id, (Arc::new(region), registration));
         Ok(RegionId(id))
     }
 
@@ -242,11 +250,12 @@ impl TransferAgent {
         let regions = self.registry.regions.read().expect("registry lock");
         let mut exposed: Vec<RemoteRegion> = regions
             .iter()
-            .map(|(&id, (memory, rkey))| RemoteRegion {
+            .map(|(&id, (memory, registration))| RemoteRegion {
                 id: RegionId(id),
                 len: memory.len() as u64,
-                rkey: *rkey,
+                rkey: registration.rkey,
                 address: memory.as_ptr() as u64,
+                ipc: registration.ipc.clone(),
             })
             .collect();
         exposed.sort_by_key(|r| r.id);
@@ -254,6 +263,7 @@ impl TransferAgent {
             name: self.name.clone(),
             backend: self.backend.kind(),
             address: self.backend.address(),
+            process: ProcessId::current(),
             regions: exposed,
         }
     }
@@ -331,21 +341,22 @@ impl TransferAgent {
                     region_len: exposed.len,
                 });
             }
-            checked.push((*local, *target, *exposed));
+            // The key and address are all a write needs of the remote region.
+            checked.push((*local, *target, exposed.rkey, exposed.address));
             held.push(memory);
         }
         let ops: Vec<WriteOp<'_>> = checked
             .iter()
             .zip(&held)
-            .map(|((local, target, exposed), memory)| WriteOp {
+            .map(|((local, target, rkey, address), memory)| WriteOp {
                 local: memory,
                 local_region: local.region.0,
                 local_offset: local.offset,
                 len: local.len,
                 region: target.region.0,
-                rkey: exposed.rkey,
+                rkey: *rkey,
                 offset: target.offset,
-                remote_address: exposed.address + target.offset,
+                remote_address: address + target.offset,
             })
             .collect();
         let start = Instant::now();

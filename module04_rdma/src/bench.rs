@@ -48,10 +48,34 @@ fn repeats(bytes: u64) -> usize {
 /// (through the NIC's loopback for ibverbs); (median µs, GB/s) per size.
 pub fn one_sided(sizes: &[u64], backend: &BackendChoice) -> Result<Vec<(f64, f64)>, AgentError> {
     let largest = *sizes.iter().max().unwrap_or(&0) as usize;
+    // CUDA IPC moves GPU memory: both buffers are tensors on GPU 0, kept
+    // alive here while registered (between two agents of one process the
+    // copy is device-local; across processes see module 6's bench).
+    let gpu_buffers: Vec<tch::Tensor> = match backend {
+        BackendChoice::CudaIpc { .. } => {
+            if shared::device::cuda_device_count() == 0 {
+                return Err(AgentError::Backend(format!(
+                    "--backend cuda-ipc needs a GPU: {}",
+                    shared::device::cuda_status()
+                )));
+            }
+            (0..2)
+                .map(|_| {
+                    tch::Tensor::zeros([largest as i64], (tch::Kind::Uint8, tch::Device::Cuda(0)))
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let buffer = |i: usize| match gpu_buffers.get(i) {
+        // SAFETY: the tensors outlive both agents (dropped after them, at the end).
+        Some(tensor) => unsafe { MemoryRegion::of_tensor(tensor) },
+        None => MemoryRegion::alloc(largest),
+    };
     let target = TransferAgent::new("bench-target", backend.clone())?;
-    let remote_region = target.register(MemoryRegion::alloc(largest))?;
+    let remote_region = target.register(buffer(0))?;
     let initiator = TransferAgent::new("bench-initiator", backend.clone())?;
-    let local = initiator.register(MemoryRegion::alloc(largest))?;
+    let local = initiator.register(buffer(1))?;
     initiator.load_remote(&target.metadata())?;
     let mut out = Vec::new();
     for &bytes in sizes {
@@ -162,6 +186,7 @@ pub fn run(sizes: &[u64], backend: BackendChoice) -> anyhow::Result<BenchReport>
     let backend = backend.resolve();
     let kind = match backend {
         BackendChoice::Ibverbs { .. } => BackendKind::Ibverbs,
+        BackendChoice::CudaIpc { .. } => BackendKind::CudaIpc,
         _ => BackendKind::Tcp,
     };
     let one = one_sided(sizes, &backend)?;

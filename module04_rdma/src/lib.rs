@@ -27,8 +27,10 @@
 //! same one-sided semantics on any machine: the receiving agent's "NIC" is
 //! a thread that checks each write against its registrations and reads the
 //! bytes from the socket straight into the registered memory, never
-//! involving the application. `BackendChoice::Auto` picks ibverbs where
-//! module 0's probe finds an active RDMA port.
+//! involving the application. [`backend::cuda_ipc`] is for GPUs of one
+//! host: the target's GPU memory is shared by CUDA IPC handle and the
+//! initiator's GPU writes into it. `BackendChoice::Auto` picks ibverbs
+//! where module 0's probe finds an active RDMA port.
 
 pub mod agent;
 pub mod backend;

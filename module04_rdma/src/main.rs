@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p module04_rdma -- bench                   # one-sided (auto backend) vs module 3's framed path
 //! cargo run --release -p module04_rdma -- bench --backend ibverbs # on a machine with an RDMA NIC
+//! cargo run --release -p module04_rdma -- bench --backend cuda-ipc # GPU memory, copied by the GPU
 //! ```
 
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ enum Command {
         #[arg(long, default_value = "results/module04_bench.json")]
         json: PathBuf,
         /// The one-sided side's backend: auto (ibverbs if an RDMA port is
-        /// active, else tcp), tcp, ibverbs or ibverbs:DEVICE
+        /// active, else tcp), tcp, ibverbs, ibverbs:DEVICE or cuda-ipc (GPU 0)
         #[arg(long, default_value = "auto")]
         backend: String,
     },

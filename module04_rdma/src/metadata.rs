@@ -7,6 +7,7 @@
 //! registry. It is a plain serialisable value, encoded with bincode here.
 
 use serde::{Deserialize, Serialize};
+use shared::cuda_ipc::IpcHandle;
 
 use crate::region::RegionId;
 
@@ -17,10 +18,41 @@ pub enum BackendKind {
     Tcp,
     /// RDMA over InfiniBand or RoCE.
     Ibverbs,
+    /// GPU to GPU on one host: the initiator maps the target's GPU memory
+    /// with CUDA IPC and its own GPU writes into it (NVLink or PCIe).
+    CudaIpc,
+}
+
+/// Which process an agent is: the machine's boot (Linux's
+/// `/proc/sys/kernel/random/boot_id`, unique per host and boot) and its pid.
+/// CUDA IPC works only between processes of one host, and a process cannot
+/// open its own handles, so the CUDA IPC backend needs to know both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub boot_id: String,
+    pub pid: u32,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn current() -> ProcessId {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        ProcessId {
+            boot_id,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Whether `other` runs on the same host as this one (unknown counts as no).
+    pub fn same_host(&self, other: &ProcessId) -> bool {
+        !self.boot_id.is_empty() && self.boot_id == other.boot_id
+    }
 }
 
 /// One exposed region: its number, size and the key that authorises writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteRegion {
     pub id: RegionId,
     pub len: u64,
@@ -29,6 +61,8 @@ pub struct RemoteRegion {
     /// The region's start in the target's address space: RDMA WRITE names
     /// remote memory by virtual address; the TCP backend ignores it.
     pub address: u64,
+    /// The CUDA IPC handle of the region's GPU memory (CUDA IPC backend only).
+    pub ipc: Option<IpcHandle>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +72,7 @@ pub struct AgentMetadata {
     /// Where the backend accepts connections (host:port for TCP; the
     /// side channel that exchanges queue-pair numbers for ibverbs).
     pub address: String,
+    pub process: ProcessId,
     pub regions: Vec<RemoteRegion>,
 }
 
@@ -75,12 +110,26 @@ mod tests {
             name: "decode-0".into(),
             backend: BackendKind::Tcp,
             address: "127.0.0.1:9000".into(),
-            regions: vec![RemoteRegion {
-                id: RegionId(3),
-                len: 1 << 30,
-                rkey: 0xdead_beef,
-                address: 0x7f00_0000_1000,
-            }],
+            process: ProcessId::current(),
+            regions: vec![
+                RemoteRegion {
+                    id: RegionId(3),
+                    len: 1 << 30,
+                    rkey: 0xdead_beef,
+                    address: 0x7f00_0000_1000,
+                    ipc: None,
+                },
+                RemoteRegion {
+                    id: RegionId(5),
+                    len: 4096,
+                    rkey: 7,
+                    address: 0x7f00_0000_2000,
+                    ipc: Some(IpcHandle {
+                        bytes: vec![0xab; 65],
+                        offset: 512,
+                    }),
+                },
+            ],
         };
         let bytes = m.encode();
         assert_eq!(AgentMetadata::decode(&bytes).unwrap(), m);
@@ -90,5 +139,29 @@ mod tests {
         assert!(AgentMetadata::decode(&longer).is_err());
         assert_eq!(m.region(RegionId(3)).unwrap().rkey, 0xdead_beef);
         assert!(m.region(RegionId(4)).is_none());
+        assert_eq!(
+            m.region(RegionId(5)).unwrap().ipc.as_ref().unwrap().offset,
+            512
+        );
+    }
+
+    #[test]
+    fn a_process_is_on_its_own_host_and_unknown_hosts_are_not_shared() {
+        let me = ProcessId::current();
+        assert!(!me.boot_id.is_empty(), "Linux has a boot id");
+        assert!(me.same_host(&ProcessId {
+            pid: 1,
+            ..me.clone()
+        }));
+        let elsewhere = ProcessId {
+            boot_id: "another-machine".into(),
+            pid: me.pid,
+        };
+        assert!(!me.same_host(&elsewhere));
+        let unknown = ProcessId {
+            boot_id: String::new(),
+            pid: 1,
+        };
+        assert!(!unknown.same_host(&unknown));
     }
 }

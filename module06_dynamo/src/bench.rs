@@ -375,6 +375,20 @@ pub struct VariantResult {
     pub remote_prefills: u64,
     pub local_prefills: u64,
     pub kv_bytes: u64,
+    /// KV transfer time not hidden behind prefill, summed over remote prefills.
+    #[serde(default)]
+    pub kv_transfer_s: f64,
+}
+
+impl VariantResult {
+    /// Mean exposed KV transfer time per remote prefill, in ms.
+    pub fn transfer_ms_per_request(&self) -> f64 {
+        if self.remote_prefills == 0 {
+            0.0
+        } else {
+            self.kv_transfer_s * 1e3 / self.remote_prefills as f64
+        }
+    }
 }
 
 /// Runs `load` against each variant in turn, each freshly started.
@@ -399,6 +413,7 @@ pub async fn compare(
         ]
         .map(|p| m.prefill_place.with_label_values(&[p]).get());
         let kv_bytes = total(&m.kv_transfer_bytes);
+        let kv_transfer_s = histogram_sum(&m.kv_transfer_seconds);
         results.push(VariantResult {
             name: v.name.into(),
             what: v.what.into(),
@@ -406,15 +421,36 @@ pub async fn compare(
             remote_prefills: places[0],
             local_prefills: places[1..].iter().sum(),
             kv_bytes,
+            kv_transfer_s,
         });
         deployment.stop().await;
     }
     Ok(results)
 }
 
-/// Where prefills ran and the KV bytes moved, read from a frontend's
-/// `/metrics`: (remote prefills, local prefills, KV bytes).
-pub async fn scrape_transfer_counters(url: &str) -> Result<(u64, u64, u64), String> {
+/// Where prefills ran and what moving KV cost, as a frontend counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TransferCounters {
+    pub remote_prefills: u64,
+    pub local_prefills: u64,
+    pub kv_bytes: u64,
+    pub kv_transfer_s: f64,
+}
+
+impl std::ops::Sub for TransferCounters {
+    type Output = TransferCounters;
+    fn sub(self, before: TransferCounters) -> TransferCounters {
+        TransferCounters {
+            remote_prefills: self.remote_prefills - before.remote_prefills,
+            local_prefills: self.local_prefills - before.local_prefills,
+            kv_bytes: self.kv_bytes - before.kv_bytes,
+            kv_transfer_s: self.kv_transfer_s - before.kv_transfer_s,
+        }
+    }
+}
+
+/// The [`TransferCounters`], read from a frontend's `/metrics`.
+pub async fn scrape_transfer_counters(url: &str) -> Result<TransferCounters, String> {
     let text = reqwest::get(format!("{url}/metrics"))
         .await
         .and_then(|r| r.error_for_status())
@@ -422,21 +458,39 @@ pub async fn scrape_transfer_counters(url: &str) -> Result<(u64, u64, u64), Stri
         .text()
         .await
         .map_err(|e| e.to_string())?;
-    let (mut remote, mut local, mut bytes) = (0, 0, 0);
+    Ok(parse_transfer_counters(&text))
+}
+
+/// The [`TransferCounters`] in a Prometheus text exposition.
+pub fn parse_transfer_counters(text: &str) -> TransferCounters {
+    let mut c = TransferCounters::default();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((name, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let value = value.parse::<f64>().unwrap_or(0.0) as u64;
+        let value = value.parse::<f64>().unwrap_or(0.0);
         if name.starts_with("spark_prefill_total{place=\"remote\"}") {
-            remote += value;
+            c.remote_prefills += value as u64;
         } else if name.starts_with("spark_prefill_total") {
-            local += value;
+            c.local_prefills += value as u64;
         } else if name.starts_with("spark_kv_transfer_bytes_total") {
-            bytes += value;
+            c.kv_bytes += value as u64;
+        } else if name.starts_with("spark_kv_transfer_seconds_sum") {
+            c.kv_transfer_s += value;
         }
     }
-    Ok((remote, local, bytes))
+    c
+}
+
+/// A histogram family's sum of observations over all its labels.
+fn histogram_sum(histograms: &prometheus::HistogramVec) -> f64 {
+    use prometheus::core::Collector;
+    histograms
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_histogram().get_sample_sum())
+        .sum()
 }
 
 /// A counter family's total over all its labels.
@@ -451,8 +505,8 @@ fn total(counters: &prometheus::IntCounterVec) -> u64 {
 }
 
 /// One line of the table: the name left-aligned, the rest right-aligned.
-fn row(cells: &[String; 11]) -> String {
-    const WIDTHS: [usize; 11] = [16, 4, 19, 18, 17, 6, 6, 8, 7, 6, 7];
+fn row(cells: &[String; 12]) -> String {
+    const WIDTHS: [usize; 12] = [16, 4, 19, 18, 17, 6, 6, 8, 7, 6, 7, 9];
     let mut line = format!("{:<w$}", cells[0], w = WIDTHS[0]);
     for (cell, width) in cells.iter().zip(WIDTHS).skip(1) {
         line += &format!(" {cell:>width$}");
@@ -478,6 +532,7 @@ pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
         "TTFT ×",
         "remote",
         "KV MiB",
+        "KV ms/req",
     ];
     out += &row(&header.map(String::from));
     let first = results.first().map(|r| &r.summary);
@@ -504,10 +559,12 @@ pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
                 r.remote_prefills + r.local_prefills
             ),
             format!("{:.1}", r.kv_bytes as f64 / (1 << 20) as f64),
+            format!("{:.2}", r.transfer_ms_per_request()),
         ]);
     }
     out += "×base: output tokens/s over the first variant's; TTFT ×: TTFT p50 over the first variant's; \
-            goodput: requests/s within the SLO; remote: prefills run on a prefill worker / all\n";
+            goodput: requests/s within the SLO; remote: prefills run on a prefill worker / all; \
+            KV ms/req: KV transfer time not hidden behind prefill, per remote prefill\n";
     for r in results {
         out += &format!("  {:<16} {}\n", r.name, r.what);
     }
@@ -520,4 +577,54 @@ pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// What `bench --url` scrapes from `/metrics` must be what the frontend
+    /// counted, and the difference of two scrapes what happened between them.
+    #[test]
+    fn transfer_counters_are_read_back_from_the_metrics_text() {
+        let metrics = Metrics::new();
+        let before = parse_transfer_counters(&metrics.render());
+        assert_eq!(before, TransferCounters::default());
+        metrics
+            .prefill_place
+            .with_label_values(&["remote"])
+            .inc_by(3);
+        metrics
+            .prefill_place
+            .with_label_values(&["local_short_prompt"])
+            .inc();
+        for (worker, bytes, seconds) in [("decode-0", 1000, 0.25), ("decode-1", 24, 0.5)] {
+            metrics
+                .kv_transfer_bytes
+                .with_label_values(&[worker])
+                .inc_by(bytes);
+            metrics
+                .kv_transfer_seconds
+                .with_label_values(&[worker])
+                .observe(seconds);
+        }
+        let after = parse_transfer_counters(&metrics.render());
+        let moved = after - before;
+        assert_eq!(moved.remote_prefills, 3);
+        assert_eq!(moved.local_prefills, 1);
+        assert_eq!(moved.kv_bytes, 1024);
+        assert!((moved.kv_transfer_s - 0.75).abs() < 1e-9);
+        assert!((histogram_sum(&metrics.kv_transfer_seconds) - 0.75).abs() < 1e-9);
+        let result = VariantResult {
+            name: "x".into(),
+            what: "y".into(),
+            summary: summarise(Vec::new(), 1.0, &LoadSpec::default()),
+            remote_prefills: moved.remote_prefills,
+            local_prefills: moved.local_prefills,
+            kv_bytes: moved.kv_bytes,
+            kv_transfer_s: moved.kv_transfer_s,
+        };
+        assert!((result.transfer_ms_per_request() - 250.0).abs() < 1e-6);
+    }
 }

@@ -39,10 +39,17 @@ pub struct DeploymentSpec {
     pub policy: String,
     pub disagg: DisaggPolicy,
     pub kv_cache_gb: f64,
+    /// How one-sided writes move (`auto`, `tcp`, `ibverbs…`, `cuda-ipc`),
+    /// passed to every worker when `one_sided`.
+    pub transfer_backend: String,
     /// `--model/--device/--dtype` as given, passed on to every worker.
     pub model: Option<PathBuf>,
     pub device: String,
     pub dtype: String,
+    /// Devices per role, overriding `device`: e.g. prefill on `cuda:0`,
+    /// decode (and aggregated) workers on `cuda:1`.
+    pub prefill_device: Option<String>,
+    pub decode_device: Option<String>,
     /// Where the frontend listens; port 0 picks a free one.
     pub listen: SocketAddr,
     pub api_key: Option<String>,
@@ -63,13 +70,27 @@ impl DeploymentSpec {
             policy: "kv-aware".into(),
             disagg: DisaggPolicy::default(),
             kv_cache_gb: 0.5,
+            transfer_backend: "auto".into(),
             model,
             device: "auto".into(),
             dtype: "auto".into(),
+            prefill_device: None,
+            decode_device: None,
             listen: "127.0.0.1:8000".parse().expect("valid address"),
             api_key: None,
             etcd: "127.0.0.1:2379".into(),
         }
+    }
+}
+
+impl DeploymentSpec {
+    /// The device a worker of `role` runs on.
+    pub fn device_of(&self, role: Role) -> &str {
+        let chosen = match role {
+            Role::Prefill => &self.prefill_device,
+            Role::Decode | Role::Aggregated => &self.decode_device,
+        };
+        chosen.as_deref().unwrap_or(&self.device)
     }
 }
 
@@ -129,14 +150,14 @@ impl Deployment {
                 .args(["worker", "--role", role_name(role), "--name", &name])
                 .args(["--etcd", &etcd_endpoint, "--prefix", &prefix])
                 .args(["--kv-cache-gb", &spec.kv_cache_gb.to_string()])
-                .args(["--device", &spec.device, "--dtype", &spec.dtype])
+                .args(["--device", spec.device_of(role), "--dtype", &spec.dtype])
                 .arg("--model")
                 .arg(&model_path)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .kill_on_drop(true);
             if spec.one_sided {
-                command.args(["--one-sided", "--transfer-backend", "auto"]);
+                command.args(["--one-sided", "--transfer-backend", &spec.transfer_backend]);
             }
             let child = command
                 .spawn()
@@ -252,4 +273,22 @@ pub fn model_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
         .unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_role_runs_on_its_own_device_or_the_common_one() {
+        let mut spec = DeploymentSpec::new(None);
+        spec.device = "cuda".into();
+        assert_eq!(spec.device_of(Role::Prefill), "cuda");
+        assert_eq!(spec.device_of(Role::Decode), "cuda");
+        spec.prefill_device = Some("cuda:0".into());
+        spec.decode_device = Some("cuda:1".into());
+        assert_eq!(spec.device_of(Role::Prefill), "cuda:0");
+        assert_eq!(spec.device_of(Role::Decode), "cuda:1");
+        assert_eq!(spec.device_of(Role::Aggregated), "cuda:1");
+    }
 }

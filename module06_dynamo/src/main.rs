@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use module05_routing::policy;
 use module05_routing::registry::Registry;
+use module05_routing::registry::Role;
 use module05_routing::router::Router;
 use module06_dynamo::bench::{self, LoadSpec};
 use module06_dynamo::deploy::{model_name, Deployment, DeploymentSpec};
@@ -25,6 +26,7 @@ use module06_dynamo::disagg::DisaggPolicy;
 use module06_dynamo::frontend::{Frontend, FrontendConfig};
 use module06_dynamo::worker::{self, shutdown_signal, WorkerArgs};
 use shared::cli::EtcdArgs;
+use shared::device::{DeviceChoice, DtypeChoice};
 use shared::kv::block::DEFAULT_BLOCK_SIZE;
 use shared::wire::TransferMode;
 
@@ -44,10 +46,21 @@ struct DeployArgs {
     /// A .gguf file or Hugging Face directory [default: $SPARK_DISAGG_MODEL]
     #[arg(long)]
     model: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N, for every worker
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// The prefill workers' device, if not --device (e.g. cuda:0)
+    #[arg(long)]
+    prefill_device: Option<String>,
+    /// The decode and aggregated workers' device, if not --device (e.g. cuda:1)
+    #[arg(long)]
+    decode_device: Option<String>,
+    /// How one-sided KV writes move: auto (RDMA if a port is active, else
+    /// tcp), tcp, ibverbs, ibverbs:DEVICE, or cuda-ipc (GPU to GPU on one host)
+    #[arg(long, default_value = "auto")]
+    transfer_backend: String,
     /// KV pool per decode or aggregated worker
     #[arg(long, default_value_t = 0.5)]
     kv_cache_gb: f64,
@@ -187,6 +200,9 @@ fn deployment_spec(deploy: &DeployArgs) -> DeploymentSpec {
     DeploymentSpec {
         device: deploy.device.clone(),
         dtype: deploy.dtype.clone(),
+        prefill_device: deploy.prefill_device.clone(),
+        decode_device: deploy.decode_device.clone(),
+        transfer_backend: deploy.transfer_backend.clone(),
         kv_cache_gb: deploy.kv_cache_gb,
         etcd: deploy.etcd.etcd.clone(),
         ..DeploymentSpec::new(deploy.model.clone())
@@ -383,20 +399,21 @@ async fn main() -> Result<()> {
                     let before = bench::scrape_transfer_counters(url).await;
                     let summary = bench::drive(url, &load, progress).await;
                     let after = bench::scrape_transfer_counters(url).await;
-                    let (remote, local, bytes) = match (before, after) {
-                        (Ok(b), Ok(a)) => (a.0 - b.0, a.1 - b.1, a.2 - b.2),
+                    let counters = match (before, after) {
+                        (Ok(before), Ok(after)) => after - before,
                         (Err(e), _) | (_, Err(e)) => {
                             eprintln!("warning: {e}; the remote and KV columns stay 0");
-                            (0, 0, 0)
+                            bench::TransferCounters::default()
                         }
                     };
                     vec![bench::VariantResult {
                         what: format!("the deployment at {url}"),
                         name,
                         summary,
-                        remote_prefills: remote,
-                        local_prefills: local,
-                        kv_bytes: bytes,
+                        remote_prefills: counters.remote_prefills,
+                        local_prefills: counters.local_prefills,
+                        kv_bytes: counters.kv_bytes,
+                        kv_transfer_s: counters.kv_transfer_s,
                     }]
                 }
                 None => {
@@ -410,7 +427,10 @@ async fn main() -> Result<()> {
             let report = serde_json::json!({
                 "model": model_of(&base),
                 "device": deploy.device,
-                "machine": format!("{} CPU cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+                "prefill_device": base.device_of(Role::Prefill),
+                "decode_device": base.device_of(Role::Decode),
+                "transfer_backend": base.transfer_backend,
+                "machine": hardware(base.device_of(Role::Decode)),
                 "date": chrono::Local::now().format("%Y-%m-%d").to_string(),
                 "load": load,
                 "results": results,
@@ -419,6 +439,25 @@ async fn main() -> Result<()> {
             eprintln!("wrote {} (and .txt)", json.display());
             Ok(())
         }
+    }
+}
+
+/// What a result file says the workers ran on: the decode device's GPU
+/// (or CPU) and the host's core count.
+fn hardware(device: &str) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let resolved = device
+        .parse::<DeviceChoice>()
+        .ok()
+        .and_then(|choice| shared::device::resolve(choice, DtypeChoice::Auto).ok());
+    match resolved {
+        Some((tch::Device::Cuda(i), _)) => {
+            format!(
+                "{} ({cores} CPU cores)",
+                shared::device::describe(tch::Device::Cuda(i))
+            )
+        }
+        _ => format!("{cores} CPU cores"),
     }
 }
 

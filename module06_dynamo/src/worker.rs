@@ -48,7 +48,8 @@ pub struct WorkerArgs {
     /// Accept one-sided KV writes into the pool (decode)
     #[arg(long)]
     pub one_sided: bool,
-    /// How one-sided writes move: auto, tcp, ibverbs or ibverbs:DEVICE
+    /// How one-sided writes move: auto, tcp, ibverbs, ibverbs:DEVICE or
+    /// cuda-ipc (GPU to GPU on one host; prefill and decode on GPUs)
     #[arg(long, default_value = "auto")]
     pub transfer_backend: String,
     #[arg(long, default_value = crate::DEFAULT_PREFIX)]

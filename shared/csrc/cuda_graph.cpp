@@ -16,9 +16,9 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <cstring>
-#include <exception>
 #include <optional>
+
+#include "guarded.h"
 
 namespace {
 
@@ -28,24 +28,6 @@ struct Graph {
   std::optional<c10::cuda::CUDAStream> previous;
 };
 
-void write_error(const char* what, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, what, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(e.what(), err, err_len);
-  } catch (...) {
-    write_error("unknown C++ exception", err, err_len);
-  }
-  return 1;
-}
 
 }  // namespace
 
@@ -54,7 +36,7 @@ extern "C" {
 // A fresh memory-pool id: graphs captured with the same id share memory
 // (safe when they are replayed one at a time, as the engine does).
 int spark_cuda_graph_pool_handle(uint64_t* first, uint64_t* second, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return spark::guarded(err, err_len, [&] {
     auto id = at::cuda::graph_pool_handle();
     *first = id.first;
     *second = id.second;
@@ -62,7 +44,7 @@ int spark_cuda_graph_pool_handle(uint64_t* first, uint64_t* second, char* err, s
 }
 
 int spark_cuda_graph_new(void** out, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] { *out = new Graph(); });
+  return spark::guarded(err, err_len, [&] { *out = new Graph(); });
 }
 
 void spark_cuda_graph_free(void* graph) {
@@ -77,7 +59,7 @@ void spark_cuda_graph_free(void* graph) {
 // other threads may keep using CUDA meanwhile.
 int spark_cuda_graph_begin(void* graph, int device, uint64_t pool_first, uint64_t pool_second,
                            char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return spark::guarded(err, err_len, [&] {
     auto* g = static_cast<Graph*>(graph);
     auto index = static_cast<c10::DeviceIndex>(device);
     c10::cuda::device_synchronize();
@@ -94,7 +76,7 @@ int spark_cuda_graph_begin(void* graph, int device, uint64_t pool_first, uint64_
 
 // Ends the capture (instantiating the graph) and restores the stream.
 int spark_cuda_graph_end(void* graph, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return spark::guarded(err, err_len, [&] {
     auto* g = static_cast<Graph*>(graph);
     try {
       g->graph.capture_end();
@@ -109,7 +91,7 @@ int spark_cuda_graph_end(void* graph, char* err, size_t err_len) {
 
 // Launches the whole recorded graph on the current stream.
 int spark_cuda_graph_replay(void* graph, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] { static_cast<Graph*>(graph)->graph.replay(); });
+  return spark::guarded(err, err_len, [&] { static_cast<Graph*>(graph)->graph.replay(); });
 }
 
 // Turns PyTorch's cuDNN attention backend on or off; returns whether it was

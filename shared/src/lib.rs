@@ -17,6 +17,9 @@
 //! idea lives in its own crate.
 
 pub mod cli;
+#[cfg(cuda_bridge)]
+mod cuda_bridge;
+pub mod cuda_ipc;
 pub mod device;
 pub mod engine;
 pub mod etcd_server;

@@ -45,7 +45,7 @@ use ibverbs_sys as ffi;
 use module00_env::rdma::RdmaProbe;
 
 use super::channel::{self, Writes};
-use super::{Backend, Target, WriteOp};
+use super::{Backend, Registration, Target, WriteOp};
 use crate::agent::AgentError;
 use crate::metadata::{AgentMetadata, BackendKind};
 use crate::region::{Location, MemoryRegion};
@@ -247,20 +247,20 @@ impl Drop for Device {
     }
 }
 
-/// A memory registration.
-struct Registration(*mut ffi::ibv_mr);
+/// A memory registration with the NIC (an `ibv_mr`).
+struct MemoryRegistration(*mut ffi::ibv_mr);
 
 // SAFETY: an MR handle is an immutable description once created.
-unsafe impl Send for Registration {}
-unsafe impl Sync for Registration {}
+unsafe impl Send for MemoryRegistration {}
+unsafe impl Sync for MemoryRegistration {}
 
-impl Registration {
+impl MemoryRegistration {
     fn lkey(&self) -> u32 {
         unsafe { (*self.0).lkey }
     }
 }
 
-impl Drop for Registration {
+impl Drop for MemoryRegistration {
     fn drop(&mut self) {
         unsafe { ffi::ibv_dereg_mr(self.0) };
     }
@@ -540,7 +540,7 @@ pub struct IbverbsBackend {
     name: String,
     address: String,
     device: Arc<Device>,
-    registrations: Mutex<HashMap<u32, Registration>>,
+    registrations: Mutex<HashMap<u32, MemoryRegistration>>,
     peers: Mutex<HashMap<String, Arc<Mutex<Peer>>>>,
 }
 
@@ -606,7 +606,7 @@ impl Backend for IbverbsBackend {
         self.address.clone()
     }
 
-    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<u32, AgentError> {
+    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<Registration, AgentError> {
         let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
             | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
         // SAFETY: the region's contract keeps the memory alive while registered.
@@ -633,13 +633,13 @@ impl Backend for IbverbsBackend {
                 memory.len()
             )));
         }
-        let registration = Registration(mr);
+        let registration = MemoryRegistration(mr);
         let rkey = unsafe { (*mr).rkey };
         self.registrations
             .lock()
             .expect("registrations lock")
             .insert(region, registration);
-        Ok(rkey)
+        Ok(Registration::keyed(rkey))
     }
 
     fn deregister(&self, region: u32) {
@@ -677,20 +677,14 @@ impl Backend for IbverbsBackend {
         ops: &[WriteOp<'_>],
         notification: &[u8],
     ) -> Result<(), AgentError> {
-        let connection = self
-            .peers
-            .lock()
-            .expect("peers lock")
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| AgentError::UnknownPeer(peer.to_string()))?;
+        let connection = super::connected(&self.peers, peer)?;
         let lkeys = {
             let registrations = self.registrations.lock().expect("registrations lock");
             ops.iter()
                 .map(|op| {
                     registrations
                         .get(&op.local_region)
-                        .map(Registration::lkey)
+                        .map(MemoryRegistration::lkey)
                         .ok_or(AgentError::UnknownRegion {
                             agent: self.name.clone(),
                             region: op.local_region,

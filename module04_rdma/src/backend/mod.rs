@@ -8,14 +8,17 @@
 //! after the data it follows.
 
 pub mod channel;
+pub mod cuda_ipc;
 pub mod ibverbs;
 pub mod tcp;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::agent::{AgentError, Notification, Registry};
 use crate::metadata::{AgentMetadata, BackendKind};
 use crate::region::MemoryRegion;
+use shared::cuda_ipc::IpcHandle;
 
 /// One write: a local span to a remote span (both already bounds-checked).
 pub struct WriteOp<'a> {
@@ -49,9 +52,10 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Where peers reach this agent.
     fn address(&self) -> String;
-    /// Makes `memory` writable by peers and returns its remote key
-    /// (RDMA: `ibv_reg_mr`, which pins the pages).
-    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<u32, AgentError>;
+    /// Makes `memory` writable by peers and returns what they need to
+    /// address it (RDMA: `ibv_reg_mr`, which pins the pages and gives the
+    /// remote key; CUDA IPC: the allocation's handle).
+    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<Registration, AgentError>;
     /// Undoes [`Backend::register`].
     fn deregister(&self, region: u32);
     /// Opens the connection to a peer whose metadata was loaded.
@@ -60,6 +64,21 @@ pub trait Backend: Send + Sync {
     /// has applied all of them (the completion).
     fn write(&self, peer: &str, ops: &[WriteOp<'_>], notification: &[u8])
         -> Result<(), AgentError>;
+}
+
+/// What a backend made of a registration: the key a write must present, and
+/// for the CUDA IPC backend the handle peers map the memory with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub rkey: u32,
+    pub ipc: Option<IpcHandle>,
+}
+
+impl Registration {
+    /// A registration addressed by key alone (the TCP and RDMA backends).
+    pub fn keyed(rkey: u32) -> Registration {
+        Registration { rkey, ipc: None }
+    }
 }
 
 /// What a backend needs from its agent: the registrations to check
@@ -77,4 +96,14 @@ fn random_key(region: u32) -> u32 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u32(region);
     hasher.finish() as u32
+}
+
+/// The connection to `peer` from a backend's table of connected peers.
+fn connected<P: Clone>(peers: &Mutex<HashMap<String, P>>, peer: &str) -> Result<P, AgentError> {
+    peers
+        .lock()
+        .expect("peers lock")
+        .get(peer)
+        .cloned()
+        .ok_or_else(|| AgentError::UnknownPeer(peer.to_string()))
 }

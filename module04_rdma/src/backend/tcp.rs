@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::sync::Mutex;
 
 use super::channel::{self, Writes};
-use super::{random_key, Backend, Target, WriteOp};
+use super::{random_key, Backend, Registration, Target, WriteOp};
 use crate::agent::AgentError;
 use crate::metadata::{AgentMetadata, BackendKind};
 use crate::region::{Location, MemoryRegion};
@@ -49,14 +49,14 @@ impl Backend for TcpBackend {
 
     /// Nothing to tell the hardware; the key is random, so only a peer
     /// given this agent's metadata can write.
-    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<u32, AgentError> {
+    fn register(&self, region: u32, memory: &MemoryRegion) -> Result<Registration, AgentError> {
         if let Location::Cuda(device) = memory.location() {
             return Err(AgentError::Backend(format!(
                 "the TCP backend moves bytes with the CPU and cannot register memory of cuda:{device}: \
                  register a host staging buffer, or use the ibverbs backend with GPUDirect RDMA"
             )));
         }
-        Ok(random_key(region))
+        Ok(Registration::keyed(random_key(region)))
     }
 
     fn deregister(&self, _region: u32) {}

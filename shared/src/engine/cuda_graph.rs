@@ -17,10 +17,10 @@
 //! tch does not expose graphs, so `csrc/cuda_graph.cpp` wraps libtorch's
 //! `at::cuda::CUDAGraph` (which also makes PyTorch's allocator give the
 //! capture a private memory pool). It is compiled only when libtorch has
-//! CUDA (`cfg(cuda_graphs)`, set by `build.rs`); otherwise
+//! CUDA (`cfg(cuda_bridge)`, set by `build.rs`); otherwise
 //! [`CudaGraph::capture`] returns [`CudaGraphError::NotCompiled`].
 
-#[cfg(cuda_graphs)]
+#[cfg(cuda_bridge)]
 use std::ffi::c_int;
 
 use tch::Device;
@@ -50,7 +50,7 @@ pub struct GraphPool(u64, u64);
 
 /// One captured CUDA graph.
 pub struct CudaGraph {
-    #[cfg_attr(not(cuda_graphs), allow(dead_code))]
+    #[cfg_attr(not(cuda_bridge), allow(dead_code))]
     raw: *mut std::ffi::c_void,
 }
 
@@ -61,7 +61,7 @@ unsafe impl Send for CudaGraph {}
 impl CudaGraph {
     /// True when this build can capture graphs at all.
     pub fn compiled() -> bool {
-        cfg!(cuda_graphs)
+        cfg!(cuda_bridge)
     }
 
     /// A new pool id for [`CudaGraph::capture`].
@@ -100,11 +100,11 @@ impl CudaGraph {
     /// engine turns it off and PyTorch picks flash or memory-efficient
     /// attention, or plain matrix products.
     pub fn set_cudnn_attention(enabled: bool) -> bool {
-        #[cfg(cuda_graphs)]
+        #[cfg(cuda_bridge)]
         unsafe {
             ffi::spark_sdp_use_cudnn(c_int::from(enabled)) != 0
         }
-        #[cfg(not(cuda_graphs))]
+        #[cfg(not(cuda_bridge))]
         {
             let _ = enabled;
             false
@@ -118,14 +118,14 @@ impl CudaGraph {
     }
 }
 
-#[cfg(cuda_graphs)]
+#[cfg(cuda_bridge)]
 impl Drop for CudaGraph {
     fn drop(&mut self) {
         unsafe { ffi::spark_cuda_graph_free(self.raw) }
     }
 }
 
-#[cfg(cuda_graphs)]
+#[cfg(cuda_bridge)]
 mod ffi {
     use std::ffi::{c_char, c_int, c_void};
 
@@ -152,25 +152,17 @@ mod ffi {
     }
 }
 
-#[cfg(cuda_graphs)]
+#[cfg(cuda_bridge)]
 mod imp {
-    use std::ffi::{c_char, c_int, CStr};
+    use std::ffi::{c_char, c_int};
 
     use super::{ffi, CudaGraph, CudaGraphError, GraphPool};
 
-    /// Calls a bridge function with an error buffer and turns its status into a Result.
     fn call(
         stage: &'static str,
         f: impl FnOnce(*mut c_char, usize) -> c_int,
     ) -> Result<(), CudaGraphError> {
-        let mut err = [0 as c_char; 1024];
-        if f(err.as_mut_ptr(), err.len()) == 0 {
-            return Ok(());
-        }
-        let message = unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        Err(CudaGraphError::Cuda { stage, message })
+        crate::cuda_bridge::call(f).map_err(|message| CudaGraphError::Cuda { stage, message })
     }
 
     pub fn new_pool() -> Result<GraphPool, CudaGraphError> {
@@ -211,7 +203,7 @@ mod imp {
     }
 }
 
-#[cfg(not(cuda_graphs))]
+#[cfg(not(cuda_bridge))]
 mod imp {
     use super::{CudaGraph, CudaGraphError, GraphPool};
 

@@ -47,7 +47,7 @@ pub enum DecodeMode {
     #[default]
     Eager,
     /// Padded to buckets and replayed as CUDA graphs (needs a CUDA device
-    /// and a build with `cfg(cuda_graphs)`).
+    /// and a build with `cfg(cuda_bridge)`).
     CudaGraphs,
     /// Padded to buckets but run eagerly: the graph path without the graph.
     Padded,

@@ -7,6 +7,7 @@
 //! │   (model-00001-of-00002.safetensors, model.safetensors.index.json)
 //! ├── tokenizer.json                  the `tokenizers` pipeline
 //! ├── tokenizer_config.json           chat template, BOS/EOS strings (optional)
+//! ├── chat_template.jinja             the chat template, where transformers ≥ 4.50 saves it (optional)
 //! └── generation_config.json          extra EOS ids (optional)
 //! ```
 //!
@@ -65,15 +66,41 @@ fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
             architecture: model_type.to_string(),
         });
     }
-    let config: LlamaConfig = serde_json::from_value(raw).map_err(|e| LoadError::Config {
-        path: config_path.clone(),
-        message: e.to_string(),
-    })?;
+    let config: LlamaConfig =
+        serde_json::from_value(lift_rope_parameters(raw)).map_err(|e| LoadError::Config {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
     config.validate().map_err(|message| LoadError::Config {
         path: config_path.clone(),
         message,
     })?;
     Ok(config)
+}
+
+/// transformers 5 writes RoPE settings as one `rope_parameters` object
+/// (`rope_theta`, and for Llama 3.1-style scaling `rope_type: "llama3"`
+/// with its factors) where older versions wrote a top-level `rope_theta`
+/// and a `rope_scaling` object. Moves them to where [`LlamaConfig`] reads
+/// them, unless the older keys are there too.
+fn lift_rope_parameters(mut raw: Value) -> Value {
+    let Some(params) = raw.get("rope_parameters").cloned() else {
+        return raw;
+    };
+    let Some(object) = raw.as_object_mut() else {
+        return raw;
+    };
+    if let Some(theta) = params.get("rope_theta") {
+        object.entry("rope_theta").or_insert(theta.clone());
+    }
+    let scaled = params
+        .get("rope_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "default");
+    if scaled && object.get("rope_scaling").is_none_or(Value::is_null) {
+        object.insert("rope_scaling".into(), params);
+    }
+    raw
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, LoadError> {
@@ -189,9 +216,78 @@ fn tokenizer(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer, LoadError> {
     }
     eos.sort_unstable();
     eos.dedup();
-    let template = tk_config
+    let template = chat_template(dir, &tk_config)?;
+    Ok(Tokenizer::new(inner, bos, &eos, template))
+}
+
+/// The chat template: `chat_template.jinja` (how recent transformers save
+/// it), else the `chat_template` string of tokenizer_config.json.
+fn chat_template(dir: &Path, tk_config: &Value) -> Result<Option<String>, LoadError> {
+    let path = dir.join("chat_template.jinja");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LoadError::io(&path, e)),
+    }
+    Ok(tk_config
         .get("chat_template")
         .and_then(Value::as_str)
-        .map(str::to_string);
-    Ok(Tokenizer::new(inner, bos, &eos, template))
+        .map(str::to_string))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read_like_the_older_keys() {
+        let base = serde_json::json!({
+            "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        });
+        let with = |extra: Value| {
+            let mut raw = base.clone();
+            raw.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<LlamaConfig>(lift_rope_parameters(raw)).unwrap()
+        };
+        let plain = with(serde_json::json!({
+            "rope_parameters": {"rope_theta": 5000.0, "rope_type": "default"}
+        }));
+        assert_eq!(plain.rope_theta, 5000.0);
+        assert!(plain.rope_scaling.is_none());
+        let llama31 = with(serde_json::json!({"rope_parameters": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0
+        }}));
+        assert_eq!(llama31.rope_theta, 500000.0);
+        let scaling = llama31.rope_scaling.unwrap();
+        assert_eq!(
+            (scaling.rope_type.as_str(), scaling.factor),
+            ("llama3", 8.0)
+        );
+        // Older keys, where present, win.
+        let both = with(serde_json::json!({
+            "rope_theta": 10000.0, "rope_parameters": {"rope_theta": 1.0, "rope_type": "default"}
+        }));
+        assert_eq!(both.rope_theta, 10000.0);
+    }
+
+    #[test]
+    fn chat_template_comes_from_its_own_file_first_then_tokenizer_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({"chat_template": "{{ from_config }}"});
+        assert_eq!(
+            chat_template(dir.path(), &config).unwrap().as_deref(),
+            Some("{{ from_config }}")
+        );
+        assert_eq!(chat_template(dir.path(), &Value::Null).unwrap(), None);
+        std::fs::write(dir.path().join("chat_template.jinja"), "{{ from_file }}").unwrap();
+        assert_eq!(
+            chat_template(dir.path(), &config).unwrap().as_deref(),
+            Some("{{ from_file }}")
+        );
+    }
 }
