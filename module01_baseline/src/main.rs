@@ -77,9 +77,15 @@ struct BenchArgs {
     /// Let PyTorch use cuDNN's attention (it plans anew for every shape; off by default).
     #[arg(long)]
     cudnn_attention: bool,
-    /// Also run Hugging Face transformers on the same workload: `hf`.
+    /// Replay the PyTorch-operations decode step in the CUDA graphs instead
+    /// of the custom kernels (shared::kernels), to see what they bring.
     #[arg(long)]
-    peer: Option<String>,
+    no_fused_kernels: bool,
+    /// Also run Hugging Face transformers on the same workload, one or more
+    /// of: hf-generate (or hf), hf-loop, hf-compiled (comma-separated; see
+    /// bench/peers/hf_generate.py).
+    #[arg(long, value_delimiter = ',', value_parser = peer::parse_peer)]
+    peer: Vec<peer::HfVariant>,
     /// Memory bandwidth in GB/s for the roofline line (e.g. 3350 for an H100 SXM).
     #[arg(long)]
     mem_bandwidth_gbps: Option<f64>,
@@ -135,7 +141,7 @@ fn main() -> Result<()> {
         Command::Table { json } => {
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("reading {}", json.display()))?;
-            let report: BenchReport = serde_json::from_str(&text)
+            let report = BenchReport::from_json(&text)
                 .with_context(|| format!("{} is not a module01 bench result", json.display()))?;
             print!("{}", report::render_table(&report, false));
             Ok(())
@@ -279,6 +285,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         engine_config.decode = decode;
     }
     engine_config.cudnn_attention = args.cudnn_attention;
+    engine_config.fused_kernels = !args.no_fused_kernels;
     let largest = args
         .batch_sizes
         .iter()
@@ -341,21 +348,22 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         result
     });
 
-    let peer = match args.peer.as_deref() {
-        None => None,
-        Some("hf") => {
-            eprintln!("running the Hugging Face peer (bench/peers/hf_generate.py)...");
-            let device_arg = device::device_name(device);
-            Some(peer::run_hf_peer(
-                &peer::default_script(),
-                &peer_model,
-                &device_arg,
-                device::kind_name(kind),
-                vocab,
-                &config,
-            )?)
-        }
-        Some(other) => bail!("unknown peer {other:?}; the only peer is `hf`"),
+    let peers = if args.peer.is_empty() {
+        Vec::new()
+    } else {
+        eprintln!(
+            "running the Hugging Face peers {:?} (bench/peers/hf_generate.py)...",
+            args.peer
+        );
+        peer::run_hf_peers(
+            &peer::default_script(),
+            &args.peer,
+            &peer_model,
+            &device::device_name(device),
+            device::kind_name(kind),
+            vocab,
+            &config,
+        )?
     };
     let roofline = args.mem_bandwidth_gbps.map(|gbps| {
         let floor_ms = weight_bytes as f64 / (gbps * 1e9) * 1e3;
@@ -375,6 +383,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             device_name: device::describe(device),
             dtype: device::kind_name(kind).into(),
             decode: engine.decode_mode().to_string(),
+            fused_kernels: engine.fused_kernels(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,
             date: device::today(),
@@ -392,7 +401,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             kv_pool_mb: engine.pool().bytes() as f64 / 1e6,
         },
         roofline,
-        peer,
+        peers,
+        legacy_peer: None,
     };
     println!("{}", report::render_table(&report, false));
     report::write_json(&report, &args.json)

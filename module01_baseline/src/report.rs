@@ -19,6 +19,9 @@ pub struct Setup {
     /// How decode steps ran: `eager` or `cuda-graphs` (see `shared::engine::DecodeMode`).
     #[serde(default = "eager")]
     pub decode: String,
+    /// Whether padded decode steps ran on the custom kernels of `shared::kernels`.
+    #[serde(default)]
+    pub fused_kernels: bool,
     pub kv_cache_blocks: usize,
     pub max_num_batched_tokens: usize,
     pub date: String,
@@ -66,7 +69,22 @@ pub struct BenchReport {
     pub load: Option<LoadResult>,
     pub memory: Memory,
     pub roofline: Option<Roofline>,
-    pub peer: Option<PeerResult>,
+    /// Other implementations on the same workload, in the order asked for.
+    #[serde(default)]
+    pub peers: Vec<PeerResult>,
+    /// The one peer of results saved before there could be several; read
+    /// into `peers` by [`BenchReport::from_json`].
+    #[serde(default, rename = "peer", skip_serializing)]
+    pub legacy_peer: Option<PeerResult>,
+}
+
+impl BenchReport {
+    /// Parses a saved result, older formats included.
+    pub fn from_json(text: &str) -> serde_json::Result<BenchReport> {
+        let mut report: BenchReport = serde_json::from_str(text)?;
+        report.peers.extend(report.legacy_peer.take());
+        Ok(report)
+    }
 }
 
 /// Formats a measured number, or `#` when timings are redacted (snapshots).
@@ -97,10 +115,8 @@ fn ratio(ours: f64, peer: Option<f64>, higher_is_better: bool, redact: bool) -> 
 pub fn render_table(report: &BenchReport, redact: bool) -> String {
     let s = &report.setup;
     let c = &report.config;
-    let peer = report.peer.as_ref();
-    let peer_name = peer.map_or("peer", |p| p.name.as_str());
     let mut out = format!(
-        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}, {} decode steps\n\
+        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}, {} decode steps{}\n\
          prompt {} tokens, output {} tokens, KV pool {} blocks, token budget {}/step\n\n",
         s.model,
         s.parameters as f64 / 1e6,
@@ -108,6 +124,11 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
         if redact { "#" } else { s.device_name.as_str() },
         s.dtype,
         s.decode,
+        if s.fused_kernels {
+            " on fused kernels"
+        } else {
+            ""
+        },
         c.prompt_len,
         c.output_len,
         if redact {
@@ -117,46 +138,62 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
         },
         s.max_num_batched_tokens,
     );
-    out += &format!(
-        "{:<34}{:>14}{:>14}{:>14}\n",
-        "metric", "ours", peer_name, "ours vs peer"
-    );
-    let mut row = |label: String, ours: f64, theirs: Option<f64>, decimals: usize, higher: bool| {
-        out += &format!(
-            "{:<34}{:>14}{:>14}{:>14}\n",
-            label,
-            num(ours, decimals, redact),
-            theirs.map_or("-".into(), |t| num(t, decimals, redact)),
-            ratio(ours, theirs, higher, redact),
-        );
+    // One pair of columns per peer: its value, then ours against it.
+    let peers: Vec<&PeerResult> = report.peers.iter().collect();
+    out += &format!("{:<34}{:>14}", "metric", "ours");
+    for p in &peers {
+        out += &format!("{:>14}{:>12}", p.name, "ours vs it");
+    }
+    if peers.is_empty() {
+        out += &format!("{:>14}{:>12}", "peer", "ours vs it");
+    }
+    out += "\n";
+    let mut row =
+        |label: String, ours: f64, theirs: &[Option<f64>], decimals: usize, higher: bool| {
+            out += &format!("{:<34}{:>14}", label, num(ours, decimals, redact));
+            let none = [None];
+            let theirs = if theirs.is_empty() { &none[..] } else { theirs };
+            for &t in theirs {
+                out += &format!(
+                    "{:>14}{:>12}",
+                    t.map_or("-".into(), |t| num(t, decimals, redact)),
+                    ratio(ours, t, higher, redact),
+                );
+            }
+            out += "\n";
+        };
+    let each = |f: &dyn Fn(&PeerResult) -> Option<f64>| -> Vec<Option<f64>> {
+        peers.iter().map(|p| f(p)).collect()
     };
     row(
         "single: prefill (ms)".into(),
         report.single.prefill_ms,
-        peer.map(|p| p.single.prefill_ms),
+        &each(&|p| Some(p.single.prefill_ms)),
         1,
         false,
     );
     row(
         "single: decode (ms/token)".into(),
         report.single.decode_ms_per_token,
-        peer.map(|p| p.single.decode_ms_per_token),
+        &each(&|p| Some(p.single.decode_ms_per_token)),
         2,
         false,
     );
     for b in &report.batches {
-        let theirs = peer.and_then(|p| p.batches.iter().find(|x| x.batch == b.batch));
+        let theirs = |f: fn(&BatchResult) -> f64| {
+            each(&|p: &PeerResult| p.batches.iter().find(|x| x.batch == b.batch).map(f))
+        };
         row(
             format!("batch {:>3}: output tokens/s", b.batch),
             b.output_tokens_per_s,
-            theirs.map(|t| t.output_tokens_per_s),
+            &theirs(|t| t.output_tokens_per_s),
             1,
             true,
         );
         row(
             format!("batch {:>3}: mean ITL (ms)", b.batch),
             b.mean_itl_ms,
-            theirs.map(|t| t.mean_itl_ms),
+            &theirs(|t| t.mean_itl_ms),
             2,
             false,
         );
@@ -164,7 +201,7 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
             row(
                 format!("batch {:>3}: bare decode step (ms)", b.batch),
                 step,
-                None,
+                &[],
                 2,
                 false,
             );
@@ -234,7 +271,7 @@ pub fn write_json(report: &BenchReport, path: &Path) -> std::io::Result<()> {
     )
 }
 
-/// Two panels: throughput against batch size (ours and the peer), and the
+/// Two panels: throughput against batch size (ours and the peers), and the
 /// single-request latency split into prefill and decode.
 pub fn write_svg(report: &BenchReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = path.parent() {
@@ -245,15 +282,10 @@ pub fn write_svg(report: &BenchReport, path: &Path) -> Result<(), Box<dyn std::e
     let (left, right) = root.split_horizontally(560);
 
     let max_batch = report.batches.iter().map(|b| b.batch).max().unwrap_or(1) as f64;
-    let peer_batches = report
-        .peer
-        .as_ref()
-        .map(|p| p.batches.clone())
-        .unwrap_or_default();
     let max_tps = report
         .batches
         .iter()
-        .chain(&peer_batches)
+        .chain(report.peers.iter().flat_map(|p| &p.batches))
         .map(|b| b.output_tokens_per_s)
         .fold(1.0, f64::max);
     let title = format!(
@@ -281,17 +313,18 @@ pub fn write_svg(report: &BenchReport, path: &Path) -> Result<(), Box<dyn std::e
         .label("spark-disagg engine")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     chart.draw_series(ours.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
-    if let Some(peer) = &report.peer {
+    let peer_colors = [RED, GREEN, MAGENTA, CYAN];
+    for (peer, &color) in report.peers.iter().zip(peer_colors.iter().cycle()) {
         let theirs: Vec<(f64, f64)> = peer
             .batches
             .iter()
             .map(|b| (b.batch as f64, b.output_tokens_per_s))
             .collect();
         chart
-            .draw_series(LineSeries::new(theirs.clone(), RED.stroke_width(2)))?
+            .draw_series(LineSeries::new(theirs.clone(), color.stroke_width(2)))?
             .label(peer.name.clone())
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart.draw_series(theirs.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(theirs.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     }
     chart
         .configure_series_labels()
@@ -308,7 +341,7 @@ pub fn write_svg(report: &BenchReport, path: &Path) -> Result<(), Box<dyn std::e
         report.single.prefill_ms,
         decode_total(&report.single),
     )];
-    if let Some(peer) = &report.peer {
+    for peer in &report.peers {
         bars.push((
             peer.name.clone(),
             peer.single.prefill_ms,

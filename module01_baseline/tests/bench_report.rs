@@ -54,11 +54,15 @@ fn report(with_peer: bool) -> BenchReport {
             .all(|b| b.decode_step_ms.is_some_and(|ms| ms > 0.0)),
         "the bare decode step is timed on a CPU too (padded, without graphs)"
     );
-    let peer = with_peer.then(|| PeerResult {
-        name: "peer".into(),
-        single: single.clone(),
-        batches: batches.clone(),
-    });
+    let peers = if with_peer {
+        vec![PeerResult {
+            name: "peer".into(),
+            single: single.clone(),
+            batches: batches.clone(),
+        }]
+    } else {
+        Vec::new()
+    };
     BenchReport {
         setup: Setup {
             model: "tiny (random weights)".into(),
@@ -67,6 +71,7 @@ fn report(with_peer: bool) -> BenchReport {
             device_name: "test machine".into(),
             dtype: "f32".into(),
             decode: "eager".into(),
+            fused_kernels: false,
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
             date: "today".into(),
@@ -81,7 +86,8 @@ fn report(with_peer: bool) -> BenchReport {
             kv_pool_mb: 1.0,
         },
         roofline: None,
-        peer,
+        peers,
+        legacy_peer: None,
     }
 }
 
@@ -140,4 +146,38 @@ fn engine_greedy_output_on_smollm2() {
         })
         .collect();
     insta::assert_snapshot!(text.join("\n"));
+}
+
+/// Results saved when a bench had at most one peer (`"peer": {...}`) still
+/// load, with that peer as the first of `peers`.
+#[test]
+fn results_with_one_legacy_peer_still_load() {
+    let mut saved = serde_json::to_value(report(true)).unwrap();
+    let object = saved.as_object_mut().unwrap();
+    let peers = object.remove("peers").unwrap();
+    object.insert("peer".into(), peers[0].clone());
+    let report = BenchReport::from_json(&saved.to_string()).unwrap();
+    assert_eq!(report.peers.len(), 1);
+    assert_eq!(report.peers[0].name, "peer");
+    assert!(render_table(&report, false).contains("1.00x"));
+}
+
+/// Two peers: a pair of columns each, and the ratio against each.
+#[test]
+fn table_has_a_column_pair_per_peer() {
+    let mut report = report(true);
+    let mut slower = report.peers[0].clone();
+    slower.name = "slower".into();
+    slower.single.decode_ms_per_token *= 2.0;
+    report.peers.push(slower);
+    let table = render_table(&report, false);
+    let decode = table
+        .lines()
+        .find(|l| l.starts_with("single: decode"))
+        .unwrap();
+    assert!(
+        decode.contains("1.00x") && decode.contains("2.00x"),
+        "{table}"
+    );
+    assert!(table.lines().nth(3).unwrap().contains("slower"), "{table}");
 }

@@ -7,6 +7,7 @@
 //!   Hugging Face loaders, and its tokenizer with chat templates;
 //! * [`engine`] — sampling and the reference generation loop;
 //! * [`device`] — CPU or CUDA, f32 or bf16;
+//! * [`kernels`] — the GPU decode step's own CUDA kernels, compiled at run time;
 //! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts, and logging;
 //! * [`results`] — benches' JSON results and their tables beside them;
 //! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6);
@@ -23,6 +24,7 @@ pub mod cuda_ipc;
 pub mod device;
 pub mod engine;
 pub mod etcd_server;
+pub mod kernels;
 pub mod kv;
 pub mod model;
 pub mod results;

@@ -50,6 +50,7 @@ fn config(decode: DecodeMode) -> EngineConfig {
         enable_prefix_caching: true,
         decode,
         cudnn_attention: false,
+        fused_kernels: true,
     }
 }
 

@@ -32,6 +32,7 @@ fn config(num_blocks: usize, budget: usize) -> EngineConfig {
         enable_prefix_caching: true,
         decode: DecodeMode::Eager,
         cudnn_attention: false,
+        fused_kernels: true,
     }
 }
 

@@ -26,6 +26,7 @@ use super::request::{Request, RequestId, Sequence, TokenEvent};
 use super::runner::{forward_chunks, ChunkInput};
 use super::sampling::argmax_batch;
 use super::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
+use crate::kernels::DecodeKernels;
 use crate::kv::block::{BlockId, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::kv::pool::KvPool;
 use crate::kv::prefix_cache::{KvEvent, PrefixCache};
@@ -47,6 +48,10 @@ pub struct EngineConfig {
     /// keep changing (see [`CudaGraph::set_cudnn_attention`]). Graphs use
     /// it either way. The switch is global to the process.
     pub cudnn_attention: bool,
+    /// Run padded decode steps (CUDA graphs) on the custom kernels of
+    /// [`crate::kernels`] when the device is a GPU and they compile; off,
+    /// the graphs replay the PyTorch-operations step. On by default.
+    pub fused_kernels: bool,
 }
 
 impl EngineConfig {
@@ -66,6 +71,7 @@ impl EngineConfig {
             enable_prefix_caching: true,
             decode: DecodeMode::best_for(model.device()),
             cudnn_attention: false,
+            fused_kernels: true,
         }
     }
 }
@@ -146,8 +152,17 @@ impl Engine {
         if model.device().is_cuda() && !config.cudnn_attention {
             CudaGraph::set_cudnn_attention(false);
         }
-        let decode_graphs =
-            DecodeGraphs::new(config.decode, model.device()).unwrap_or_else(|err| {
+        let wants_kernels =
+            config.fused_kernels && config.decode != DecodeMode::Eager && model.device().is_cuda();
+        let kernels = wants_kernels
+            .then(|| DecodeKernels::get(model.config(), model.kind(), model.device()))
+            .and_then(|compiled| {
+                compiled
+                    .map_err(|err| tracing::warn!("decode steps use PyTorch operations: {err}"))
+                    .ok()
+            });
+        let decode_graphs = DecodeGraphs::new(config.decode, model.device(), kernels)
+            .unwrap_or_else(|err| {
                 tracing::warn!("decode steps run eagerly: {err}");
                 None
             });
@@ -184,6 +199,13 @@ impl Engine {
             .map_or(DecodeMode::Eager, DecodeGraphs::mode)
     }
 
+    /// True when padded decode steps run on the fused kernels of [`crate::kernels`].
+    pub fn fused_kernels(&self) -> bool {
+        self.decode_graphs
+            .as_ref()
+            .is_some_and(DecodeGraphs::fused_kernels)
+    }
+
     /// Captures, ahead of time, the decode-step graphs for batches of up to
     /// `max_batch` sequences whose contexts lie in `contexts` (nothing to do
     /// when decode steps run eagerly). Returns how many were captured.
@@ -211,7 +233,7 @@ impl Engine {
         let (model, pool) = (&self.model, &self.pool);
         match &mut self.decode_graphs {
             Some(graphs) => graphs.time_step(model, pool, batch, context, iters),
-            None => DecodeGraphs::new(DecodeMode::Padded, model.device())?
+            None => DecodeGraphs::new(DecodeMode::Padded, model.device(), None)?
                 .expect("padded mode has buffers")
                 .time_step(model, pool, batch, context, iters),
         }
@@ -334,7 +356,18 @@ impl Engine {
             return std::mem::take(&mut self.pending_events);
         }
         self.steps += 1;
+        let started = Instant::now();
         let sampled = self.run(&plan);
+        tracing::debug!(
+            decodes = plan.iter().filter(|c| c.len == 1).count(),
+            prefill_tokens = plan
+                .iter()
+                .filter(|c| c.len > 1)
+                .map(|c| c.len)
+                .sum::<usize>(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "engine step"
+        );
         let mut outputs = std::mem::take(&mut self.pending_events);
         let mut finished = Vec::new();
         for (chunk, token) in plan.iter().zip(sampled) {
@@ -429,10 +462,18 @@ impl Engine {
                 logits[i] = Some(batch.get(row as i64));
             }
         }
-        // ... and one forward per longer prefill chunk.
+        // ... and one forward per length of longer (prefill) chunks: prompts
+        // of the same length run as one batch `[n, len]`.
+        let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, chunk) in plan.iter().enumerate().filter(|(_, c)| c.len > 1) {
-            let out = forward_chunks(&self.model, &self.pool, &[input(chunk)]);
-            logits[i] = Some(out.get(0));
+            by_length.entry(chunk.len).or_default().push(i);
+        }
+        for group in by_length.into_values() {
+            let inputs: Vec<ChunkInput> = group.iter().map(|&i| input(&plan[i])).collect();
+            let out = forward_chunks(&self.model, &self.pool, &inputs);
+            for (row, &i) in group.iter().enumerate() {
+                logits[i] = Some(out.get(row as i64));
+            }
         }
 
         // Sample where a chunk completed its sequence's pending tokens.

@@ -27,18 +27,24 @@
 //! does with its `cudagraph_capture_sizes`, minus the eager capture at
 //! start-up.
 //!
+//! On a GPU the step runs on the custom kernels of [`crate::kernels`]
+//! ([`Llama::decode_fused`]) when the engine has them; otherwise on the
+//! PyTorch operations of [`Llama::forward`] with [`PagedAttention`].
+//!
 //! [`DecodeMode::Padded`] runs the very same padded step without a graph.
 //! It is slower than eager on every device; it exists so that the padding,
 //! the masks and the padding block are tested on a CPU, where graphs are not.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
 use super::cuda_graph::{CudaGraph, CudaGraphError, GraphPool};
 use super::runner::{ChunkInput, PagedAttention};
+use crate::kernels::DecodeKernels;
 use crate::kv::pool::KvPool;
-use crate::model::llama::Llama;
+use crate::model::llama::{Llama, PagedDecode};
 
 /// How the engine runs a step of single-token decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,13 +130,20 @@ pub struct DecodeGraphs {
     /// `Some` for [`DecodeMode::CudaGraphs`], `None` for [`DecodeMode::Padded`].
     pool: Option<GraphPool>,
     steps: HashMap<(usize, usize), StaticStep>,
+    /// The fused kernels the step runs on; `None`: PyTorch operations.
+    kernels: Option<Arc<DecodeKernels>>,
     clock: u64,
     captures: u64,
 }
 
 impl DecodeGraphs {
-    /// For [`DecodeMode::CudaGraphs`] or [`DecodeMode::Padded`]; `None` for eager.
-    pub fn new(mode: DecodeMode, device: Device) -> Result<Option<DecodeGraphs>, CudaGraphError> {
+    /// For [`DecodeMode::CudaGraphs`] or [`DecodeMode::Padded`]; `None` for
+    /// eager. With `kernels`, the step runs on them.
+    pub fn new(
+        mode: DecodeMode,
+        device: Device,
+        kernels: Option<Arc<DecodeKernels>>,
+    ) -> Result<Option<DecodeGraphs>, CudaGraphError> {
         let pool = match mode {
             DecodeMode::Eager => return Ok(None),
             DecodeMode::Padded => None,
@@ -142,6 +155,7 @@ impl DecodeGraphs {
         Ok(Some(DecodeGraphs {
             pool,
             steps: HashMap::new(),
+            kernels,
             clock: 0,
             captures: 0,
         }))
@@ -152,6 +166,11 @@ impl DecodeGraphs {
             Some(_) => DecodeMode::CudaGraphs,
             None => DecodeMode::Padded,
         }
+    }
+
+    /// True when the step runs on the fused kernels.
+    pub fn fused_kernels(&self) -> bool {
+        self.kernels.is_some()
     }
 
     /// Graphs captured so far (each is one bucket's first use).
@@ -185,6 +204,7 @@ impl DecodeGraphs {
             let step = self.prepare(model, pool, key)?;
             self.steps.insert(key, step);
         }
+        let kernels = self.kernels.as_deref();
         let step = self.steps.get_mut(&key).expect("inserted above");
         step.last_used = self.clock;
 
@@ -192,7 +212,7 @@ impl DecodeGraphs {
         step.inputs.copy_(&Tensor::from_slice(&host));
         match &step.graph {
             Some(graph) => graph.replay()?,
-            None => step.logits = static_step(model, pool, &step.inputs, key),
+            None => step.logits = static_step(model, pool, &step.inputs, key, kernels),
         }
         Ok(Some(step.logits.narrow(0, 0, batch as i64)))
     }
@@ -252,6 +272,7 @@ impl DecodeGraphs {
             let step = self.prepare(model, pool, key)?;
             self.steps.insert(key, step);
         }
+        let kernels = self.kernels.as_deref();
         let step = self.steps.get_mut(&key).expect("inserted above");
         let host = Tensor::from_slice(&pack_inputs(pool, &[], key));
         let sync = || {
@@ -265,7 +286,7 @@ impl DecodeGraphs {
             step.inputs.copy_(&host);
             match &step.graph {
                 Some(graph) => graph.replay()?,
-                None => step.logits = static_step(model, pool, &step.inputs, key),
+                None => step.logits = static_step(model, pool, &step.inputs, key, kernels),
             }
             sync();
         }
@@ -296,8 +317,9 @@ impl DecodeGraphs {
     ) -> Result<StaticStep, CudaGraphError> {
         let host = pack_inputs(pool, &[], key);
         let inputs = Tensor::from_slice(&host).to_device(model.device());
+        let kernels = self.kernels.as_deref();
         let Some(graph_pool) = self.pool else {
-            let logits = static_step(model, pool, &inputs, key);
+            let logits = static_step(model, pool, &inputs, key, kernels);
             return Ok(StaticStep {
                 inputs,
                 logits,
@@ -309,9 +331,9 @@ impl DecodeGraphs {
         // here, is the right choice inside it. The warm-up run makes the
         // libraries (cuBLAS handles, the cuDNN plan) ready outside the capture.
         let cudnn_before = CudaGraph::set_cudnn_attention(true);
-        let _ = static_step(model, pool, &inputs, key);
+        let _ = static_step(model, pool, &inputs, key, kernels);
         let captured = CudaGraph::capture(model.device(), graph_pool, || {
-            static_step(model, pool, &inputs, key)
+            static_step(model, pool, &inputs, key, kernels)
         });
         CudaGraph::set_cudnn_attention(cudnn_before);
         let (graph, logits) = captured?;
@@ -365,17 +387,38 @@ fn pack_inputs(
 /// The padded decode step, from the static inputs to the logits. Everything
 /// here runs on the device with shapes fixed by the bucket, so it can be
 /// captured.
-fn static_step(model: &Llama, pool: &KvPool, inputs: &Tensor, (b, c): (usize, usize)) -> Tensor {
+fn static_step(
+    model: &Llama,
+    pool: &KvPool,
+    inputs: &Tensor,
+    (b, c): (usize, usize),
+    kernels: Option<&DecodeKernels>,
+) -> Tensor {
     let _no_grad = tch::no_grad_guard();
     let (b, c) = (b as i64, c as i64);
     let bs = pool.block_size() as i64;
     let device = inputs.device();
-    let tokens = inputs.narrow(0, 0, b).reshape([b, 1]);
-    let positions = inputs.narrow(0, b, b).reshape([b, 1]);
+    let tokens = inputs.narrow(0, 0, b);
+    let positions = inputs.narrow(0, b, b);
     let write_slots = inputs.narrow(0, 2 * b, b);
-    let tables = inputs
-        .narrow(0, 3 * b, b * (c / bs))
-        .reshape([b, c / bs, 1]);
+    let tables = inputs.narrow(0, 3 * b, b * (c / bs)).reshape([b, c / bs]);
+    if let Some(kernels) = kernels {
+        let layers: Vec<(Tensor, Tensor)> = (0..model.config().num_hidden_layers)
+            .map(|layer| (pool.layer(layer, 0), pool.layer(layer, 1)))
+            .collect();
+        let step = PagedDecode {
+            tokens: &tokens,
+            positions: &positions,
+            write_slots: &write_slots,
+            block_tables: &tables,
+            block_size: pool.block_size(),
+            layers: &layers,
+        };
+        return model.decode_fused(kernels, &step);
+    }
+    let tokens = tokens.reshape([b, 1]);
+    let positions = positions.reshape([b, 1]);
+    let tables = tables.reshape([b, c / bs, 1]);
     // Slot of every context position: block · block_size + offset.
     let offsets = Tensor::arange(bs, (Kind::Int64, device)).reshape([1, 1, bs]);
     let read_slots = (tables * bs + offsets).reshape([-1]);

@@ -7,8 +7,9 @@
 //! * every one-token chunk (a decode step, or a one-token prompt) goes into
 //!   **one batched forward** `[batch, 1]`: this is where batching pays, since
 //!   a decode step costs about as much for 64 sequences as for one;
-//! * every longer chunk (a prompt, or a slice of one under chunked prefill)
-//!   runs as its own forward `[1, chunk]`; it is compute-bound already.
+//! * longer chunks (prompts, or slices of them under chunked prefill) run
+//!   as one forward `[n, chunk]` per chunk length: prompts of one length
+//!   share their weight reads and kernel launches.
 //!
 //! Inside a forward, [`PagedAttention`] is the [`AttentionCache`]: it writes
 //! each new token's K and V into the sequence's slots in the pool, gathers
@@ -40,7 +41,7 @@ pub struct PagedAttention<'a> {
     read_slots: Tensor,
     context: i64,
     /// `[batch, 1, new_tokens, context]`, true where attention is allowed;
-    /// `None` for a single sequence with no past (plain causal).
+    /// `None` when no sequence has a past (plain causal).
     mask: Option<Tensor>,
 }
 
@@ -64,7 +65,9 @@ impl<'a> PagedAttention<'a> {
             // Padding reads slot 0; the mask hides it.
             read.extend(std::iter::repeat_n(0, context - len));
         }
-        let plain_causal = chunks.len() == 1 && chunks[0].start == 0;
+        // Chunks of equal length that all start a sequence fill the context
+        // exactly: PyTorch's own causal mask is right for them.
+        let plain_causal = chunks.iter().all(|c| c.start == 0);
         let mask = (!plain_causal).then(|| {
             let device = pool.device();
             let starts: Vec<i64> = chunks.iter().map(|c| c.start as i64).collect();

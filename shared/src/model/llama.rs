@@ -18,14 +18,18 @@
 //! A few small speed-ups keep the file readable: Q, K and V projections are
 //! fused into one matrix (one GEMM instead of three), and so are the MLP's
 //! gate and up projections; RMSNorm is PyTorch's fused `rms_norm`, and
-//! queries and keys are rotated by RoPE together. Nothing else is clever:
-//! a GPU's decode step is made fast by replaying it as a CUDA graph
-//! (`engine::decode_graph`), not by this file.
+//! queries and keys are rotated by RoPE together. Nothing else is clever.
+//! A GPU's decode step is made fast elsewhere: by the same layers on custom
+//! kernels ([`Llama::decode_fused`], in `llama/fused.rs`), replayed as a
+//! CUDA graph (`engine::decode_graph`).
 
 use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
+
+mod fused;
 use super::load::{check_tensors, layer_tensor_names, LoadError, NamedTensors};
+pub use fused::PagedDecode;
 
 /// Where attention gets its past keys and values from, and puts new ones.
 pub trait AttentionCache {

@@ -1,0 +1,639 @@
+//! The decode step's own CUDA kernels, compiled when the engine starts.
+//!
+//! A decode step written with PyTorch operations (`model::llama`) is easy
+//! to read and slow on a GPU at small batches: each operation is a kernel,
+//! a layer needs about thirty of them, and most move only a few kilobytes.
+//! Even replayed from a CUDA graph, a kernel costs a couple of
+//! microseconds, so the step spends more time starting kernels than
+//! reading weights. Serving engines fix this with hand-written kernels
+//! that do several operations in one pass; [`DecodeKernels`] holds four
+//! of them (source: `decode.cu`, beside this file):
+//!
+//! | kernel            | replaces                                               |
+//! |-------------------|--------------------------------------------------------|
+//! | `rms_norm`        | PyTorch's `rms_norm`                                   |
+//! | `rope_store_kv`   | RoPE on queries and keys (5 kernels) and the KV writes |
+//! | `paged_attention` | the gather through the block table, the mask and SDPA  |
+//! | `silu_mul`        | `silu` and the product of SwiGLU                       |
+//!
+//! The matrix products stay with cuBLAS, and the residual additions ride on
+//! them (`addmm_` adds the product to the residual stream in place).
+//!
+//! The source is compiled at run time by NVRTC — the way PyTorch builds its
+//! own "jiterator" kernels — for the GPU at hand and for the model's shape
+//! (head size, query heads per KV head, dtype are compile-time constants,
+//! so the loops unroll and the registers are sized exactly). NVRTC comes
+//! with the PyTorch wheel; building this crate needs no CUDA compiler. The
+//! C++ side (`csrc/kernels.cpp`) compiles, loads, and launches on PyTorch's
+//! current stream, so the kernels are captured into CUDA graphs like any
+//! PyTorch operation.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model::config::LlamaConfig;
+
+/// The kernels' CUDA source.
+pub const SOURCE: &str = include_str!("decode.cu");
+
+/// Threads per block of `attention_partial` (`THREADS` in the source).
+const ATTENTION_THREADS: usize = 128;
+/// Key rows each lane group loads per partition: enough loads in flight
+/// to hide memory latency, few enough to stay in registers.
+const TOKENS_PER_GROUP: usize = 4;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this build has no CUDA bridge (libtorch without CUDA, or CUDA's headers were missing \
+         at build time: pip install nvidia-cuda-crt and rebuild)"
+    )]
+    NotCompiled,
+    #[error("the decode kernels need a CUDA device, not {0:?}")]
+    NotCuda(Device),
+    #[error("the decode kernels do not cover this model: {0}")]
+    Unsupported(String),
+    #[error(
+        "NVRTC (libnvrtc) was not found beside libtorch or on the library path; \
+         pip install the nvidia-cuda-nvrtc wheel matching torch, or set LD_LIBRARY_PATH \
+         ({0})"
+    )]
+    NoNvrtc(String),
+    #[error("{stage}: {message}")]
+    Cuda {
+        stage: &'static str,
+        message: String,
+    },
+}
+
+/// What the kernels are compiled for: the model's dtype and attention shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelShape {
+    pub kind: Kind,
+    pub head_dim: usize,
+    /// Query heads per key/value head.
+    pub gqa_group: usize,
+}
+
+impl KernelShape {
+    /// The shape of `config` in `kind`, or why the kernels cannot run it.
+    pub fn of(config: &LlamaConfig, kind: Kind) -> Result<KernelShape, KernelError> {
+        let shape = KernelShape {
+            kind,
+            head_dim: config.head_dim(),
+            gqa_group: config.num_attention_heads / config.num_kv_heads(),
+        };
+        shape.check()?;
+        Ok(shape)
+    }
+
+    fn scalar_kind(self) -> Option<u8> {
+        match self.kind {
+            Kind::Float => Some(0),
+            Kind::BFloat16 => Some(1),
+            Kind::Half => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Elements of one 16-byte load.
+    fn vec(self) -> usize {
+        16 / self.kind.elt_size_in_bytes()
+    }
+
+    /// Lanes that share one key row (16 bytes each).
+    fn lanes(self) -> usize {
+        self.head_dim / self.vec()
+    }
+
+    /// Context tokens per block of `attention_partial`.
+    pub fn partition(self) -> usize {
+        TOKENS_PER_GROUP * ATTENTION_THREADS / self.lanes()
+    }
+
+    fn check(self) -> Result<(), KernelError> {
+        let unsupported = |why: String| Err(KernelError::Unsupported(why));
+        if self.scalar_kind().is_none() {
+            return unsupported(format!("dtype {:?} (f32, bf16 and f16 are)", self.kind));
+        }
+        let row_bytes = self.head_dim * self.kind.elt_size_in_bytes();
+        if row_bytes % 16 != 0 || !(16..=256).contains(&row_bytes) {
+            return unsupported(format!(
+                "a head of {} elements is {row_bytes} bytes; the kernels need 16 to 256, \
+                 a multiple of 16",
+                self.head_dim
+            ));
+        }
+        if 32 % self.lanes() != 0 {
+            return unsupported(format!("head_dim {} (not a power of two)", self.head_dim));
+        }
+        // Each lane keeps the queries and accumulators of the whole group in registers.
+        if self.gqa_group * self.vec() > 64 {
+            return unsupported(format!(
+                "{} query heads per KV head in {:?} (registers)",
+                self.gqa_group, self.kind
+            ));
+        }
+        Ok(())
+    }
+
+    fn options(self) -> Vec<String> {
+        vec![
+            "-std=c++17".into(),
+            format!("-DSCALAR_KIND={}", self.scalar_kind().expect("checked")),
+            format!("-DHEAD_DIM={}", self.head_dim),
+            format!("-DGQA_GROUP={}", self.gqa_group),
+            format!("-DPARTITION={}", self.partition()),
+        ]
+    }
+}
+
+/// A kernel in a loaded module. Driver function handles may be launched
+/// from any thread.
+#[derive(Clone, Copy)]
+struct Function(*mut c_void);
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// One kernel argument, as `cuLaunchKernel` takes it: by address.
+enum Arg {
+    Ptr(*mut c_void),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Arg {
+    fn tensor(t: &Tensor) -> Arg {
+        Arg::Ptr(t.data_ptr())
+    }
+
+    fn address(&self) -> *mut c_void {
+        match self {
+            Arg::Ptr(p) => p as *const *mut c_void as *mut c_void,
+            Arg::I32(v) => v as *const i32 as *mut c_void,
+            Arg::I64(v) => v as *const i64 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+        }
+    }
+}
+
+/// The decode kernels, compiled for one model shape on one GPU.
+pub struct DecodeKernels {
+    device: usize,
+    shape: KernelShape,
+    rms_norm: Function,
+    silu_mul: Function,
+    rope_store_kv: Function,
+    attention_partial: Function,
+    attention_combine: Function,
+}
+
+impl DecodeKernels {
+    /// True when this build can compile and launch kernels at all.
+    pub fn compiled() -> bool {
+        cfg!(cuda_bridge)
+    }
+
+    /// The kernels for `config` in `kind` on `device`: compiled on first
+    /// use (a fraction of a second), then shared by the whole process.
+    pub fn get(
+        config: &LlamaConfig,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Arc<DecodeKernels>, KernelError> {
+        let Device::Cuda(index) = device else {
+            return Err(KernelError::NotCuda(device));
+        };
+        let shape = KernelShape::of(config, kind)?;
+        static CACHE: Mutex<Vec<(usize, KernelShape, Arc<DecodeKernels>)>> = Mutex::new(Vec::new());
+        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, k)) = cache.iter().find(|(d, s, _)| *d == index && *s == shape) {
+            return Ok(k.clone());
+        }
+        let functions = imp::compile(index, &shape.options())?;
+        let get = |name: &str| {
+            functions
+                .get(name)
+                .copied()
+                .ok_or_else(|| KernelError::Cuda {
+                    stage: "kernel lookup",
+                    message: format!("{name} is missing from the module"),
+                })
+        };
+        let kernels = Arc::new(DecodeKernels {
+            device: index,
+            shape,
+            rms_norm: get("rms_norm")?,
+            silu_mul: get("silu_mul")?,
+            rope_store_kv: get("rope_store_kv")?,
+            attention_partial: get("attention_partial")?,
+            attention_combine: get("attention_combine")?,
+        });
+        cache.push((index, shape, kernels.clone()));
+        Ok(kernels)
+    }
+
+    pub fn shape(&self) -> KernelShape {
+        self.shape
+    }
+
+    fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
+        let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
+        let grid = grid.map(|g| u32::try_from(g).expect("grid dimension fits in u32"));
+        if grid.contains(&0) {
+            return;
+        }
+        if let Err(message) = imp::launch(function, self.device, grid, block as u32, &mut addresses)
+        {
+            panic!("launching a decode kernel failed: {message}");
+        }
+    }
+
+    fn expect(&self, name: &str, t: &Tensor, kind: Kind) {
+        assert!(
+            t.device() == Device::Cuda(self.device) && t.kind() == kind && t.is_contiguous(),
+            "{name} must be a contiguous {kind:?} tensor on cuda:{}, got {:?} {:?} {:?}",
+            self.device,
+            t.kind(),
+            t.device(),
+            t.size()
+        );
+    }
+
+    /// RMSNorm over the last dimension of `x`, with `weight`.
+    pub fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+        self.expect("x", x, self.shape.kind);
+        self.expect("weight", weight, self.shape.kind);
+        let hidden = *x.size().last().expect("x has a last dimension");
+        let out = x.empty_like();
+        let rows = x.numel() / hidden as usize;
+        let args = [
+            Arg::tensor(x),
+            Arg::tensor(weight),
+            Arg::tensor(&out),
+            Arg::I32(hidden as i32),
+            Arg::F32(eps as f32),
+        ];
+        self.launch(self.rms_norm, [rows, 1, 1], 256, &args);
+        out
+    }
+
+    /// `silu(gate) · up` of a fused `[.., 2·inter]` gate/up projection.
+    pub fn silu_mul(&self, gate_up: &Tensor) -> Tensor {
+        self.expect("gate_up", gate_up, self.shape.kind);
+        let mut size = gate_up.size();
+        let inter = size.last().expect("gate_up has a last dimension") / 2;
+        *size.last_mut().expect("checked") = inter;
+        let out = Tensor::empty(&size, (self.shape.kind, gate_up.device()));
+        let total = out.numel();
+        let args = [
+            Arg::tensor(gate_up),
+            Arg::tensor(&out),
+            Arg::I32(inter as i32),
+            Arg::I64(total as i64),
+        ];
+        self.launch(self.silu_mul, [total.div_ceil(256), 1, 1], 256, &args);
+        out
+    }
+
+    /// Rotates the queries and keys of `qkv` (`[tokens, (heads + 2·kv_heads)·head_dim]`)
+    /// by RoPE at `positions`, writes keys and values into `k_cache` and
+    /// `v_cache` (`[slots, kv_heads, head_dim]`) at `slots`, and returns the
+    /// rotated queries `[tokens, heads, head_dim]`. `cos` and `sin` are the
+    /// f32 tables `[max_positions, head_dim / 2]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_store_kv(
+        &self,
+        qkv: &Tensor,
+        positions: &Tensor,
+        slots: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+    ) -> Tensor {
+        let kind = self.shape.kind;
+        for (name, t, k) in [
+            ("qkv", qkv, kind),
+            ("positions", positions, Kind::Int64),
+            ("slots", slots, Kind::Int64),
+            ("cos", cos, Kind::Float),
+            ("sin", sin, Kind::Float),
+            ("k_cache", k_cache, kind),
+            ("v_cache", v_cache, kind),
+        ] {
+            self.expect(name, t, k);
+        }
+        let kv_heads = k_cache.size()[1];
+        let head_dim = self.shape.head_dim as i64;
+        let tokens = positions.numel() as i64;
+        let heads = qkv.numel() as i64 / tokens / head_dim - 2 * kv_heads;
+        let q = Tensor::empty([tokens, heads, head_dim], (kind, qkv.device()));
+        let args = [
+            Arg::tensor(qkv),
+            Arg::tensor(positions),
+            Arg::tensor(slots),
+            Arg::tensor(cos),
+            Arg::tensor(sin),
+            Arg::tensor(&q),
+            Arg::tensor(k_cache),
+            Arg::tensor(v_cache),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+        ];
+        self.launch(self.rope_store_kv, [tokens as usize, 1, 1], 128, &args);
+        q
+    }
+
+    /// Attention of one new token per sequence over its paged context.
+    ///
+    /// `q` is `[batch, heads, head_dim]`; `k_cache`, `v_cache` are one
+    /// layer's pool `[slots, kv_heads, head_dim]`; row `b` of
+    /// `block_tables` (`[batch, max_blocks]`) lists sequence `b`'s blocks,
+    /// and `positions[b]` is its new token's position (it attends to
+    /// positions `0..=positions[b]`). Returns `[batch, heads, head_dim]`.
+    pub fn paged_attention(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        block_tables: &Tensor,
+        positions: &Tensor,
+        block_size: usize,
+    ) -> Tensor {
+        let kind = self.shape.kind;
+        for (name, t, k) in [
+            ("q", q, kind),
+            ("k_cache", k_cache, kind),
+            ("v_cache", v_cache, kind),
+            ("block_tables", block_tables, Kind::Int64),
+            ("positions", positions, Kind::Int64),
+        ] {
+            self.expect(name, t, k);
+        }
+        let (batch, heads, head_dim) = q.size3().expect("q is [batch, heads, head_dim]");
+        let kv_heads = k_cache.size()[1];
+        let max_blocks = block_tables.size()[1];
+        let partitions = (max_blocks as usize * block_size).div_ceil(self.shape.partition());
+        let device = q.device();
+        let f32_on = (Kind::Float, device);
+        let part_acc = Tensor::empty([batch, heads, partitions as i64, head_dim], f32_on);
+        let part_max = Tensor::empty([batch, heads, partitions as i64], f32_on);
+        let part_sum = Tensor::empty([batch, heads, partitions as i64], f32_on);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let args = [
+            Arg::tensor(q),
+            Arg::tensor(k_cache),
+            Arg::tensor(v_cache),
+            Arg::tensor(block_tables),
+            Arg::tensor(positions),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(block_size as i32),
+            Arg::I32(max_blocks as i32),
+            Arg::F32(scale),
+            Arg::tensor(&part_acc),
+            Arg::tensor(&part_max),
+            Arg::tensor(&part_sum),
+        ];
+        let grid = [kv_heads as usize, batch as usize, partitions];
+        self.launch(self.attention_partial, grid, ATTENTION_THREADS, &args);
+
+        let out = Tensor::empty([batch, heads, head_dim], (kind, device));
+        let args = [
+            Arg::tensor(&part_acc),
+            Arg::tensor(&part_max),
+            Arg::tensor(&part_sum),
+            Arg::I32(partitions as i32),
+            Arg::tensor(&out),
+        ];
+        let grid = [heads as usize, batch as usize, 1];
+        self.launch(self.attention_combine, grid, head_dim as usize, &args);
+        out
+    }
+}
+
+/// Where NVRTC may be: beside libtorch (the PyTorch wheel's `nvidia/*/lib`
+/// packages, or a standalone libtorch's own `lib/`), then by name through
+/// the library path. Each entry is the library and its builtins companion.
+fn nvrtc_candidates() -> Vec<(String, Option<String>)> {
+    let mut dirs = Vec::new();
+    if let Some(lib) = crate::device::libtorch_lib_dir() {
+        if let Some(site) = lib.parent().and_then(|torch| torch.parent()) {
+            if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+                let mut packages: Vec<_> =
+                    entries.flatten().map(|e| e.path().join("lib")).collect();
+                packages.sort();
+                dirs.extend(packages);
+            }
+        }
+        dirs.push(lib);
+    }
+    let mut found = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with("libnvrtc") && n.contains(".so") && !n.contains(".alt."))
+            .collect();
+        names.sort();
+        let builtins = names.iter().find(|n| n.starts_with("libnvrtc-builtins"));
+        if let Some(library) = names.iter().find(|n| !n.starts_with("libnvrtc-builtins")) {
+            found.push((
+                dir.join(library).display().to_string(),
+                builtins.map(|b| dir.join(b).display().to_string()),
+            ));
+        }
+    }
+    for name in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
+        found.push((name.to_string(), None));
+    }
+    found
+}
+
+#[cfg(cuda_bridge)]
+mod imp {
+    use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+    use std::sync::OnceLock;
+
+    use super::{Function, HashMap, KernelError, SOURCE};
+    use crate::cuda_bridge::call;
+
+    extern "C" {
+        fn spark_nvrtc_open(
+            library: *const c_char,
+            builtins: *const c_char,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_compile(
+            nvrtc: *mut c_void,
+            device: c_int,
+            source: *const c_char,
+            options: *const *const c_char,
+            num_options: c_int,
+            module: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_function(
+            module: *mut c_void,
+            name: *const c_char,
+            function: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_launch(
+            function: *mut c_void,
+            device: c_int,
+            grid_x: c_uint,
+            grid_y: c_uint,
+            grid_z: c_uint,
+            block_x: c_uint,
+            args: *mut *mut c_void,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+
+    /// NVRTC, opened once per process.
+    fn nvrtc() -> Result<*mut c_void, KernelError> {
+        static NVRTC: OnceLock<Result<usize, KernelError>> = OnceLock::new();
+        NVRTC
+            .get_or_init(|| {
+                let mut tried = Vec::new();
+                for (library, builtins) in super::nvrtc_candidates() {
+                    let c_library = CString::new(library.clone()).expect("no NUL in a path");
+                    let c_builtins = CString::new(builtins.unwrap_or_default()).expect("no NUL");
+                    let mut out = std::ptr::null_mut();
+                    // SAFETY: both strings outlive the call; `out` is written on success.
+                    let opened = call(|err, len| unsafe {
+                        spark_nvrtc_open(
+                            c_library.as_ptr(),
+                            c_builtins.as_ptr(),
+                            &mut out,
+                            err,
+                            len,
+                        )
+                    });
+                    match opened {
+                        Ok(()) => return Ok(out as usize),
+                        Err(message) => tried.push(format!("{library}: {message}")),
+                    }
+                }
+                Err(KernelError::NoNvrtc(tried.join("; ")))
+            })
+            .clone()
+            .map(|p| p as *mut c_void)
+    }
+
+    /// Compiles the source with `options` for `device` and looks up every kernel.
+    pub fn compile(
+        device: usize,
+        options: &[String],
+    ) -> Result<HashMap<String, Function>, KernelError> {
+        let nvrtc = nvrtc()?;
+        let source = CString::new(SOURCE).expect("no NUL in the source");
+        let options: Vec<CString> = options
+            .iter()
+            .map(|o| CString::new(o.as_str()).expect("no NUL in an option"))
+            .collect();
+        let pointers: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
+        let mut module = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live CString; `module` is written on success.
+        call(|err, len| unsafe {
+            spark_kernels_compile(
+                nvrtc,
+                device as c_int,
+                source.as_ptr(),
+                pointers.as_ptr(),
+                pointers.len() as c_int,
+                &mut module,
+                err,
+                len,
+            )
+        })
+        .map_err(|message| KernelError::Cuda {
+            stage: "compiling the decode kernels",
+            message,
+        })?;
+        let mut functions = HashMap::new();
+        for name in [
+            "rms_norm",
+            "silu_mul",
+            "rope_store_kv",
+            "attention_partial",
+            "attention_combine",
+        ] {
+            let c_name = CString::new(name).expect("no NUL");
+            let mut function = std::ptr::null_mut();
+            // SAFETY: `module` was loaded above and is never unloaded.
+            call(|err, len| unsafe {
+                spark_kernels_function(module, c_name.as_ptr(), &mut function, err, len)
+            })
+            .map_err(|message| KernelError::Cuda {
+                stage: "looking up a decode kernel",
+                message,
+            })?;
+            functions.insert(name.to_string(), Function(function));
+        }
+        Ok(functions)
+    }
+
+    pub fn launch(
+        function: Function,
+        device: usize,
+        grid: [u32; 3],
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<(), String> {
+        // SAFETY: `args` holds one pointer per kernel parameter, each to a
+        // live value of the parameter's type (see `Arg`); the tensors they
+        // point into are alive for the launch and, being on PyTorch's
+        // stream, for the kernel's run.
+        call(|err, len| unsafe {
+            spark_kernels_launch(
+                function.0,
+                device as c_int,
+                grid[0],
+                grid[1],
+                grid[2],
+                block,
+                args.as_mut_ptr(),
+                err,
+                len,
+            )
+        })
+    }
+}
+
+#[cfg(not(cuda_bridge))]
+mod imp {
+    use std::ffi::c_void;
+
+    use super::{Function, HashMap, KernelError};
+
+    pub fn compile(
+        _device: usize,
+        _options: &[String],
+    ) -> Result<HashMap<String, Function>, KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
+    pub fn launch(
+        _function: Function,
+        _device: usize,
+        _grid: [u32; 3],
+        _block: u32,
+        _args: &mut [*mut c_void],
+    ) -> Result<(), String> {
+        Err(KernelError::NotCompiled.to_string())
+    }
+}

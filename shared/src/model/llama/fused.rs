@@ -1,0 +1,323 @@
+//! The decode step again, on the custom kernels of [`crate::kernels`].
+//!
+//! Same model, same math as [`Llama::forward`], for the one case a GPU
+//! spends most of its serving time in: one new token per sequence, with
+//! the KV cache in pages. Per layer it launches ten kernels where the
+//! reference launches about thirty:
+//!
+//! ```text
+//! rms_norm ─► qkv GEMM ─► rope_store_kv ─► paged_attention (2) ─► o GEMM (+= x)
+//!          ─► rms_norm ─► gate/up GEMM ─► silu_mul ─► down GEMM (+= x)
+//! ```
+//!
+//! The engine replays it inside a CUDA graph (`engine::decode_graph`);
+//! `tests` check it against the reference forward on a GPU.
+
+use tch::{Kind, Tensor};
+
+use super::Llama;
+use crate::kernels::DecodeKernels;
+
+/// One decode step's inputs, and the paged KV cache as the kernels see it.
+pub struct PagedDecode<'a> {
+    /// `[batch]` int64: each sequence's new token.
+    pub tokens: &'a Tensor,
+    /// `[batch]` int64: its position (it attends to `0..=position`).
+    pub positions: &'a Tensor,
+    /// `[batch]` int64: the pool slot its K and V go to.
+    pub write_slots: &'a Tensor,
+    /// `[batch, max_blocks]` int64: its blocks, in order (padding past the end).
+    pub block_tables: &'a Tensor,
+    pub block_size: usize,
+    /// Layer `i`'s K and V, each `[slots, kv_heads, head_dim]` (views of the pool).
+    pub layers: &'a [(Tensor, Tensor)],
+}
+
+impl Llama {
+    /// Runs one decode step and returns the logits `[batch, vocab]` (f32).
+    /// Keys and values of the new tokens are written into `step.layers` on
+    /// the way.
+    // ANCHOR: decode_fused
+    pub fn decode_fused(&self, kernels: &DecodeKernels, step: &PagedDecode) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let eps = self.config.rms_norm_eps;
+        let mut x = self.embed_tokens.index_select(0, step.tokens);
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(step.layers) {
+            let h = kernels.rms_norm(&x, &layer.input_norm, eps);
+            let qkv = h.linear(&layer.qkv_proj, None::<Tensor>);
+            let q = kernels.rope_store_kv(
+                &qkv,
+                step.positions,
+                step.write_slots,
+                &self.rope.cos,
+                &self.rope.sin,
+                k_cache,
+                v_cache,
+            );
+            let attn = kernels.paged_attention(
+                &q,
+                k_cache,
+                v_cache,
+                step.block_tables,
+                step.positions,
+                step.block_size,
+            );
+            // x += attn · o_projᵀ, in the GEMM itself.
+            let _ = x.addmm_(&attn.flatten(1, 2), &layer.o_proj.tr());
+
+            let h = kernels.rms_norm(&x, &layer.post_norm, eps);
+            let gate_up = h.linear(&layer.gate_up_proj, None::<Tensor>);
+            let _ = x.addmm_(&kernels.silu_mul(&gate_up), &layer.down_proj.tr());
+        }
+        let h = kernels.rms_norm(&x, &self.norm, eps);
+        h.linear(&self.lm_head, None::<Tensor>).to_kind(Kind::Float)
+    }
+    // ANCHOR_END: decode_fused
+}
+
+#[cfg(test)]
+mod tests {
+    //! These compare the kernels with the reference on a GPU; on a machine
+    //! without one they check nothing (and say so).
+
+    use tch::{Device, Kind, Tensor};
+
+    use super::*;
+    use crate::model::config::LlamaConfig;
+    use crate::model::llama::{causal_attention, AttentionCache};
+
+    fn gpu() -> Option<Device> {
+        if crate::device::load_cuda_runtime().is_err() || !tch::Cuda::is_available() {
+            eprintln!("no CUDA device: the fused decode kernels are not checked here");
+            return None;
+        }
+        if !DecodeKernels::compiled() {
+            eprintln!("this build has no CUDA bridge: the fused decode kernels are not checked");
+            return None;
+        }
+        Some(Device::Cuda(0))
+    }
+
+    /// A small model with real attention shapes: head_dim 64, 4 query heads per KV head.
+    fn config() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 256,
+            hidden_size: 512,
+            intermediate_size: 1024,
+            num_hidden_layers: 3,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(2),
+            max_position_embeddings: 1024,
+            ..LlamaConfig::smollm2_135m()
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[])
+    }
+
+    fn max_abs(a: &Tensor) -> f64 {
+        a.to_kind(Kind::Float).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn small_kernels_match_pytorch() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let kernels = DecodeKernels::get(&config(), kind, device).unwrap();
+            let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+            let x = Tensor::randn([5, 512], (kind, device));
+            let w = Tensor::randn([512], (kind, device));
+            let reference = x.rms_norm([512], Some(&w), 1e-5);
+            let diff = max_diff(&kernels.rms_norm(&x, &w, 1e-5), &reference);
+            assert!(
+                diff <= tol * max_abs(&reference),
+                "rms_norm {kind:?}: {diff}"
+            );
+
+            let gate_up = Tensor::randn([5, 2048], (kind, device));
+            let reference = gate_up.narrow(1, 0, 1024).silu() * gate_up.narrow(1, 1024, 1024);
+            let diff = max_diff(&kernels.silu_mul(&gate_up), &reference);
+            assert!(
+                diff <= tol * max_abs(&reference),
+                "silu_mul {kind:?}: {diff}"
+            );
+        }
+    }
+
+    /// Paged attention over contexts of 1 to 700 tokens, in blocks handed
+    /// out in shuffled order, against gather + SDPA.
+    #[test]
+    fn paged_attention_matches_sdpa() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        let (heads, kv_heads, head_dim, block_size) = (8i64, 2i64, 64i64, 16usize);
+        let positions = [0i64, 15, 16, 130, 699];
+        let max_blocks = 700usize.div_ceil(block_size);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let kernels = DecodeKernels::get(&config(), kind, device).unwrap();
+            let num_blocks = positions.len() * max_blocks + 1;
+            let slots = (num_blocks * block_size) as i64;
+            let k_cache = Tensor::randn([slots, kv_heads, head_dim], (kind, device));
+            let v_cache = Tensor::randn([slots, kv_heads, head_dim], (kind, device));
+            // Every sequence gets max_blocks distinct blocks, in a scrambled order.
+            let order = Tensor::randperm(num_blocks as i64 - 1, (Kind::Int64, Device::Cpu));
+            let tables = order
+                .narrow(0, 0, (positions.len() * max_blocks) as i64)
+                .reshape([positions.len() as i64, max_blocks as i64])
+                .to_device(device);
+            let batch = positions.len() as i64;
+            let q = Tensor::randn([batch, heads, head_dim], (kind, device));
+            let pos = Tensor::from_slice(&positions).to_device(device);
+            let out = kernels.paged_attention(&q, &k_cache, &v_cache, &tables, &pos, block_size);
+            for (b, &p) in positions.iter().enumerate() {
+                let len = p + 1;
+                let offsets = Tensor::arange(block_size as i64, (Kind::Int64, device));
+                let slots = (tables.get(b as i64).unsqueeze(1) * block_size as i64
+                    + offsets.unsqueeze(0))
+                .reshape([-1])
+                .narrow(0, 0, len);
+                let gather =
+                    |cache: &Tensor| cache.index_select(0, &slots).transpose(0, 1).unsqueeze(0);
+                let reference = causal_attention(
+                    &q.get(b as i64).unsqueeze(0).unsqueeze(2),
+                    &gather(&k_cache),
+                    &gather(&v_cache),
+                )
+                .squeeze_dim(2)
+                .squeeze_dim(0);
+                let diff = max_diff(&out.get(b as i64), &reference);
+                let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
+                assert!(diff <= tol, "{kind:?}, position {p}: max difference {diff}");
+            }
+        }
+    }
+
+    /// The reference's attention cache for one sequence per row, over the
+    /// same pool the kernels use (the layout `engine::runner` gives it).
+    struct GatherCache<'a> {
+        layers: &'a [(Tensor, Tensor)],
+        write_slots: Tensor,
+        read_slots: Tensor,
+        mask: Tensor,
+        context: i64,
+    }
+
+    impl AttentionCache for GatherCache<'_> {
+        fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+            let b = q.size()[0];
+            let (k_cache, v_cache) = &self.layers[layer];
+            let read = |cache: &Tensor, x: &Tensor| {
+                let rows = x.transpose(1, 2).reshape([b, x.size()[1], x.size()[3]]);
+                let _ = cache
+                    .shallow_clone()
+                    .index_copy_(0, &self.write_slots, &rows);
+                cache
+                    .index_select(0, &self.read_slots)
+                    .reshape([b, self.context, x.size()[1], x.size()[3]])
+                    .transpose(1, 2)
+            };
+            let (keys, values) = (read(k_cache, k), read(v_cache, v));
+            Tensor::scaled_dot_product_attention(
+                q,
+                &keys,
+                &values,
+                Some(&self.mask),
+                0.0,
+                false,
+                None,
+                true,
+            )
+        }
+    }
+
+    /// A whole decode step through the fused path and through
+    /// `Llama::forward`: the same logits, and the same keys and values
+    /// left in the pool.
+    #[test]
+    fn fused_decode_matches_the_reference_forward() {
+        let Some(device) = gpu() else { return };
+        check_decode_step(device, &[0, 39, 299]);
+        check_decode_step(device, &[0, 5, 39, 100, 200, 299]);
+    }
+
+    fn check_decode_step(device: Device, positions: &[i64]) {
+        let _no_grad = tch::no_grad_guard();
+        let kind = Kind::BFloat16;
+        let config = config();
+        let model = Llama::random(config.clone(), 3, device, kind);
+        let kernels = DecodeKernels::get(&config, kind, device).unwrap();
+        let (kv_heads, head_dim, block_size) = (2i64, 64i64, 16usize);
+        let max_blocks = 304 / block_size as i64;
+        let batch = positions.len() as i64;
+        let slots = batch * max_blocks * block_size as i64;
+        let pool = |_| {
+            (0..config.num_hidden_layers)
+                .map(|_| {
+                    let cache = || Tensor::randn([slots, kv_heads, head_dim], (kind, device));
+                    (cache(), cache())
+                })
+                .collect::<Vec<_>>()
+        };
+        let fused_pool = pool(());
+        let reference_pool: Vec<(Tensor, Tensor)> = fused_pool
+            .iter()
+            .map(|(k, v)| (k.copy(), v.copy()))
+            .collect();
+        let tables = Tensor::arange(batch * max_blocks, (Kind::Int64, device))
+            .flip([0])
+            .reshape([batch, max_blocks]);
+        let pos = Tensor::from_slice(positions).to_device(device);
+        let bs = block_size as i64;
+        let write_slots = tables
+            .gather(1, &pos.floor_divide_scalar(bs).unsqueeze(1), false)
+            .squeeze_dim(1)
+            * bs
+            + pos.remainder(bs);
+        let tokens = (Tensor::arange(batch, (Kind::Int64, device)) * 37).remainder(256);
+
+        let step = PagedDecode {
+            tokens: &tokens,
+            positions: &pos,
+            write_slots: &write_slots,
+            block_tables: &tables,
+            block_size,
+            layers: &fused_pool,
+        };
+        let fused = model.decode_fused(&kernels, &step);
+
+        let context = max_blocks * bs;
+        let offsets = Tensor::arange(bs, (Kind::Int64, device));
+        let read_slots = (tables.unsqueeze(2) * bs + offsets.reshape([1, 1, bs])).reshape([-1]);
+        let cols = Tensor::arange(context, (Kind::Int64, device)).reshape([1, 1, 1, context]);
+        let mut cache = GatherCache {
+            layers: &reference_pool,
+            write_slots: write_slots.shallow_clone(),
+            read_slots,
+            mask: cols.le_tensor(&pos.reshape([batch, 1, 1, 1])),
+            context,
+        };
+        let hidden = model.forward(&tokens.unsqueeze(1), &pos.unsqueeze(1), &mut cache);
+        let reference = model.logits(&hidden.select(1, 0));
+
+        let diff = max_diff(&fused, &reference);
+        assert!(
+            diff <= 0.05 * max_abs(&reference),
+            "batch {batch}: logits differ by {diff} (largest {})",
+            max_abs(&reference)
+        );
+        for (layer, ((fk, fv), (rk, rv))) in fused_pool.iter().zip(&reference_pool).enumerate() {
+            for (name, f, r) in [("K", fk, rk), ("V", fv, rv)] {
+                let diff = max_diff(f, r);
+                assert!(
+                    diff <= 0.05 * max_abs(r),
+                    "batch {batch}: layer {layer} {name} differs by {diff}"
+                );
+            }
+        }
+    }
+}
