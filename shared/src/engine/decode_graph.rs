@@ -199,11 +199,7 @@ impl DecodeGraphs {
         let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
         let key = (batch_bucket(batch), context_bucket(longest, bs));
         self.clock += 1;
-        if !self.steps.contains_key(&key) {
-            self.make_room();
-            let step = self.prepare(model, pool, key)?;
-            self.steps.insert(key, step);
-        }
+        self.ensure_step(model, pool, key)?;
         let kernels = self.kernels.as_deref();
         let step = self.steps.get_mut(&key).expect("inserted above");
         step.last_used = self.clock;
@@ -238,13 +234,9 @@ impl DecodeGraphs {
         let mut new = 0;
         for &c in &context_buckets {
             for &b in &batch_buckets {
-                if self.steps.contains_key(&(b, c)) {
-                    continue;
+                if self.ensure_step(model, pool, (b, c))? {
+                    new += 1;
                 }
-                self.make_room();
-                let step = self.prepare(model, pool, (b, c))?;
-                self.steps.insert((b, c), step);
-                new += 1;
             }
         }
         Ok(new)
@@ -267,11 +259,7 @@ impl DecodeGraphs {
             batch_bucket(batch.min(MAX_BATCH)),
             context_bucket(context, pool.block_size()),
         );
-        if !self.steps.contains_key(&key) {
-            self.make_room();
-            let step = self.prepare(model, pool, key)?;
-            self.steps.insert(key, step);
-        }
+        self.ensure_step(model, pool, key)?;
         let kernels = self.kernels.as_deref();
         let step = self.steps.get_mut(&key).expect("inserted above");
         let host = Tensor::from_slice(&pack_inputs(pool, &[], key));
@@ -291,6 +279,22 @@ impl DecodeGraphs {
             sync();
         }
         Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+    }
+
+    /// Prepares the bucket `key` unless it is ready; true if it was new.
+    fn ensure_step(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        key: (usize, usize),
+    ) -> Result<bool, CudaGraphError> {
+        if self.steps.contains_key(&key) {
+            return Ok(false);
+        }
+        self.make_room();
+        let step = self.prepare(model, pool, key)?;
+        self.steps.insert(key, step);
+        Ok(true)
     }
 
     /// Drops the least recently used step when the table is full.
