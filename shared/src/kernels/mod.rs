@@ -154,7 +154,7 @@ impl KernelShape {
 /// A kernel in a loaded module. Driver function handles may be launched
 /// from any thread.
 #[derive(Clone, Copy)]
-struct Function(*mut c_void);
+struct Function(#[cfg_attr(not(cuda_bridge), allow(dead_code))] *mut c_void);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
@@ -416,47 +416,6 @@ impl DecodeKernels {
     }
 }
 
-/// Where NVRTC may be: beside libtorch (the PyTorch wheel's `nvidia/*/lib`
-/// packages, or a standalone libtorch's own `lib/`), then by name through
-/// the library path. Each entry is the library and its builtins companion.
-fn nvrtc_candidates() -> Vec<(String, Option<String>)> {
-    let mut dirs = Vec::new();
-    if let Some(lib) = crate::device::libtorch_lib_dir() {
-        if let Some(site) = lib.parent().and_then(|torch| torch.parent()) {
-            if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
-                let mut packages: Vec<_> =
-                    entries.flatten().map(|e| e.path().join("lib")).collect();
-                packages.sort();
-                dirs.extend(packages);
-            }
-        }
-        dirs.push(lib);
-    }
-    let mut found = Vec::new();
-    for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with("libnvrtc") && n.contains(".so") && !n.contains(".alt."))
-            .collect();
-        names.sort();
-        let builtins = names.iter().find(|n| n.starts_with("libnvrtc-builtins"));
-        if let Some(library) = names.iter().find(|n| !n.starts_with("libnvrtc-builtins")) {
-            found.push((
-                dir.join(library).display().to_string(),
-                builtins.map(|b| dir.join(b).display().to_string()),
-            ));
-        }
-    }
-    for name in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
-        found.push((name.to_string(), None));
-    }
-    found
-}
-
 #[cfg(cuda_bridge)]
 mod imp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CString};
@@ -503,13 +462,54 @@ mod imp {
         ) -> c_int;
     }
 
+    /// Where NVRTC may be: beside libtorch (the PyTorch wheel's `nvidia/*/lib`
+    /// packages, or a standalone libtorch's own `lib/`), then by name through
+    /// the library path. Each entry is the library and its builtins companion.
+    fn nvrtc_candidates() -> Vec<(String, Option<String>)> {
+        let mut dirs = Vec::new();
+        if let Some(lib) = crate::device::libtorch_lib_dir() {
+            if let Some(site) = lib.parent().and_then(|torch| torch.parent()) {
+                if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+                    let mut packages: Vec<_> =
+                        entries.flatten().map(|e| e.path().join("lib")).collect();
+                    packages.sort();
+                    dirs.extend(packages);
+                }
+            }
+            dirs.push(lib);
+        }
+        let mut found = Vec::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with("libnvrtc") && n.contains(".so") && !n.contains(".alt."))
+                .collect();
+            names.sort();
+            let builtins = names.iter().find(|n| n.starts_with("libnvrtc-builtins"));
+            if let Some(library) = names.iter().find(|n| !n.starts_with("libnvrtc-builtins")) {
+                found.push((
+                    dir.join(library).display().to_string(),
+                    builtins.map(|b| dir.join(b).display().to_string()),
+                ));
+            }
+        }
+        for name in ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"] {
+            found.push((name.to_string(), None));
+        }
+        found
+    }
+
     /// NVRTC, opened once per process.
     fn nvrtc() -> Result<*mut c_void, KernelError> {
         static NVRTC: OnceLock<Result<usize, KernelError>> = OnceLock::new();
         NVRTC
             .get_or_init(|| {
                 let mut tried = Vec::new();
-                for (library, builtins) in super::nvrtc_candidates() {
+                for (library, builtins) in nvrtc_candidates() {
                     let c_library = CString::new(library.clone()).expect("no NUL in a path");
                     let c_builtins = CString::new(builtins.unwrap_or_default()).expect("no NUL");
                     let mut out = std::ptr::null_mut();
