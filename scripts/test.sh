@@ -14,3 +14,4 @@ cargo check --workspace --all-targets
 echo "[test] mdbook build book"
 mdbook build book
 ./scripts/check-book-includes.sh
+./scripts/check-reference-flags.sh
