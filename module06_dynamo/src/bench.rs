@@ -375,19 +375,22 @@ pub struct VariantResult {
     pub remote_prefills: u64,
     pub local_prefills: u64,
     pub kv_bytes: u64,
-    /// KV transfer time not hidden behind prefill, summed over remote prefills.
+    /// KV transfer time not hidden behind prefill, summed over remote
+    /// prefills (`None` in results saved before the frontend measured it).
     #[serde(default)]
-    pub kv_transfer_s: f64,
+    pub kv_transfer_s: Option<f64>,
 }
 
 impl VariantResult {
-    /// Mean exposed KV transfer time per remote prefill, in ms.
-    pub fn transfer_ms_per_request(&self) -> f64 {
-        if self.remote_prefills == 0 {
+    /// Mean exposed KV transfer time per remote prefill, in ms (`None` when
+    /// the result does not hold it).
+    pub fn transfer_ms_per_request(&self) -> Option<f64> {
+        let seconds = self.kv_transfer_s?;
+        Some(if self.remote_prefills == 0 {
             0.0
         } else {
-            self.kv_transfer_s * 1e3 / self.remote_prefills as f64
-        }
+            seconds * 1e3 / self.remote_prefills as f64
+        })
     }
 }
 
@@ -421,7 +424,7 @@ pub async fn compare(
             remote_prefills: places[0],
             local_prefills: places[1..].iter().sum(),
             kv_bytes,
-            kv_transfer_s,
+            kv_transfer_s: Some(kv_transfer_s),
         });
         deployment.stop().await;
     }
@@ -559,12 +562,13 @@ pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
                 r.remote_prefills + r.local_prefills
             ),
             format!("{:.1}", r.kv_bytes as f64 / (1 << 20) as f64),
-            format!("{:.2}", r.transfer_ms_per_request()),
+            r.transfer_ms_per_request()
+                .map_or("-".into(), |ms| format!("{ms:.2}")),
         ]);
     }
     out += "×base: output tokens/s over the first variant's; TTFT ×: TTFT p50 over the first variant's; \
             goodput: requests/s within the SLO; remote: prefills run on a prefill worker / all; \
-            KV ms/req: KV transfer time not hidden behind prefill, per remote prefill\n";
+            KV ms/req: KV transfer time not hidden behind prefill, per remote prefill (- where the run did not measure it)\n";
     for r in results {
         out += &format!("  {:<16} {}\n", r.name, r.what);
     }
@@ -583,6 +587,28 @@ pub fn table(load: &LoadSpec, results: &[VariantResult]) -> String {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+
+    /// A result saved before the frontend measured KV transfer time (the
+    /// committed CPU run) shows "-" in that column, not a measured-looking 0.
+    #[test]
+    fn results_without_transfer_time_show_a_dash() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../results/cpu/module06_bench.json"
+        );
+        let report = shared::results::read(std::path::Path::new(path)).unwrap();
+        let load: LoadSpec = shared::results::field(&report, "load", "bench").unwrap();
+        let mut results: Vec<VariantResult> =
+            shared::results::field(&report, "results", "bench").unwrap();
+        assert!(results.iter().all(|r| r.kv_transfer_s.is_none()));
+        let last_cell = |table: &str, variant: &str| {
+            let line = table.lines().find(|l| l.starts_with(variant)).unwrap();
+            line.split_whitespace().last().unwrap().to_string()
+        };
+        assert_eq!(last_cell(&table(&load, &results), "disagg-tcp"), "-");
+        results[1].kv_transfer_s = Some(0.3);
+        assert_eq!(last_cell(&table(&load, &results), "disagg-tcp"), "10.00");
+    }
 
     /// What `bench --url` scrapes from `/metrics` must be what the frontend
     /// counted, and the difference of two scrapes what happened between them.
@@ -623,8 +649,8 @@ mod tests {
             remote_prefills: moved.remote_prefills,
             local_prefills: moved.local_prefills,
             kv_bytes: moved.kv_bytes,
-            kv_transfer_s: moved.kv_transfer_s,
+            kv_transfer_s: Some(moved.kv_transfer_s),
         };
-        assert!((result.transfer_ms_per_request() - 250.0).abs() < 1e-6);
+        assert!((result.transfer_ms_per_request().unwrap() - 250.0).abs() < 1e-6);
     }
 }

@@ -413,7 +413,7 @@ async fn main() -> Result<()> {
                         remote_prefills: counters.remote_prefills,
                         local_prefills: counters.local_prefills,
                         kv_bytes: counters.kv_bytes,
-                        kv_transfer_s: counters.kv_transfer_s,
+                        kv_transfer_s: Some(counters.kv_transfer_s),
                     }]
                 }
                 None => {
