@@ -25,12 +25,19 @@ def load(path):
         value = float(row["Metric Value"].replace(",", ""))
         unit = row.get("Metric Unit", "nsecond")
         scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0}.get(unit, 1e-6)
-        rows.append((row["Kernel Name"], value * scale))
+        # The grid tells launches of one kernel apart (the matrix-vector
+        # kernel runs every product of a layer, each with its own grid).
+        name = row["Kernel Name"]
+        if row.get("Grid Size"):
+            name = f"{name} grid {row['Grid Size'].replace(' ', '')}"
+        rows.append((name, value * scale))
     return rows
 
 
-def period(names, lo=20, hi=4000):
-    """The smallest p such that the last 3p kernels repeat with period p."""
+def period(names, lo=50, hi=4000):
+    """The smallest p such that the last 3p kernels repeat with period p.
+    Shorter periods than `lo` are a step's layers repeating, not steps: a
+    decode step of a real model launches more kernels than that."""
     for p in range(lo, min(hi, len(names) // 3)):
         tail = names[-3 * p:]
         if all(tail[i] == tail[i + p] for i in range(2 * p)):
@@ -57,9 +64,9 @@ def main():
     for n, t in step:
         by_name[n][0] += 1
         by_name[n][1] += t
-    print(f"{'calls':>6} {'ms':>8} {'share':>6}  kernel")
+    print(f"{'calls':>6} {'ms':>8} {'us/call':>8} {'share':>6}  kernel")
     for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]:
-        print(f"{c:>6} {t:>8.3f} {100 * t / gpu_ms:>5.1f}%  {n[:90]}")
+        print(f"{c:>6} {t:>8.3f} {1e3 * t / c:>8.1f} {100 * t / gpu_ms:>5.1f}%  {n[:100]}")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,12 @@ struct BenchArgs {
     /// of the custom kernels (shared::kernels), to see what they bring.
     #[arg(long)]
     no_fused_kernels: bool,
+    /// With the custom kernels: decode batches up to this size run their
+    /// matrix products on the matrix-vector kernel (with RMSNorm, SwiGLU and
+    /// the residual addition fused in), larger ones on cuBLAS; 0: cuBLAS
+    /// always, at most 4.
+    #[arg(long, default_value_t = 1)]
+    matvec_max_batch: usize,
     /// Also run Hugging Face transformers on the same workload, one or more
     /// of: hf-generate (or hf), hf-loop, hf-compiled (comma-separated; see
     /// bench/peers/hf_generate.py).
@@ -286,6 +292,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     }
     engine_config.cudnn_attention = args.cudnn_attention;
     engine_config.fused_kernels = !args.no_fused_kernels;
+    engine_config.matvec_max_batch = args.matvec_max_batch;
     let largest = args
         .batch_sizes
         .iter()
@@ -384,6 +391,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             dtype: device::kind_name(kind).into(),
             decode: engine.decode_mode().to_string(),
             fused_kernels: engine.fused_kernels(),
+            matvec_max_batch: engine.matvec_limit(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,
             date: device::today(),

@@ -22,6 +22,11 @@ pub struct Setup {
     /// Whether padded decode steps ran on the custom kernels of `shared::kernels`.
     #[serde(default)]
     pub fused_kernels: bool,
+    /// With the fused kernels: the largest batch whose matrix products ran
+    /// on the matrix-vector kernel (0: all on cuBLAS; absent in results
+    /// from before that kernel).
+    #[serde(default)]
+    pub matvec_max_batch: Option<usize>,
     pub kv_cache_blocks: usize,
     pub max_num_batched_tokens: usize,
     pub date: String,
@@ -112,6 +117,17 @@ fn ratio(ours: f64, peer: Option<f64>, higher_is_better: bool, redact: bool) -> 
 }
 
 /// The side-by-side table printed at the end of a run.
+/// " on fused kernels (…)": what the setup says about the custom kernels.
+fn fused_kernels_note(s: &Setup) -> String {
+    if !s.fused_kernels {
+        return String::new();
+    }
+    match s.matvec_max_batch {
+        Some(n @ 1..) => format!(" on fused kernels (matrix-vector products up to batch {n})"),
+        _ => " on fused kernels".into(),
+    }
+}
+
 pub fn render_table(report: &BenchReport, redact: bool) -> String {
     let s = &report.setup;
     let c = &report.config;
@@ -124,11 +140,7 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
         if redact { "#" } else { s.device_name.as_str() },
         s.dtype,
         s.decode,
-        if s.fused_kernels {
-            " on fused kernels"
-        } else {
-            ""
-        },
+        fused_kernels_note(s),
         c.prompt_len,
         c.output_len,
         if redact {

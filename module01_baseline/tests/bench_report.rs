@@ -72,6 +72,7 @@ fn report(with_peer: bool) -> BenchReport {
             dtype: "f32".into(),
             decode: "eager".into(),
             fused_kernels: false,
+            matvec_max_batch: None,
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
             date: "today".into(),
@@ -180,4 +181,19 @@ fn table_has_a_column_pair_per_peer() {
         "{table}"
     );
     assert!(table.lines().nth(3).unwrap().contains("slower"), "{table}");
+}
+
+/// The table's first line says how the decode step ran: on the fused
+/// kernels, and up to which batch on the matrix-vector kernel.
+#[test]
+fn table_names_the_matrix_vector_limit() {
+    let mut report = report(false);
+    report.setup.fused_kernels = true;
+    report.setup.matvec_max_batch = Some(1);
+    let first = |r: &BenchReport| render_table(r, false).lines().next().unwrap().to_string();
+    assert!(first(&report).ends_with("on fused kernels (matrix-vector products up to batch 1)"));
+    report.setup.matvec_max_batch = Some(0);
+    assert!(first(&report).ends_with("on fused kernels"));
+    report.setup.fused_kernels = false;
+    assert!(!first(&report).contains("fused"));
 }

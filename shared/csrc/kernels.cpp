@@ -145,19 +145,22 @@ int spark_nvrtc_open(const char* library, const char* builtins, void** out, char
 }
 
 // Compiles `source` with `options` (plus the architecture of `device`) and
-// loads the result on `device`: `*module` is the loaded module. On a
-// compilation error the message holds NVRTC's log.
+// loads the result on `device`: `*module` is the loaded module, and
+// `*multiprocessors` the device's SM count (kernels size their grids by it).
+// On a compilation error the message holds NVRTC's log.
 int spark_kernels_compile(void* nvrtc, int device, const char* source, const char* const* options,
-                          int num_options, void** module, char* err, size_t err_len) {
+                          int num_options, void** module, int* multiprocessors, char* err,
+                          size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     const Nvrtc& n = *static_cast<Nvrtc*>(nvrtc);
     CurrentDevice current(device);
-    // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR and _MINOR.
-    const int capability_major = 75, capability_minor = 76;
+    // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR and _MINOR, _MULTIPROCESSOR_COUNT.
+    const int capability_major = 75, capability_minor = 76, sm_count = 16;
     int handle = 0, major = 0, minor = 0;
     check(driver().device_get(&handle, device), "cuDeviceGet");
     check(driver().device_get_attribute(&major, capability_major, handle), "cuDeviceGetAttribute");
     check(driver().device_get_attribute(&minor, capability_minor, handle), "cuDeviceGetAttribute");
+    check(driver().device_get_attribute(multiprocessors, sm_count, handle), "cuDeviceGetAttribute");
     std::string arch = "--gpu-architecture=sm_" + std::to_string(major * 10 + minor);
     std::vector<const char*> all(options, options + num_options);
     all.push_back(arch.c_str());

@@ -51,6 +51,7 @@ fn config(decode: DecodeMode) -> EngineConfig {
         decode,
         cudnn_attention: false,
         fused_kernels: true,
+        matvec_max_batch: 4,
     }
 }
 

@@ -33,6 +33,7 @@ fn config(num_blocks: usize, budget: usize) -> EngineConfig {
         decode: DecodeMode::Eager,
         cudnn_attention: false,
         fused_kernels: true,
+        matvec_max_batch: 4,
     }
 }
 

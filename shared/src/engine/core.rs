@@ -13,6 +13,7 @@
 //! continues decoding from it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -52,6 +53,14 @@ pub struct EngineConfig {
     /// [`crate::kernels`] when the device is a GPU and they compile; off,
     /// the graphs replay the PyTorch-operations step. On by default.
     pub fused_kernels: bool,
+    /// With the custom kernels: decode batches of at most this many
+    /// sequences run their matrix products on the matrix-vector kernel
+    /// (with the RMSNorm, SwiGLU and residual addition fused around them),
+    /// larger ones on cuBLAS. 0: cuBLAS always. Capped at what the model's
+    /// shape allows (4 for most models). Default 1: on an H100 the kernel
+    /// beats cuBLAS at batch 1 and loses at 2 and 4, where converting the
+    /// staged rows for every weight makes it arithmetic-bound (chapter 1).
+    pub matvec_max_batch: usize,
 }
 
 impl EngineConfig {
@@ -72,6 +81,7 @@ impl EngineConfig {
             decode: DecodeMode::best_for(model.device()),
             cudnn_attention: false,
             fused_kernels: true,
+            matvec_max_batch: 1,
         }
     }
 }
@@ -160,7 +170,8 @@ impl Engine {
                 compiled
                     .map_err(|err| tracing::warn!("decode steps use PyTorch operations: {err}"))
                     .ok()
-            });
+            })
+            .map(|kernels| Arc::new(kernels.with_matvec_limit(config.matvec_max_batch)));
         let decode_graphs = DecodeGraphs::new(config.decode, model.device(), kernels)
             .unwrap_or_else(|err| {
                 tracing::warn!("decode steps run eagerly: {err}");
@@ -197,6 +208,14 @@ impl Engine {
         self.decode_graphs
             .as_ref()
             .map_or(DecodeMode::Eager, DecodeGraphs::mode)
+    }
+
+    /// With the fused kernels: the largest decode batch whose matrix
+    /// products run on the matrix-vector kernel (0: none, all on cuBLAS).
+    pub fn matvec_limit(&self) -> Option<usize> {
+        self.decode_graphs
+            .as_ref()
+            .and_then(DecodeGraphs::matvec_limit)
     }
 
     /// True when padded decode steps run on the fused kernels of [`crate::kernels`].

@@ -173,6 +173,12 @@ impl DecodeGraphs {
         self.kernels.is_some()
     }
 
+    /// With the fused kernels: the largest batch whose products run on the
+    /// matrix-vector kernel (0: none).
+    pub fn matvec_limit(&self) -> Option<usize> {
+        self.kernels.as_deref().map(DecodeKernels::matvec_limit)
+    }
+
     /// Graphs captured so far (each is one bucket's first use).
     pub fn captures(&self) -> u64 {
         self.captures

@@ -312,3 +312,152 @@ extern "C" __global__ void attention_combine(const float* part_acc, const float*
 }
 // ANCHOR_END: paged_attention
 
+
+// ANCHOR: matvec
+// The decode step's matrix products at small batch: y = x · Wᵀ for at most
+// MATVEC_ROWS rows of x, with W [n, k] as nn.Linear keeps it.
+//
+// At batch 1 a product is a matrix-vector product: every weight is read
+// once and used once, so the kernel is a memory copy with arithmetic on the
+// side, and the goal is to keep enough loads in flight to saturate HBM.
+// One warp computes one output at a time: its 32 lanes read the weight row
+// in 16-byte loads, MATVEC_UNROLL of them in flight per lane, and meet in a
+// shuffle reduction. The block first stages x in shared memory — once per
+// block, not once per row — and that is where the neighbouring operations
+// are fused, so they cost no launch and no trip through memory:
+//
+//   prologue 0  x = in                        (the attention output)
+//   prologue 1  x = rms_norm(in) · norm_weight (before qkv, gate/up, lm_head)
+//   prologue 2  x = silu(in[:, :k]) · in[:, k:] (SwiGLU, before down)
+//   epilogue 0  out = y                       (in the model's dtype)
+//   epilogue 1  out += y                      (the residual stream, in place)
+//   epilogue 2  out = y                       (in f32: the logits)
+//
+// The block's first weight loads are issued before the staging, so HBM is
+// busy while x is prepared. Compile-time: MATVEC_ROWS (rows of x, at most)
+// and MATVEC_K (the largest k: shared memory is MATVEC_ROWS · MATVEC_K).
+#define MATVEC_WARPS 8
+#define MATVEC_UNROLL 8
+
+// 16 bytes of weights that are read once: not kept in L1.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Lane `lane`'s chunks base, base + 32, ... of weight row `row`.
+__device__ __forceinline__ void load_weight_chunks(uint4* chunk, const scalar_t* weight, int row,
+                                                   int k, int base) {
+  const uint4* w = reinterpret_cast<const uint4*>(weight + (i64)row * k);
+  const int chunks = k / VEC;
+#pragma unroll
+  for (int u = 0; u < MATVEC_UNROLL; u++) {
+    int c = base + u * 32;
+    chunk[u] = c < chunks ? load_streaming(w + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32)
+matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_t* weight,
+       void* out, int rows, int n, int k, int prologue, int epilogue) {
+  __shared__ __align__(16) scalar_t xs[MATVEC_ROWS * MATVEC_K];
+  __shared__ float partial[MATVEC_WARPS][MATVEC_ROWS];
+  __shared__ float inv_rms[MATVEC_ROWS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = k / VEC, stride = gridDim.x * MATVEC_WARPS;
+  const int first_row = blockIdx.x * MATVEC_WARPS + warp;
+
+  uint4 chunk[MATVEC_UNROLL];
+  if (first_row < n) load_weight_chunks(chunk, weight, first_row, k, lane);
+
+  // Stage x, 16 bytes per thread at a time.
+  const uint4* in4 = reinterpret_cast<const uint4*>(in);
+  if (prologue == 1) {
+    float squares[MATVEC_ROWS];
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      squares[m] = 0.f;
+      if (m < rows)
+        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+          float v[VEC];
+          unpack(in4[m * chunks + c], v);
+#pragma unroll
+          for (int i = 0; i < VEC; i++) squares[m] += v[i] * v[i];
+        }
+      for (int offset = 16; offset > 0; offset /= 2)
+        squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
+      if (lane == 0) partial[warp][m] = squares[m];
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+      float total = 0.f;
+      for (int w = 0; w < MATVEC_WARPS; w++) total += partial[w][threadIdx.x];
+      inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
+    }
+    __syncthreads();
+  }
+#pragma unroll 4
+  for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
+    int m = i / chunks, c = i % chunks;
+    scalar_t* dst = xs + m * k + c * VEC;
+    float a[VEC], b[VEC];
+    if (prologue == 0) {
+      *reinterpret_cast<uint4*>(dst) = in4[i];
+    } else if (prologue == 1) {
+      unpack(in4[i], a);
+      unpack(reinterpret_cast<const uint4*>(norm_weight)[c], b);
+#pragma unroll
+      for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] * inv_rms[m] * b[e]);
+    } else {
+      unpack(in4[m * 2 * chunks + c], a);           // gate
+      unpack(in4[m * 2 * chunks + chunks + c], b);  // up
+#pragma unroll
+      for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] / (1.f + __expf(-a[e])) * b[e]);
+    }
+  }
+  __syncthreads();
+
+  for (int row = first_row; row < n; row += stride) {
+    float acc[MATVEC_ROWS];
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) acc[m] = 0.f;
+    for (int base = lane; base < chunks; base += 32 * MATVEC_UNROLL) {
+      if (row != first_row || base != lane) load_weight_chunks(chunk, weight, row, k, base);
+#pragma unroll
+      for (int u = 0; u < MATVEC_UNROLL; u++) {
+        int c = base + u * 32;
+        if (c >= chunks) break;
+        float w[VEC];
+        unpack(chunk[u], w);
+#pragma unroll
+        for (int m = 0; m < MATVEC_ROWS; m++) {
+          if (m >= rows) break;
+          float x[VEC];
+          unpack(reinterpret_cast<const uint4*>(xs + m * k)[c], x);
+#pragma unroll
+          for (int i = 0; i < VEC; i++) acc[m] += w[i] * x[i];
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      for (int offset = 16; offset > 0; offset /= 2)
+        acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
+      if (lane == 0 && m < rows) {
+        i64 at = (i64)m * n + row;
+        if (epilogue == 0) {
+          static_cast<scalar_t*>(out)[at] = from_float(acc[m]);
+        } else if (epilogue == 1) {
+          scalar_t* residual = static_cast<scalar_t*>(out);
+          residual[at] = from_float(to_float(residual[at]) + acc[m]);
+        } else {
+          static_cast<float*>(out)[at] = acc[m];
+        }
+      }
+    }
+  }
+}
+// ANCHOR_END: matvec

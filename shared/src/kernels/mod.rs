@@ -6,8 +6,8 @@
 //! Even replayed from a CUDA graph, a kernel costs a couple of
 //! microseconds, so the step spends more time starting kernels than
 //! reading weights. Serving engines fix this with hand-written kernels
-//! that do several operations in one pass; [`DecodeKernels`] holds four
-//! of them (source: `decode.cu`, beside this file):
+//! that do several operations in one pass; [`DecodeKernels`] holds these
+//! (source: `decode.cu`, beside this file):
 //!
 //! | kernel            | replaces                                               |
 //! |-------------------|--------------------------------------------------------|
@@ -15,9 +15,13 @@
 //! | `rope_store_kv`   | RoPE on queries and keys (5 kernels) and the KV writes |
 //! | `paged_attention` | the gather through the block table, the mask and SDPA  |
 //! | `silu_mul`        | `silu` and the product of SwiGLU                       |
+//! | `matvec`          | at batch ≤ 4: a matrix product with the RMSNorm or SwiGLU before it and the residual addition after it |
 //!
-//! The matrix products stay with cuBLAS, and the residual additions ride on
-//! them (`addmm_` adds the product to the residual stream in place).
+//! Above the matrix-vector kernel's batch limit the products are cuBLAS's,
+//! and the residual additions ride on them (`addmm_` adds the product to
+//! the residual stream in place). The methods that take a weight
+//! ([`DecodeKernels::norm_linear`] and its siblings) choose between the two
+//! by the number of rows.
 //!
 //! The source is compiled at run time by NVRTC — the way PyTorch builds its
 //! own "jiterator" kernels — for the GPU at hand and for the model's shape
@@ -44,6 +48,17 @@ const ATTENTION_THREADS: usize = 128;
 /// Key rows each lane group loads per partition: enough loads in flight
 /// to hide memory latency, few enough to stay in registers.
 const TOKENS_PER_GROUP: usize = 4;
+/// Threads per block of `matvec` (`MATVEC_WARPS` · 32 in the source).
+const MATVEC_THREADS: usize = 256;
+/// The most rows `matvec` takes: beyond a few, each weight is used often
+/// enough that cuBLAS's tiled kernels win.
+const MATVEC_MAX_ROWS: usize = 4;
+/// Static shared memory `matvec` may use for its staged input (the 48 KiB
+/// limit, less room for its other arrays).
+const MATVEC_SHARED_BYTES: usize = 46 * 1024;
+/// Resident `matvec` blocks per multiprocessor the grid is sized for: the
+/// registers of four 256-thread blocks fill a Hopper or Ampere SM.
+const MATVEC_BLOCKS_PER_SM: usize = 4;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KernelError {
@@ -69,23 +84,42 @@ pub enum KernelError {
     },
 }
 
-/// What the kernels are compiled for: the model's dtype and attention shape.
+/// What the kernels are compiled for: the model's dtype and attention
+/// shape, and how many rows the matrix-vector kernel can stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelShape {
     pub kind: Kind,
     pub head_dim: usize,
     /// Query heads per key/value head.
     pub gqa_group: usize,
+    /// The longest input row of a matrix product (hidden or intermediate size).
+    pub matvec_k: usize,
+    /// Rows `matvec` can take at most: 0 when the model's sizes do not
+    /// split into 16-byte loads, fewer than 4 when 4 rows would not fit
+    /// in shared memory.
+    pub matvec_rows: usize,
 }
 
 impl KernelShape {
     /// The shape of `config` in `kind`, or why the kernels cannot run it.
     pub fn of(config: &LlamaConfig, kind: Kind) -> Result<KernelShape, KernelError> {
-        let shape = KernelShape {
+        let sizes = [
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads * config.head_dim(),
+        ];
+        let matvec_k = sizes.into_iter().max().unwrap_or(0);
+        let mut shape = KernelShape {
             kind,
             head_dim: config.head_dim(),
             gqa_group: config.num_attention_heads / config.num_kv_heads(),
+            matvec_k,
+            matvec_rows: 0,
         };
+        if shape.scalar_kind().is_some() && sizes.iter().all(|k| k % shape.vec() == 0) {
+            let row_bytes = matvec_k * kind.elt_size_in_bytes();
+            shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1)).min(MATVEC_MAX_ROWS);
+        }
         shape.check()?;
         Ok(shape)
     }
@@ -147,6 +181,16 @@ impl KernelShape {
             format!("-DHEAD_DIM={}", self.head_dim),
             format!("-DGQA_GROUP={}", self.gqa_group),
             format!("-DPARTITION={}", self.partition()),
+            // With no room for a row, a token array keeps the source valid.
+            format!("-DMATVEC_ROWS={}", self.matvec_rows.max(1)),
+            format!(
+                "-DMATVEC_K={}",
+                if self.matvec_rows > 0 {
+                    self.matvec_k
+                } else {
+                    self.vec()
+                }
+            ),
         ]
     }
 }
@@ -181,15 +225,65 @@ impl Arg {
     }
 }
 
+/// How `matvec` makes its input from the tensor it is given.
+#[derive(Clone, Copy)]
+enum Prologue<'a> {
+    /// The tensor as it is.
+    Plain,
+    /// RMSNorm with this weight and epsilon.
+    RmsNorm(&'a Tensor, f64),
+    /// SwiGLU's `silu(gate) · up` of a `[rows, 2·k]` gate/up projection.
+    SiluMul,
+}
+
+/// Where `matvec` puts its result.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// A new tensor in the model's dtype.
+    Store,
+    /// Added in place to this tensor (the residual stream).
+    AddTo(&'a Tensor),
+    /// A new f32 tensor (logits).
+    StoreF32,
+}
+
+impl Prologue<'_> {
+    fn code(self) -> i32 {
+        match self {
+            Prologue::Plain => 0,
+            Prologue::RmsNorm(..) => 1,
+            Prologue::SiluMul => 2,
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    fn code(self) -> i32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::AddTo(_) => 1,
+            Epilogue::StoreF32 => 2,
+        }
+    }
+}
+
 /// The decode kernels, compiled for one model shape on one GPU.
+#[derive(Clone)]
 pub struct DecodeKernels {
     device: usize,
     shape: KernelShape,
+    /// Multiprocessors of the device: `matvec`'s grid is sized by them.
+    multiprocessors: usize,
+    /// Batches of at most this many rows take `matvec` (at most
+    /// `shape.matvec_rows`); larger ones cuBLAS.
+    matvec_limit: usize,
+
     rms_norm: Function,
     silu_mul: Function,
     rope_store_kv: Function,
     attention_partial: Function,
     attention_combine: Function,
+    matvec: Function,
 }
 
 impl DecodeKernels {
@@ -214,7 +308,7 @@ impl DecodeKernels {
         if let Some((_, _, k)) = cache.iter().find(|(d, s, _)| *d == index && *s == shape) {
             return Ok(k.clone());
         }
-        let functions = imp::compile(index, &shape.options())?;
+        let (functions, multiprocessors) = imp::compile(index, &shape.options())?;
         let get = |name: &str| {
             functions
                 .get(name)
@@ -227,11 +321,14 @@ impl DecodeKernels {
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
+            multiprocessors,
+            matvec_limit: shape.matvec_rows,
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
             attention_partial: get("attention_partial")?,
             attention_combine: get("attention_combine")?,
+            matvec: get("matvec")?,
         });
         cache.push((index, shape, kernels.clone()));
         Ok(kernels)
@@ -239,6 +336,21 @@ impl DecodeKernels {
 
     pub fn shape(&self) -> KernelShape {
         self.shape
+    }
+
+    /// The same kernels with the matrix-vector kernel used for batches of at
+    /// most `rows` rows (0: never; capped at what the shape allows). The
+    /// engine sets it from `EngineConfig::matvec_max_batch`.
+    pub fn with_matvec_limit(&self, rows: usize) -> DecodeKernels {
+        DecodeKernels {
+            matvec_limit: rows.min(self.shape.matvec_rows),
+            ..self.clone()
+        }
+    }
+
+    /// Batches of at most this many sequences use the matrix-vector kernel.
+    pub fn matvec_limit(&self) -> usize {
+        self.matvec_limit
     }
 
     fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
@@ -414,6 +526,132 @@ impl DecodeKernels {
         self.launch(self.attention_combine, grid, head_dim as usize, &args);
         out
     }
+
+    // ANCHOR: matrix_products
+    /// `rms_norm(x) · weightᵀ`: the products that follow a normalisation
+    /// (queries/keys/values, gate/up).
+    pub fn norm_linear(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
+        if self.takes_matvec(x, weight) {
+            self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::Store)
+        } else {
+            self.rms_norm(x, norm, eps).linear(weight, None::<Tensor>)
+        }
+    }
+
+    /// `rms_norm(x) · weightᵀ` in f32: the logits.
+    pub fn norm_logits(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
+        if self.takes_matvec(x, weight) {
+            self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::StoreF32)
+        } else {
+            let h = self.rms_norm(x, norm, eps);
+            h.linear(weight, None::<Tensor>).to_kind(Kind::Float)
+        }
+    }
+
+    /// `residual += h · weightᵀ`: the attention output projection.
+    pub fn linear_add(&self, h: &Tensor, weight: &Tensor, residual: &Tensor) {
+        if self.takes_matvec(h, weight) {
+            let _ = self.matvec(h, Prologue::Plain, weight, Epilogue::AddTo(residual));
+        } else {
+            let _ = residual.shallow_clone().addmm_(h, &weight.tr());
+        }
+    }
+
+    /// `residual += (silu(gate) · up) · weightᵀ` of a fused gate/up
+    /// projection: the MLP's down projection.
+    pub fn silu_linear_add(&self, gate_up: &Tensor, weight: &Tensor, residual: &Tensor) {
+        if self.takes_matvec(gate_up, weight) {
+            let _ = self.matvec(
+                gate_up,
+                Prologue::SiluMul,
+                weight,
+                Epilogue::AddTo(residual),
+            );
+        } else {
+            let _ = residual
+                .shallow_clone()
+                .addmm_(&self.silu_mul(gate_up), &weight.tr());
+        }
+    }
+    // ANCHOR_END: matrix_products
+
+    /// Whether `x · weightᵀ` goes to `matvec`: few enough rows, and input
+    /// rows no longer than the kernel was compiled for, in whole 16-byte loads.
+    fn takes_matvec(&self, x: &Tensor, weight: &Tensor) -> bool {
+        let fits = |k: usize| k <= self.shape.matvec_k && k % self.shape.vec() == 0;
+        x.dim() == 2
+            && x.size()[0] as usize <= self.matvec_limit
+            && weight.size().get(1).is_some_and(|&k| fits(k as usize))
+    }
+
+    /// Launches `matvec` on the rows of `input` (`[rows, k]`, or `[rows, 2·k]`
+    /// for SwiGLU) and `weight` `[n, k]`; returns the product (for
+    /// `AddTo`, the residual it was added to).
+    fn matvec(
+        &self,
+        input: &Tensor,
+        prologue: Prologue,
+        weight: &Tensor,
+        epilogue: Epilogue,
+    ) -> Tensor {
+        let kind = self.shape.kind;
+        self.expect("input", input, kind);
+        self.expect("weight", weight, kind);
+        let (n, k) = weight.size2().expect("a weight is [n, k]");
+        let rows = input.size()[0];
+        let input_k = if matches!(prologue, Prologue::SiluMul) {
+            2 * k
+        } else {
+            k
+        };
+        assert_eq!(
+            input.size(),
+            [rows, input_k],
+            "matvec: input does not match the weight"
+        );
+        assert!(
+            (k as usize) <= self.shape.matvec_k && rows as usize <= self.shape.matvec_rows,
+            "matvec: {rows} rows of {k} exceed the compiled {} of {}",
+            self.shape.matvec_rows,
+            self.shape.matvec_k
+        );
+        let (norm, eps) = match prologue {
+            Prologue::RmsNorm(norm, eps) => {
+                self.expect("norm weight", norm, kind);
+                (Arg::tensor(norm), eps as f32)
+            }
+            _ => (Arg::Ptr(std::ptr::null_mut()), 0.0),
+        };
+        let out = match epilogue {
+            Epilogue::Store => Tensor::empty([rows, n], (kind, input.device())),
+            Epilogue::StoreF32 => Tensor::empty([rows, n], (Kind::Float, input.device())),
+            Epilogue::AddTo(residual) => {
+                self.expect("residual", residual, kind);
+                assert_eq!(residual.size(), [rows, n], "matvec: residual shape");
+                residual.shallow_clone()
+            }
+        };
+        let args = [
+            Arg::tensor(input),
+            norm,
+            Arg::F32(eps),
+            Arg::tensor(weight),
+            Arg::tensor(&out),
+            Arg::I32(rows as i32),
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+            Arg::I32(prologue.code()),
+            Arg::I32(epilogue.code()),
+        ];
+        // One output row per warp, at most as many blocks as stay resident:
+        // each block stages the input once, then its warps stride over rows.
+        let warps = MATVEC_THREADS / 32;
+        let blocks = (n as usize)
+            .div_ceil(warps)
+            .min(self.multiprocessors * MATVEC_BLOCKS_PER_SM);
+        self.launch(self.matvec, [blocks, 1, 1], MATVEC_THREADS, &args);
+        out
+    }
 }
 
 #[cfg(cuda_bridge)]
@@ -439,6 +677,7 @@ mod imp {
             options: *const *const c_char,
             num_options: c_int,
             module: *mut *mut c_void,
+            multiprocessors: *mut c_int,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -535,10 +774,11 @@ mod imp {
     }
 
     /// Compiles the source with `options` for `device` and looks up every kernel.
+    /// Returns the kernels and the device's multiprocessor count.
     pub fn compile(
         device: usize,
         options: &[String],
-    ) -> Result<HashMap<String, Function>, KernelError> {
+    ) -> Result<(HashMap<String, Function>, usize), KernelError> {
         let nvrtc = nvrtc()?;
         let source = CString::new(SOURCE).expect("no NUL in the source");
         let options: Vec<CString> = options
@@ -547,7 +787,9 @@ mod imp {
             .collect();
         let pointers: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
         let mut module = std::ptr::null_mut();
-        // SAFETY: every pointer refers to a live CString; `module` is written on success.
+        let mut multiprocessors: c_int = 0;
+        // SAFETY: every pointer refers to a live CString; `module` and
+        // `multiprocessors` are written on success.
         call(|err, len| unsafe {
             spark_kernels_compile(
                 nvrtc,
@@ -556,6 +798,7 @@ mod imp {
                 pointers.as_ptr(),
                 pointers.len() as c_int,
                 &mut module,
+                &mut multiprocessors,
                 err,
                 len,
             )
@@ -571,6 +814,7 @@ mod imp {
             "rope_store_kv",
             "attention_partial",
             "attention_combine",
+            "matvec",
         ] {
             let c_name = CString::new(name).expect("no NUL");
             let mut function = std::ptr::null_mut();
@@ -584,7 +828,7 @@ mod imp {
             })?;
             functions.insert(name.to_string(), Function(function));
         }
-        Ok(functions)
+        Ok((functions, multiprocessors.max(1) as usize))
     }
 
     pub fn launch(
@@ -623,7 +867,7 @@ mod imp {
     pub fn compile(
         _device: usize,
         _options: &[String],
-    ) -> Result<HashMap<String, Function>, KernelError> {
+    ) -> Result<(HashMap<String, Function>, usize), KernelError> {
         Err(KernelError::NotCompiled)
     }
 

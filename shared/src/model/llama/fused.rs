@@ -10,10 +10,18 @@
 //!          ─► rms_norm ─► gate/up GEMM ─► silu_mul ─► down GEMM (+= x)
 //! ```
 //!
+//! and at batch ≤ 4, where the matrix-vector kernel takes the products and
+//! the operations around them, seven:
+//!
+//! ```text
+//! matvec(rms_norm, qkv) ─► rope_store_kv ─► paged_attention (2) ─► matvec(o, += x)
+//!                       ─► matvec(rms_norm, gate/up) ─► matvec(silu_mul, down, += x)
+//! ```
+//!
 //! The engine replays it inside a CUDA graph (`engine::decode_graph`);
 //! `tests` check it against the reference forward on a GPU.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::Llama;
 use crate::kernels::DecodeKernels;
@@ -41,10 +49,10 @@ impl Llama {
     pub fn decode_fused(&self, kernels: &DecodeKernels, step: &PagedDecode) -> Tensor {
         let _no_grad = tch::no_grad_guard();
         let eps = self.config.rms_norm_eps;
-        let mut x = self.embed_tokens.index_select(0, step.tokens);
+        // x, the residual stream: the products after attention and the MLP add into it in place.
+        let x = self.embed_tokens.index_select(0, step.tokens);
         for (layer, (k_cache, v_cache)) in self.layers.iter().zip(step.layers) {
-            let h = kernels.rms_norm(&x, &layer.input_norm, eps);
-            let qkv = h.linear(&layer.qkv_proj, None::<Tensor>);
+            let qkv = kernels.norm_linear(&x, &layer.input_norm, eps, &layer.qkv_proj);
             let q = kernels.rope_store_kv(
                 &qkv,
                 step.positions,
@@ -62,15 +70,12 @@ impl Llama {
                 step.positions,
                 step.block_size,
             );
-            // x += attn · o_projᵀ, in the GEMM itself.
-            let _ = x.addmm_(&attn.flatten(1, 2), &layer.o_proj.tr());
+            kernels.linear_add(&attn.flatten(1, 2), &layer.o_proj, &x);
 
-            let h = kernels.rms_norm(&x, &layer.post_norm, eps);
-            let gate_up = h.linear(&layer.gate_up_proj, None::<Tensor>);
-            let _ = x.addmm_(&kernels.silu_mul(&gate_up), &layer.down_proj.tr());
+            let gate_up = kernels.norm_linear(&x, &layer.post_norm, eps, &layer.gate_up_proj);
+            kernels.silu_linear_add(&gate_up, &layer.down_proj, &x);
         }
-        let h = kernels.rms_norm(&x, &self.norm, eps);
-        h.linear(&self.lm_head, None::<Tensor>).to_kind(Kind::Float)
+        kernels.norm_logits(&x, &self.norm, eps, &self.lm_head)
     }
     // ANCHOR_END: decode_fused
 }
@@ -146,6 +151,60 @@ mod tests {
                 diff <= tol * max_abs(&reference),
                 "silu_mul {kind:?}: {diff}"
             );
+        }
+    }
+
+    /// The matrix-vector kernel, for 1 to 4 rows, against the same
+    /// operations done by PyTorch (the path above 4 rows): output sizes
+    /// that do not fill a block, and one with more rows than the grid has
+    /// warps (so warps stride over several).
+    #[test]
+    fn matvec_products_match_pytorch() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let kernels = DecodeKernels::get(&config(), kind, device).unwrap();
+            assert_eq!(kernels.matvec_limit(), 4, "{kind:?}");
+            let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
+            let weight = |n: i64, k: i64| Tensor::randn([n, k], (kind, device)) / (k as f64).sqrt();
+            let norm = Tensor::randn([512], (kind, device));
+            for (rows, n) in [(1i64, 296i64), (2, 512), (3, 5000), (4, 1024)] {
+                let check = |what: &str, got: &Tensor, want: &Tensor| {
+                    let diff = max_diff(got, want);
+                    assert!(
+                        diff <= tol * max_abs(want).max(1.0),
+                        "{what}, {kind:?}, {rows} rows, n {n}: {diff}"
+                    );
+                };
+                let x = Tensor::randn([rows, 512], (kind, device));
+                let w = weight(n, 512);
+                let normed = x.rms_norm([512], Some(&norm), 1e-5);
+                let want = normed.linear(&w, None::<Tensor>);
+                check(
+                    "norm_linear",
+                    &kernels.norm_linear(&x, &norm, 1e-5, &w),
+                    &want,
+                );
+                let logits = kernels.norm_logits(&x, &norm, 1e-5, &w);
+                assert_eq!(logits.kind(), Kind::Float);
+                check("norm_logits", &logits, &want);
+
+                // Input rows of up to 1024 (the model's intermediate size).
+                let n = n.min(1024);
+                let w = weight(512, n);
+                let h = Tensor::randn([rows, n], (kind, device));
+                let residual = Tensor::randn([rows, 512], (kind, device));
+                let want = &residual + h.linear(&w, None::<Tensor>);
+                kernels.linear_add(&h, &w, &residual);
+                check("linear_add", &residual, &want);
+
+                let gate_up = Tensor::randn([rows, 2 * n], (kind, device));
+                let residual = Tensor::randn([rows, 512], (kind, device));
+                let silu = gate_up.narrow(1, 0, n).silu() * gate_up.narrow(1, n, n);
+                let want = &residual + silu.linear(&w, None::<Tensor>);
+                kernels.silu_linear_add(&gate_up, &w, &residual);
+                check("silu_linear_add", &residual, &want);
+            }
         }
     }
 
