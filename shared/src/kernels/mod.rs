@@ -15,7 +15,7 @@
 //! | `rope_store_kv`   | RoPE on queries and keys (5 kernels) and the KV writes |
 //! | `paged_attention` | the gather through the block table, the mask and SDPA  |
 //! | `silu_mul`        | `silu` and the product of SwiGLU                       |
-//! | `matvec`          | at batch ≤ 4: a matrix product with the RMSNorm or SwiGLU before it and the residual addition after it |
+//! | `matvec`          | at small batch: a matrix product, with the RMSNorm or SwiGLU before it and the residual addition after it |
 //!
 //! Above the matrix-vector kernel's batch limit the products are cuBLAS's,
 //! and the residual additions ride on them (`addmm_` adds the product to

@@ -10,8 +10,9 @@
 //!          ─► rms_norm ─► gate/up GEMM ─► silu_mul ─► down GEMM (+= x)
 //! ```
 //!
-//! and at batch ≤ 4, where the matrix-vector kernel takes the products and
-//! the operations around them, seven:
+//! and at batch 1 (up to `EngineConfig::matvec_max_batch`), where the
+//! matrix-vector kernel takes the products and the operations around them,
+//! seven:
 //!
 //! ```text
 //! matvec(rms_norm, qkv) ─► rope_store_kv ─► paged_attention (2) ─► matvec(o, += x)
