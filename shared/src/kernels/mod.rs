@@ -225,6 +225,11 @@ impl Arg {
     }
 }
 
+/// True when `t`'s data can be read in 16-byte loads.
+fn aligned_16(t: &Tensor) -> bool {
+    t.data_ptr() as usize % 16 == 0
+}
+
 /// How `matvec` makes its input from the tensor it is given.
 #[derive(Clone, Copy)]
 enum Prologue<'a> {
@@ -531,7 +536,7 @@ impl DecodeKernels {
     /// `rms_norm(x) · weightᵀ`: the products that follow a normalisation
     /// (queries/keys/values, gate/up).
     pub fn norm_linear(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
-        if self.takes_matvec(x, weight) {
+        if self.takes_matvec(x, weight) && aligned_16(norm) {
             self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::Store)
         } else {
             self.rms_norm(x, norm, eps).linear(weight, None::<Tensor>)
@@ -540,7 +545,7 @@ impl DecodeKernels {
 
     /// `rms_norm(x) · weightᵀ` in f32: the logits.
     pub fn norm_logits(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
-        if self.takes_matvec(x, weight) {
+        if self.takes_matvec(x, weight) && aligned_16(norm) {
             self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::StoreF32)
         } else {
             let h = self.rms_norm(x, norm, eps);
@@ -576,12 +581,15 @@ impl DecodeKernels {
     // ANCHOR_END: matrix_products
 
     /// Whether `x · weightᵀ` goes to `matvec`: few enough rows, and input
-    /// rows no longer than the kernel was compiled for, in whole 16-byte loads.
+    /// rows no longer than the kernel was compiled for, in whole 16-byte
+    /// loads from 16-byte aligned memory.
     fn takes_matvec(&self, x: &Tensor, weight: &Tensor) -> bool {
         let fits = |k: usize| k <= self.shape.matvec_k && k % self.shape.vec() == 0;
         x.dim() == 2
             && x.size()[0] as usize <= self.matvec_limit
             && weight.size().get(1).is_some_and(|&k| fits(k as usize))
+            && aligned_16(x)
+            && aligned_16(weight)
     }
 
     /// Launches `matvec` on the rows of `input` (`[rows, k]`, or `[rows, 2·k]`
