@@ -647,6 +647,19 @@ async fn metrics(State(f): State<Arc<Frontend>>) -> Response {
             .with_label_values(&[role_name(role)])
             .set(n as f64);
     }
+    // Reset first: a worker that left must not keep its last value.
+    f.metrics.worker_active_requests.reset();
+    f.metrics.worker_indexed_blocks.reset();
+    for w in &workers {
+        f.metrics
+            .worker_active_requests
+            .with_label_values(&[&w.info.name, role_name(w.info.role)])
+            .set(w.active_requests as f64);
+        f.metrics
+            .worker_indexed_blocks
+            .with_label_values(&[&w.info.name])
+            .set(w.indexed_blocks as f64);
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         f.metrics.render(),

@@ -30,6 +30,11 @@ pub struct Metrics {
     pub cache_hit_ratio: GaugeVec,
     pub output_tokens: IntCounterVec,
     pub workers: GaugeVec,
+    /// Requests the router sent to a worker that have not finished: each
+    /// worker's queue depth (running and waiting), by worker and role.
+    pub worker_active_requests: GaugeVec,
+    /// Blocks the router's prefix index says a worker holds.
+    pub worker_indexed_blocks: GaugeVec,
     pub up_seconds: Gauge,
 }
 
@@ -136,6 +141,16 @@ impl Metrics {
                 &["worker"],
             ),
             workers: gauge_vec("workers", "Workers the router knows, by role", &["role"]),
+            worker_active_requests: gauge_vec(
+                "worker_active_requests",
+                "Requests routed to a worker and not finished (its queue depth)",
+                &["worker", "role"],
+            ),
+            worker_indexed_blocks: gauge_vec(
+                "worker_indexed_blocks",
+                "KV blocks the router's prefix index says a worker holds",
+                &["worker"],
+            ),
             up_seconds,
             registry,
         }

@@ -219,6 +219,20 @@ async fn openai_api_end_to_end_with_remote_prefill() {
     );
     assert!(value("spark_kv_transfer_bytes_total") > 0.0, "{metrics}");
     assert!(value("spark_requests_total{endpoint=\"chat_completions\",status=\"400\"}") >= 7.0);
+    // Per worker: every request has finished, so no queue is left, and
+    // the router's index holds the decode worker's cached blocks.
+    let per_worker = |name: &str| -> Vec<f64> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    let queues = per_worker("spark_worker_active_requests");
+    assert_eq!(queues, vec![0.0, 0.0], "{metrics}");
+    let blocks = per_worker("spark_worker_indexed_blocks");
+    assert_eq!(blocks.len(), 2, "{metrics}");
+    assert!(blocks.iter().sum::<f64>() > 0.0, "{metrics}");
     d.stop().await;
 }
 
