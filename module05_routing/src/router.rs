@@ -21,6 +21,7 @@
 //! routed request holds a [`RouteGuard`] until it ends.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ struct State {
 pub struct Router {
     state: Mutex<State>,
     block_size: usize,
+    /// Set by [`Router::close`]: the deployment is stopping, so workers'
+    /// event streams closing is expected, not news.
+    closing: AtomicBool,
 }
 
 /// Where a request goes, and what the router believed about it.
@@ -124,6 +128,7 @@ impl Router {
                 next_id: 0,
             }),
             block_size,
+            closing: AtomicBool::new(false),
         });
         let (workers, mut changes) = registry.watch().await?;
         for info in workers {
@@ -180,14 +185,24 @@ impl Router {
                 let reason = follow_kv_events(&router, id, &info).await;
                 // A worker that left cleanly is gone from etcd (and from here)
                 // before its stream closes; only a crash is news.
-                if router
-                    .upgrade()
-                    .is_some_and(|r| r.leave(&info.name, Some(id)))
-                {
-                    tracing::warn!(worker = %info.name, %reason, "KV event stream broke; worker dropped from routing");
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                if router.leave(&info.name, Some(id)) {
+                    if router.closing.load(Ordering::Relaxed) {
+                        tracing::debug!(worker = %info.name, %reason, "KV event stream closed while stopping");
+                    } else {
+                        tracing::warn!(worker = %info.name, %reason, "KV event stream broke; worker dropped from routing");
+                    }
                 }
             });
         }
+    }
+
+    /// Says the deployment is stopping: workers' event streams will close
+    /// before etcd reports them gone, and that is no longer worth a warning.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// Drops worker `name` (only if it is still incarnation `id`, when

@@ -156,6 +156,7 @@ impl Deployment {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .kill_on_drop(true);
+            shared::process::stop_with_parent(command.as_std_mut());
             if spec.one_sided {
                 command.args(["--one-sided", "--transfer-backend", &spec.transfer_backend]);
             }
@@ -249,6 +250,7 @@ impl Deployment {
     /// registry), waiting up to 5 s each before killing.
     pub async fn stop(mut self) {
         self.server.abort();
+        self.frontend.close();
         for w in &mut self.workers {
             if let Some(pid) = w.child.id() {
                 // SAFETY: plain libc call on a child we own.

@@ -103,6 +103,11 @@ impl Frontend {
         &self.router
     }
 
+    /// Says the deployment is stopping (workers leaving now is expected).
+    pub fn close(&self) {
+        self.router.close();
+    }
+
     /// The routes.
     pub fn app(self: &Arc<Self>) -> axum::Router {
         axum::Router::new()

@@ -8,6 +8,7 @@
 //! the same lifetime rule as a `TempDir`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +46,8 @@ impl EtcdServer {
         let peer = free_port()?;
         let log_path = data.path().join("etcd.log");
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .arg("--name=test")
             .arg(format!("--data-dir={}", data.path().join("data").display()))
             .arg(format!("--listen-client-urls=http://{client}"))
@@ -56,8 +58,13 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()
-            .map_err(EtcdServerError::NotInstalled)?;
+            // Its own process group: a Ctrl-C in the terminal reaches the
+            // program that owns this server and its workers, not etcd, so
+            // the workers can still leave the registry; the owner stops etcd
+            // last. If the owner dies first, the kernel stops etcd with it.
+            .process_group(0);
+        crate::process::stop_with_parent(&mut command);
+        let child = command.spawn().map_err(EtcdServerError::NotInstalled)?;
         let mut server = EtcdServer {
             child,
             endpoint: client.to_string(),
@@ -108,4 +115,52 @@ impl Drop for EtcdServer {
 /// etcd binds it; on a test machine that race is rare and fails loudly.)
 fn free_port() -> std::io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's side of the bargain: when the thread that started etcd
+    /// ends without stopping it (as a killed program would), etcd is sent
+    /// SIGTERM and exits by itself.
+    #[test]
+    fn etcd_stops_when_the_thread_that_started_it_ends() {
+        let (pid, data) = match std::thread::spawn(|| {
+            EtcdServer::start().map(|server| {
+                let owned = (
+                    server.child.id() as libc::pid_t,
+                    server.data.path().to_owned(),
+                );
+                std::mem::forget(server);
+                owned
+            })
+        })
+        .join()
+        .unwrap()
+        {
+            Ok(owned) => owned,
+            Err(EtcdServerError::NotInstalled(e)) => {
+                eprintln!("skipped: etcd is not installed ({e}); run ./scripts/setup.sh");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child, with a valid status pointer.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                break;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: plain kill on our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("etcd (pid {pid}) still ran 10 s after its owner thread ended");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(data);
+    }
 }

@@ -11,6 +11,7 @@
 //! * [`cli`] — the `--model/--device/--dtype` flags every binary accepts, and logging;
 //! * [`results`] — benches' JSON results and their tables beside them;
 //! * [`etcd_server`] — a throwaway etcd for tests and demos (modules 5 and 6);
+//! * [`process`] — child processes that stop when their parent dies (modules 5 and 6);
 //! * [`wire`] — the frames prefill and decode workers exchange (modules 3, 4, 6);
 //! * [`worker_client`] — one request to a worker over that protocol (modules 5, 6).
 //!
@@ -27,6 +28,7 @@ pub mod etcd_server;
 pub mod kernels;
 pub mod kv;
 pub mod model;
+pub mod process;
 pub mod results;
 pub mod stats;
 pub mod wire;
