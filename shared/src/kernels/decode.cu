@@ -334,8 +334,10 @@ extern "C" __global__ void attention_combine(const float* part_acc, const float*
 //   epilogue 2  out = y                       (in f32: the logits)
 //
 // The block's first weight loads are issued before the staging, so HBM is
-// busy while x is prepared. Compile-time: MATVEC_ROWS (rows of x, at most)
-// and MATVEC_K (the largest k: shared memory is MATVEC_ROWS · MATVEC_K).
+// busy while x is prepared; at the end, it prefetches the next product's
+// weights into L2, so HBM stays busy between kernels too. Compile-time:
+// MATVEC_ROWS (rows of x, at most) and MATVEC_K (the largest k: shared
+// memory is MATVEC_ROWS · MATVEC_K).
 #define MATVEC_WARPS 8
 #define MATVEC_UNROLL 8
 
@@ -362,7 +364,8 @@ __device__ __forceinline__ void load_weight_chunks(uint4* chunk, const scalar_t*
 
 extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32)
 matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_t* weight,
-       void* out, int rows, int n, int k, int prologue, int epilogue) {
+       void* out, int rows, int n, int k, int prologue, int epilogue, const char* next_weight,
+       i64 prefetch_bytes) {
   __shared__ __align__(16) scalar_t xs[MATVEC_ROWS * MATVEC_K];
   __shared__ float partial[MATVEC_WARPS][MATVEC_ROWS];
   __shared__ float inv_rms[MATVEC_ROWS];
@@ -458,6 +461,17 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
         }
       }
     }
+  }
+
+  // Done with its rows, the block asks L2 for its share of the first
+  // `prefetch_bytes` of the next product's weights, one 128-byte line per
+  // thread at a time. A prefetch waits for nothing: HBM stays busy through
+  // this kernel's tail, the launch of the next, and the attention kernels
+  // between the qkv and o products, which barely touch memory.
+  if (next_weight != nullptr) {
+    const i64 step = (i64)gridDim.x * blockDim.x * 128;
+    for (i64 at = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 128; at < prefetch_bytes; at += step)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(next_weight + at));
   }
 }
 // ANCHOR_END: matvec

@@ -60,6 +60,18 @@ const MATVEC_SHARED_BYTES: usize = 46 * 1024;
 /// registers of four 256-thread blocks fill a Hopper or Ampere SM.
 const MATVEC_BLOCKS_PER_SM: usize = 4;
 
+/// How much of the next product's weights `matvec` prefetches into L2, by
+/// default; `SPARK_DISAGG_L2_PREFETCH_MB` overrides it (0 turns it off).
+const L2_PREFETCH_MB: f64 = 4.0;
+
+fn l2_prefetch_bytes() -> usize {
+    let mb = std::env::var("SPARK_DISAGG_L2_PREFETCH_MB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(L2_PREFETCH_MB);
+    (mb.max(0.0) * 1024.0 * 1024.0) as usize
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KernelError {
     #[error(
@@ -282,6 +294,8 @@ pub struct DecodeKernels {
     /// Batches of at most this many rows take `matvec` (at most
     /// `shape.matvec_rows`); larger ones cuBLAS.
     matvec_limit: usize,
+    /// How much of the next product's weights `matvec` prefetches into L2.
+    l2_prefetch_bytes: usize,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -328,6 +342,7 @@ impl DecodeKernels {
             shape,
             multiprocessors,
             matvec_limit: shape.matvec_rows,
+            l2_prefetch_bytes: l2_prefetch_bytes(),
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -535,9 +550,26 @@ impl DecodeKernels {
     // ANCHOR: matrix_products
     /// `rms_norm(x) · weightᵀ`: the products that follow a normalisation
     /// (queries/keys/values, gate/up).
-    pub fn norm_linear(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
+    ///
+    /// `next`, here and below, is the weight the following product reads:
+    /// the matrix-vector kernel prefetches its start into L2 as it finishes
+    /// (cuBLAS ignores it).
+    pub fn norm_linear(
+        &self,
+        x: &Tensor,
+        norm: &Tensor,
+        eps: f64,
+        weight: &Tensor,
+        next: Option<&Tensor>,
+    ) -> Tensor {
         if self.takes_matvec(x, weight) && aligned_16(norm) {
-            self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::Store)
+            self.matvec(
+                x,
+                Prologue::RmsNorm(norm, eps),
+                weight,
+                Epilogue::Store,
+                next,
+            )
         } else {
             self.rms_norm(x, norm, eps).linear(weight, None::<Tensor>)
         }
@@ -546,7 +578,13 @@ impl DecodeKernels {
     /// `rms_norm(x) · weightᵀ` in f32: the logits.
     pub fn norm_logits(&self, x: &Tensor, norm: &Tensor, eps: f64, weight: &Tensor) -> Tensor {
         if self.takes_matvec(x, weight) && aligned_16(norm) {
-            self.matvec(x, Prologue::RmsNorm(norm, eps), weight, Epilogue::StoreF32)
+            self.matvec(
+                x,
+                Prologue::RmsNorm(norm, eps),
+                weight,
+                Epilogue::StoreF32,
+                None,
+            )
         } else {
             let h = self.rms_norm(x, norm, eps);
             h.linear(weight, None::<Tensor>).to_kind(Kind::Float)
@@ -554,9 +592,15 @@ impl DecodeKernels {
     }
 
     /// `residual += h · weightᵀ`: the attention output projection.
-    pub fn linear_add(&self, h: &Tensor, weight: &Tensor, residual: &Tensor) {
+    pub fn linear_add(
+        &self,
+        h: &Tensor,
+        weight: &Tensor,
+        residual: &Tensor,
+        next: Option<&Tensor>,
+    ) {
         if self.takes_matvec(h, weight) {
-            let _ = self.matvec(h, Prologue::Plain, weight, Epilogue::AddTo(residual));
+            let _ = self.matvec(h, Prologue::Plain, weight, Epilogue::AddTo(residual), next);
         } else {
             let _ = residual.shallow_clone().addmm_(h, &weight.tr());
         }
@@ -564,13 +608,20 @@ impl DecodeKernels {
 
     /// `residual += (silu(gate) · up) · weightᵀ` of a fused gate/up
     /// projection: the MLP's down projection.
-    pub fn silu_linear_add(&self, gate_up: &Tensor, weight: &Tensor, residual: &Tensor) {
+    pub fn silu_linear_add(
+        &self,
+        gate_up: &Tensor,
+        weight: &Tensor,
+        residual: &Tensor,
+        next: Option<&Tensor>,
+    ) {
         if self.takes_matvec(gate_up, weight) {
             let _ = self.matvec(
                 gate_up,
                 Prologue::SiluMul,
                 weight,
                 Epilogue::AddTo(residual),
+                next,
             );
         } else {
             let _ = residual
@@ -594,13 +645,15 @@ impl DecodeKernels {
 
     /// Launches `matvec` on the rows of `input` (`[rows, k]`, or `[rows, 2·k]`
     /// for SwiGLU) and `weight` `[n, k]`; returns the product (for
-    /// `AddTo`, the residual it was added to).
+    /// `AddTo`, the residual it was added to). At the end the first
+    /// `l2_prefetch_bytes` of `next` are prefetched into L2.
     fn matvec(
         &self,
         input: &Tensor,
         prologue: Prologue,
         weight: &Tensor,
         epilogue: Epilogue,
+        next: Option<&Tensor>,
     ) -> Tensor {
         let kind = self.shape.kind;
         self.expect("input", input, kind);
@@ -650,6 +703,10 @@ impl DecodeKernels {
             Arg::I32(k as i32),
             Arg::I32(prologue.code()),
             Arg::I32(epilogue.code()),
+            Arg::Ptr(next.map_or(std::ptr::null_mut(), Tensor::data_ptr)),
+            Arg::I64(next.map_or(0, |w| {
+                (w.numel() * w.kind().elt_size_in_bytes()).min(self.l2_prefetch_bytes) as i64
+            })),
         ];
         // One output row per warp, at most as many blocks as stay resident:
         // each block stages the input once, then its warps stride over rows.

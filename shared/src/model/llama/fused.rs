@@ -52,8 +52,19 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         // x, the residual stream: the products after attention and the MLP add into it in place.
         let x = self.embed_tokens.index_select(0, step.tokens);
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(step.layers) {
-            let qkv = kernels.norm_linear(&x, &layer.input_norm, eps, &layer.qkv_proj);
+        for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(step.layers).enumerate() {
+            // Each product names the weight read after it, for L2 prefetch.
+            let next_qkv = match self.layers.get(i + 1) {
+                Some(next) => &next.qkv_proj,
+                None => &self.lm_head,
+            };
+            let qkv = kernels.norm_linear(
+                &x,
+                &layer.input_norm,
+                eps,
+                &layer.qkv_proj,
+                Some(&layer.o_proj),
+            );
             let q = kernels.rope_store_kv(
                 &qkv,
                 step.positions,
@@ -71,10 +82,21 @@ impl Llama {
                 step.positions,
                 step.block_size,
             );
-            kernels.linear_add(&attn.flatten(1, 2), &layer.o_proj, &x);
+            kernels.linear_add(
+                &attn.flatten(1, 2),
+                &layer.o_proj,
+                &x,
+                Some(&layer.gate_up_proj),
+            );
 
-            let gate_up = kernels.norm_linear(&x, &layer.post_norm, eps, &layer.gate_up_proj);
-            kernels.silu_linear_add(&gate_up, &layer.down_proj, &x);
+            let gate_up = kernels.norm_linear(
+                &x,
+                &layer.post_norm,
+                eps,
+                &layer.gate_up_proj,
+                Some(&layer.down_proj),
+            );
+            kernels.silu_linear_add(&gate_up, &layer.down_proj, &x, Some(next_qkv));
         }
         kernels.norm_logits(&x, &self.norm, eps, &self.lm_head)
     }
@@ -179,11 +201,14 @@ mod tests {
                 };
                 let x = Tensor::randn([rows, 512], (kind, device));
                 let w = weight(n, 512);
+                // A weight to prefetch afterwards, of a size that is no
+                // multiple of the 128-byte lines (it must not change results).
+                let next = Tensor::randn([3, 77], (kind, device));
                 let normed = x.rms_norm([512], Some(&norm), 1e-5);
                 let want = normed.linear(&w, None::<Tensor>);
                 check(
                     "norm_linear",
-                    &kernels.norm_linear(&x, &norm, 1e-5, &w),
+                    &kernels.norm_linear(&x, &norm, 1e-5, &w, Some(&next)),
                     &want,
                 );
                 let logits = kernels.norm_logits(&x, &norm, 1e-5, &w);
@@ -196,14 +221,14 @@ mod tests {
                 let h = Tensor::randn([rows, n], (kind, device));
                 let residual = Tensor::randn([rows, 512], (kind, device));
                 let want = &residual + h.linear(&w, None::<Tensor>);
-                kernels.linear_add(&h, &w, &residual);
+                kernels.linear_add(&h, &w, &residual, Some(&next));
                 check("linear_add", &residual, &want);
 
                 let gate_up = Tensor::randn([rows, 2 * n], (kind, device));
                 let residual = Tensor::randn([rows, 512], (kind, device));
                 let silu = gate_up.narrow(1, 0, n).silu() * gate_up.narrow(1, n, n);
                 let want = &residual + silu.linear(&w, None::<Tensor>);
-                kernels.silu_linear_add(&gate_up, &w, &residual);
+                kernels.silu_linear_add(&gate_up, &w, &residual, None);
                 check("silu_linear_add", &residual, &want);
             }
         }
