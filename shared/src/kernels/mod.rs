@@ -65,10 +65,13 @@ const MATVEC_BLOCKS_PER_SM: usize = 4;
 const L2_PREFETCH_MB: f64 = 4.0;
 
 fn l2_prefetch_bytes() -> usize {
-    let mb = std::env::var("SPARK_DISAGG_L2_PREFETCH_MB")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(L2_PREFETCH_MB);
+    let mb = match std::env::var("SPARK_DISAGG_L2_PREFETCH_MB") {
+        Err(_) => L2_PREFETCH_MB,
+        Ok(v) => v.parse::<f64>().unwrap_or_else(|_| {
+            tracing::warn!(value = %v, "SPARK_DISAGG_L2_PREFETCH_MB is not a number of MB; using {L2_PREFETCH_MB}");
+            L2_PREFETCH_MB
+        }),
+    };
     (mb.max(0.0) * 1024.0 * 1024.0) as usize
 }
 
@@ -657,6 +660,8 @@ impl DecodeKernels {
     ) -> Tensor {
         let kind = self.shape.kind;
         self.expect("input", input, kind);
+        // Only a contiguous tensor's bytes are one range to prefetch.
+        let next = next.filter(|w| w.is_contiguous() && w.device() == weight.device());
         self.expect("weight", weight, kind);
         let (n, k) = weight.size2().expect("a weight is [n, k]");
         let rows = input.size()[0];
