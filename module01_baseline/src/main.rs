@@ -392,6 +392,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             decode: engine.decode_mode().to_string(),
             fused_kernels: engine.fused_kernels(),
             matvec_max_batch: engine.matvec_limit(),
+            layer_kernel: engine.layer_kernel(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,
             date: device::today(),

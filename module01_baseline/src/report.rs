@@ -27,6 +27,10 @@ pub struct Setup {
     /// from before that kernel).
     #[serde(default)]
     pub matvec_max_batch: Option<usize>,
+    /// Whether those batches ran one persistent kernel per layer (false in
+    /// results from before that kernel).
+    #[serde(default)]
+    pub layer_kernel: bool,
     pub kv_cache_blocks: usize,
     pub max_num_batched_tokens: usize,
     pub date: String,
@@ -123,6 +127,9 @@ fn fused_kernels_note(s: &Setup) -> String {
         return String::new();
     }
     match s.matvec_max_batch {
+        Some(n @ 1..) if s.layer_kernel => {
+            format!(" on fused kernels (one persistent kernel per layer up to batch {n})")
+        }
         Some(n @ 1..) => format!(" on fused kernels (matrix-vector products up to batch {n})"),
         _ => " on fused kernels".into(),
     }

@@ -73,6 +73,7 @@ fn report(with_peer: bool) -> BenchReport {
             decode: "eager".into(),
             fused_kernels: false,
             matvec_max_batch: None,
+            layer_kernel: false,
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
             date: "today".into(),

@@ -44,6 +44,9 @@ struct Driver {
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
   CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                             unsigned, cudaStream_t, void**, void**);
+  CUresult (*launch_cooperative_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned,
+                                        unsigned, unsigned, unsigned, cudaStream_t, void**);
+  CUresult (*occupancy_max_active_blocks)(int*, CUfunction, int, size_t);
   CUresult (*get_error_string)(CUresult, const char**);
 };
 
@@ -81,6 +84,8 @@ const Driver& driver() {
     bind(lib, "cuModuleLoadData", d.module_load_data);
     bind(lib, "cuModuleGetFunction", d.module_get_function);
     bind(lib, "cuLaunchKernel", d.launch_kernel);
+    bind(lib, "cuLaunchCooperativeKernel", d.launch_cooperative_kernel);
+    bind(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", d.occupancy_max_active_blocks);
     bind(lib, "cuGetErrorString", d.get_error_string);
     return d;
   }();
@@ -198,18 +203,36 @@ int spark_kernels_function(void* module, const char* name, void** function, char
   });
 }
 
+// How many blocks of `block` threads of `function` fit on one
+// multiprocessor at once (registers and shared memory permitting).
+int spark_kernels_occupancy(void* function, int device, int block, int* blocks, char* err,
+                            size_t err_len) {
+  return spark::guarded(err, err_len, [&] {
+    CurrentDevice current(device);
+    check(driver().occupancy_max_active_blocks(blocks, function, block, 0),
+          "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  });
+}
+
 // Launches `function` on `device`'s current PyTorch stream. `args` points
 // to the kernel's arguments, one pointer per argument, as cuLaunchKernel
-// takes them.
+// takes them. A cooperative launch is one whose blocks are all resident at
+// once (the driver refuses a grid that does not fit), which a kernel that
+// waits at grid-wide barriers needs.
 int spark_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y,
-                         unsigned grid_z, unsigned block_x, void** args, char* err,
+                         unsigned grid_z, unsigned block_x, int cooperative, void** args, char* err,
                          size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     CurrentDevice current(device);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
-    check(driver().launch_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, 0, stream, args,
-                                 nullptr),
-          "cuLaunchKernel");
+    if (cooperative)
+      check(driver().launch_cooperative_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, 0,
+                                               stream, args),
+            "cuLaunchCooperativeKernel");
+    else
+      check(driver().launch_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, 0, stream,
+                                   args, nullptr),
+            "cuLaunchKernel");
   });
 }
 

@@ -218,6 +218,14 @@ impl Engine {
             .and_then(DecodeGraphs::matvec_limit)
     }
 
+    /// With the fused kernels: whether the matrix-vector batches run one
+    /// persistent kernel per layer (`kernels::DecodeKernels::decode_layer`).
+    pub fn layer_kernel(&self) -> bool {
+        self.decode_graphs
+            .as_ref()
+            .is_some_and(DecodeGraphs::layer_kernel)
+    }
+
     /// True when padded decode steps run on the fused kernels of [`crate::kernels`].
     pub fn fused_kernels(&self) -> bool {
         self.decode_graphs

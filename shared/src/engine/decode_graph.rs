@@ -179,6 +179,14 @@ impl DecodeGraphs {
         self.kernels.as_deref().map(DecodeKernels::matvec_limit)
     }
 
+    /// With the fused kernels: whether those batches run one persistent
+    /// kernel per layer.
+    pub fn layer_kernel(&self) -> bool {
+        self.kernels
+            .as_deref()
+            .is_some_and(DecodeKernels::layer_kernel)
+    }
+
     /// Graphs captured so far (each is one bucket's first use).
     pub fn captures(&self) -> u64 {
         self.captures

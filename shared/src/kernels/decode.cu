@@ -7,13 +7,19 @@
 // more for the mask and the grouped heads. Each of those kernels moves a few
 // kilobytes; each costs about two microseconds anyway, so a batch-1 step
 // spends more time between kernels than in them. With the kernels here a
-// layer takes ten launches (four of them cuBLAS's matrix products), and
-// attention reads the KV cache in place.
+// layer takes ten launches (four of them cuBLAS's matrix products), seven
+// with the matrix-vector kernel at small batch, or one (`decode_layer`),
+// and attention reads the KV cache in place.
 //
 // Compile-time configuration, given as -D options by the Rust side:
-//   SCALAR_KIND  0 = float, 1 = bfloat16, 2 = float16 (the model's dtype)
-//   HEAD_DIM     elements per attention head
-//   GQA_GROUP    query heads per key/value head
+//   SCALAR_KIND    0 = float, 1 = bfloat16, 2 = float16 (the model's dtype)
+//   HEAD_DIM       elements per attention head
+//   GQA_GROUP      query heads per key/value head
+//   PARTITION      context tokens per attention block
+//   MATVEC_ROWS    rows the matrix-vector products take at most
+//   MATVEC_K       their longest input row
+//   LAYER_HEADS    query heads per attention item of decode_layer
+//   LAYER_THREADS  threads per block of decode_layer
 //
 // NVRTC compiles without the CUDA toolkit's headers, so 16-bit floats are
 // handled as raw bits and converted by hand: the rounding is
@@ -149,6 +155,9 @@ extern "C" __global__ void rope_store_kv(const scalar_t* qkv, const i64* positio
 // flight together, not one memory round trip per token), then runs the
 // online softmax over them in registers. PARTITION (tokens per block) is
 // set by the Rust side: TOKENS_PER_GROUP rows per lane group.
+//
+// The work of one block is a device function, `attention_part`, so that
+// the persistent layer kernel below can run it too, on 128 of its threads.
 #define THREADS 128
 #define VEC (16 / (int)sizeof(scalar_t))  // elements per 16-byte load
 #define LANES (HEAD_DIM / VEC)             // lanes per token row
@@ -156,6 +165,39 @@ extern "C" __global__ void rope_store_kv(const scalar_t* qkv, const i64* positio
 #define TOKENS_PER_GROUP (PARTITION / GROUPS)
 static_assert(HEAD_DIM % VEC == 0 && 32 % LANES == 0, "a head's row must split into 16-byte lanes of a warp");
 static_assert(PARTITION % GROUPS == 0, "a partition is a whole number of tokens per lane group");
+
+// Loads that skip L1 and are served by L2, which all multiprocessors share.
+// The layer kernel reads data that other blocks of the same kernel wrote a
+// moment before, which a stale L1 line would hide; elsewhere they cost
+// nothing, as these data are read once.
+__device__ __forceinline__ uint4 load_cg(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+__device__ __forceinline__ float load_cg_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ scalar_t load_cg_scalar(const scalar_t* p) {
+#if SCALAR_KIND == 0
+  return load_cg_f32(p);
+#else
+  u16 v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+#endif
+}
+
+// Waits for the `count` threads that share named barrier `id` (0 is the
+// one __syncthreads uses: the whole block).
+__device__ __forceinline__ void sync_threads(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
 
 // The VEC elements of one 16-byte load, as floats.
 __device__ __forceinline__ void unpack(uint4 raw, float* out) {
@@ -177,28 +219,41 @@ __device__ __forceinline__ void merge(float& m, float& l, float* acc, float m2, 
   m = top;
 }
 
+// Shared memory of one attention_part: each warp's softmax state.
+template <int HG>
+struct AttentionShared {
+  float acc[THREADS / 32][HG][HEAD_DIM];
+  float m[THREADS / 32][HG], l[THREADS / 32][HG];
+};
+
 // q [batch, heads, HEAD_DIM]; k_cache, v_cache [slots, kv_heads, HEAD_DIM];
 // block_tables [batch, max_blocks]; positions [batch] (the new token's
-// position: it sees positions 0..=p). Writes part_acc [batch, heads,
-// partitions, HEAD_DIM] and part_max, part_sum [batch, heads, partitions].
-extern "C" __global__ void __launch_bounds__(THREADS)
-attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                  const i64* block_tables, const i64* positions, int kv_heads, int block_size,
-                  int max_blocks, float scale, float* part_acc, float* part_max, float* part_sum) {
-  const int kv_head = blockIdx.x, seq = blockIdx.y, partition = blockIdx.z;
-  const int partitions = gridDim.z, heads = kv_heads * GQA_GROUP;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group = threadIdx.x / LANES, sub = threadIdx.x % LANES;
+// position: it sees positions 0..=p). For query heads head0 .. head0 + HG
+// of key/value head `kv_head`, writes partition `partition` of part_acc
+// [batch, heads, partitions, HEAD_DIM] and part_max, part_sum [batch,
+// heads, partitions]. `tid` is the thread's index among the THREADS that
+// run it; they meet at named barrier `barrier`.
+template <int HG>
+__device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                               const i64* block_tables, const i64* positions, int kv_heads,
+                               int block_size, int max_blocks, float scale, float* part_acc,
+                               float* part_max, float* part_sum, int kv_head, int head0, int seq,
+                               int partition, int partitions, int tid, int barrier,
+                               AttentionShared<HG>& shared) {
+  const int heads = kv_heads * GQA_GROUP;
+  const int warp = tid / 32, lane = tid % 32;
+  const int group = tid / LANES, sub = tid % LANES;
   const int context = (int)positions[seq] + 1;
   const int first = partition * PARTITION;
 
-  // This lane's slice of every query head of the group, pre-scaled.
-  float qs[GQA_GROUP][VEC];
+  // This lane's slice of each of the HG query heads, pre-scaled.
+  float qs[HG][VEC];
 #pragma unroll
-  for (int h = 0; h < GQA_GROUP; h++) {
-    const scalar_t* qh = q + ((i64)seq * heads + kv_head * GQA_GROUP + h) * HEAD_DIM + sub * VEC;
+  for (int h = 0; h < HG; h++) {
+    const scalar_t* qh = q + ((i64)seq * heads + kv_head * GQA_GROUP + head0 + h) * HEAD_DIM + sub * VEC;
+    unpack(load_cg(qh), qs[h]);
 #pragma unroll
-    for (int i = 0; i < VEC; i++) qs[h][i] = to_float(qh[i]) * scale;
+    for (int i = 0; i < VEC; i++) qs[h][i] *= scale;
   }
 
   // Load every key and value row this lane will use (zeros past the context).
@@ -210,15 +265,15 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
     if (pos < context) {
       i64 block = block_tables[(i64)seq * max_blocks + pos / block_size];
       i64 offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * HEAD_DIM + sub * VEC;
-      keys[t] = *reinterpret_cast<const uint4*>(k_cache + offset);
-      values[t] = *reinterpret_cast<const uint4*>(v_cache + offset);
+      keys[t] = load_cg(k_cache + offset);
+      values[t] = load_cg(v_cache + offset);
     }
   }
 
   // Online softmax over this lane group's tokens, for each query head.
-  float m[GQA_GROUP], l[GQA_GROUP], acc[GQA_GROUP][VEC];
+  float m[HG], l[HG], acc[HG][VEC];
 #pragma unroll
-  for (int h = 0; h < GQA_GROUP; h++) {
+  for (int h = 0; h < HG; h++) {
     m[h] = NEG_INF;
     l[h] = 0.f;
 #pragma unroll
@@ -231,7 +286,7 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
     unpack(keys[t], key);
     unpack(values[t], value);
 #pragma unroll
-    for (int h = 0; h < GQA_GROUP; h++) {
+    for (int h = 0; h < HG; h++) {
       float dot = 0.f;
 #pragma unroll
       for (int i = 0; i < VEC; i++) dot += qs[h][i] * key[i];
@@ -253,7 +308,7 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
   // Merge the lane groups of each warp (lanes sub, sub + LANES, ... hold
   // the same dimensions), then the warps through shared memory.
 #pragma unroll
-  for (int h = 0; h < GQA_GROUP; h++) {
+  for (int h = 0; h < HG; h++) {
 #pragma unroll
     for (int offset = LANES; offset < 32; offset *= 2) {
       float m2 = __shfl_xor_sync(0xffffffffu, m[h], offset);
@@ -264,24 +319,22 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
       merge(m[h], l[h], acc[h], m2, l2, acc2);
     }
   }
-  __shared__ float shared_acc[THREADS / 32][GQA_GROUP][HEAD_DIM];
-  __shared__ float shared_m[THREADS / 32][GQA_GROUP], shared_l[THREADS / 32][GQA_GROUP];
   if (lane < LANES) {
 #pragma unroll
-    for (int h = 0; h < GQA_GROUP; h++) {
+    for (int h = 0; h < HG; h++) {
 #pragma unroll
-      for (int i = 0; i < VEC; i++) shared_acc[warp][h][sub * VEC + i] = acc[h][i];
-      shared_m[warp][h] = m[h];
-      shared_l[warp][h] = l[h];
+      for (int i = 0; i < VEC; i++) shared.acc[warp][h][sub * VEC + i] = acc[h][i];
+      shared.m[warp][h] = m[h];
+      shared.l[warp][h] = l[h];
     }
   }
-  __syncthreads();
+  sync_threads(barrier, THREADS);
   if (warp == 0 && lane < LANES) {
 #pragma unroll
-    for (int h = 0; h < GQA_GROUP; h++) {
+    for (int h = 0; h < HG; h++) {
       for (int w = 1; w < THREADS / 32; w++)
-        merge(m[h], l[h], acc[h], shared_m[w][h], shared_l[w][h], &shared_acc[w][h][sub * VEC]);
-      i64 out = ((i64)seq * heads + kv_head * GQA_GROUP + h) * partitions + partition;
+        merge(m[h], l[h], acc[h], shared.m[w][h], shared.l[w][h], &shared.acc[w][h][sub * VEC]);
+      i64 out = ((i64)seq * heads + kv_head * GQA_GROUP + head0 + h) * partitions + partition;
 #pragma unroll
       for (int i = 0; i < VEC; i++) part_acc[out * HEAD_DIM + sub * VEC + i] = acc[h][i];
       if (sub == 0) {
@@ -292,23 +345,42 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
   }
 }
 
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                  const i64* block_tables, const i64* positions, int kv_heads, int block_size,
+                  int max_blocks, float scale, float* part_acc, float* part_max, float* part_sum) {
+  __shared__ AttentionShared<GQA_GROUP> shared;
+  attention_part<GQA_GROUP>(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size,
+                            max_blocks, scale, part_acc, part_max, part_sum, blockIdx.x, 0,
+                            blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x, 0, shared);
+}
+
+// Dimension `d` of row `row` (= seq · heads + head): the softmax states of
+// all its partitions merged and normalised.
+__device__ __forceinline__ float combine_partitions(const float* part_acc, const float* part_max,
+                                    const float* part_sum, int partitions, i64 row, int d) {
+  const float* maxes = part_max + row * partitions;
+  const float* sums = part_sum + row * partitions;
+  float top = NEG_INF;
+  for (int p = 0; p < partitions; p++) top = fmaxf(top, load_cg_f32(maxes + p));
+  float total = 0.f, value = 0.f;
+  for (int p = 0; p < partitions; p++) {
+    float max = load_cg_f32(maxes + p);
+    if (max == NEG_INF) continue;
+    float weight = __expf(max - top);
+    total += load_cg_f32(sums + p) * weight;
+    value += load_cg_f32(part_acc + (row * partitions + p) * HEAD_DIM + d) * weight;
+  }
+  return value / total;
+}
+
 // One block per (head, sequence), one thread per dimension: the softmax
 // states of all partitions merged, normalised, written as [batch, heads, HEAD_DIM].
 extern "C" __global__ void attention_combine(const float* part_acc, const float* part_max,
                                             const float* part_sum, int partitions, scalar_t* out) {
   const i64 row = (i64)blockIdx.y * gridDim.x + blockIdx.x;  // seq · heads + head
-  const float* maxes = part_max + row * partitions;
-  const float* sums = part_sum + row * partitions;
-  float top = NEG_INF;
-  for (int p = 0; p < partitions; p++) top = fmaxf(top, maxes[p]);
-  float total = 0.f, value = 0.f;
-  for (int p = 0; p < partitions; p++) {
-    if (maxes[p] == NEG_INF) continue;
-    float weight = __expf(maxes[p] - top);
-    total += sums[p] * weight;
-    value += part_acc[(row * partitions + p) * HEAD_DIM + threadIdx.x] * weight;
-  }
-  out[row * HEAD_DIM + threadIdx.x] = from_float(value / total);
+  out[row * HEAD_DIM + threadIdx.x] =
+      from_float(combine_partitions(part_acc, part_max, part_sum, partitions, row, threadIdx.x));
 }
 // ANCHOR_END: paged_attention
 
@@ -350,33 +422,33 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   return v;
 }
 
-// Lane `lane`'s chunks base, base + 32, ... of weight row `row`.
+// Lane `lane`'s chunks base, base + 32, ... (U of them) of weight row `row`.
+template <int U = MATVEC_UNROLL>
 __device__ __forceinline__ void load_weight_chunks(uint4* chunk, const scalar_t* weight, int row,
                                                    int k, int base) {
   const uint4* w = reinterpret_cast<const uint4*>(weight + (i64)row * k);
   const int chunks = k / VEC;
 #pragma unroll
-  for (int u = 0; u < MATVEC_UNROLL; u++) {
+  for (int u = 0; u < U; u++) {
     int c = base + u * 32;
     chunk[u] = c < chunks ? load_streaming(w + c) : make_uint4(0, 0, 0, 0);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32)
-matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_t* weight,
-       void* out, int rows, int n, int k, int prologue, int epilogue, const char* next_weight,
-       i64 prefetch_bytes) {
-  __shared__ __align__(16) scalar_t xs[MATVEC_ROWS * MATVEC_K];
-  __shared__ float partial[MATVEC_WARPS][MATVEC_ROWS];
-  __shared__ float inv_rms[MATVEC_ROWS];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int chunks = k / VEC, stride = gridDim.x * MATVEC_WARPS;
-  const int first_row = blockIdx.x * MATVEC_WARPS + warp;
+// Shared memory for staging: the per-warp sums of squares and each row's
+// 1/rms (the staged rows themselves are the caller's, as their size varies).
+struct StagingShared {
+  float partial[32][MATVEC_ROWS];
+  float inv_rms[MATVEC_ROWS];
+};
 
-  uint4 chunk[MATVEC_UNROLL];
-  if (first_row < n) load_weight_chunks(chunk, weight, first_row, k, lane);
-
-  // Stage x, 16 bytes per thread at a time.
+// Stages `rows` rows of the product's input into `xs` (shared, [rows, k]),
+// applying the prologue; 16 bytes per thread at a time, all of the block's
+// threads taking part. Ends with a barrier: xs is ready.
+__device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, const scalar_t* in,
+                            const scalar_t* norm_weight, float eps, int rows, int k, int prologue) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int chunks = k / VEC;
   const uint4* in4 = reinterpret_cast<const uint4*>(in);
   if (prologue == 1) {
     float squares[MATVEC_ROWS];
@@ -386,19 +458,19 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
       if (m < rows)
         for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
           float v[VEC];
-          unpack(in4[m * chunks + c], v);
+          unpack(load_cg(in4 + m * chunks + c), v);
 #pragma unroll
           for (int i = 0; i < VEC; i++) squares[m] += v[i] * v[i];
         }
       for (int offset = 16; offset > 0; offset /= 2)
         squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
-      if (lane == 0) partial[warp][m] = squares[m];
+      if (lane == 0) s.partial[warp][m] = squares[m];
     }
     __syncthreads();
     if (threadIdx.x < rows) {
       float total = 0.f;
-      for (int w = 0; w < MATVEC_WARPS; w++) total += partial[w][threadIdx.x];
-      inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
+      for (int w = 0; w < warps; w++) total += s.partial[w][threadIdx.x];
+      s.inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
     }
     __syncthreads();
   }
@@ -408,70 +480,363 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
     scalar_t* dst = xs + m * k + c * VEC;
     float a[VEC], b[VEC];
     if (prologue == 0) {
-      *reinterpret_cast<uint4*>(dst) = in4[i];
+      *reinterpret_cast<uint4*>(dst) = load_cg(in4 + i);
     } else if (prologue == 1) {
-      unpack(in4[i], a);
+      unpack(load_cg(in4 + i), a);
       unpack(reinterpret_cast<const uint4*>(norm_weight)[c], b);
 #pragma unroll
-      for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] * inv_rms[m] * b[e]);
+      for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] * s.inv_rms[m] * b[e]);
     } else {
-      unpack(in4[m * 2 * chunks + c], a);           // gate
-      unpack(in4[m * 2 * chunks + chunks + c], b);  // up
+      unpack(load_cg(in4 + m * 2 * chunks + c), a);           // gate
+      unpack(load_cg(in4 + m * 2 * chunks + chunks + c), b);  // up
 #pragma unroll
       for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] / (1.f + __expf(-a[e])) * b[e]);
     }
   }
   __syncthreads();
+}
 
-  for (int row = first_row; row < n; row += stride) {
-    float acc[MATVEC_ROWS];
+// The dot products of R weight rows `row[r]` with each staged row of xs,
+// by one warp: acc[r][m] (in every lane). `chunk` holds the rows' first
+// loads (base = lane), issued by the caller, so that a warp can have them
+// in flight while it waits for something else: chunk[r] for row r.
+template <int R, int U = MATVEC_UNROLL>
+__device__ __forceinline__ void dot_rows(const scalar_t* weight, const int (&row)[R], int k,
+                                         const scalar_t* xs, int rows, uint4 (*chunk)[U],
+                                         float (&acc)[R][MATVEC_ROWS]) {
+  const int lane = threadIdx.x % 32, chunks = k / VEC;
 #pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) acc[m] = 0.f;
-    for (int base = lane; base < chunks; base += 32 * MATVEC_UNROLL) {
-      if (row != first_row || base != lane) load_weight_chunks(chunk, weight, row, k, base);
+  for (int r = 0; r < R; r++)
 #pragma unroll
-      for (int u = 0; u < MATVEC_UNROLL; u++) {
-        int c = base + u * 32;
-        if (c >= chunks) break;
-        float w[VEC];
-        unpack(chunk[u], w);
+    for (int m = 0; m < MATVEC_ROWS; m++) acc[r][m] = 0.f;
+  for (int base = lane; base < chunks; base += 32 * U) {
+    if (base != lane)
 #pragma unroll
-        for (int m = 0; m < MATVEC_ROWS; m++) {
-          if (m >= rows) break;
-          float x[VEC];
-          unpack(reinterpret_cast<const uint4*>(xs + m * k)[c], x);
+      for (int r = 0; r < R; r++) load_weight_chunks<U>(chunk[r], weight, row[r], k, base);
 #pragma unroll
-          for (int i = 0; i < VEC; i++) acc[m] += w[i] * x[i];
-        }
+    for (int u = 0; u < U; u++) {
+      int c = base + u * 32;
+      if (c >= chunks) break;
+      float w[R][VEC];
+#pragma unroll
+      for (int r = 0; r < R; r++) unpack(chunk[r][u], w[r]);
+#pragma unroll
+      for (int m = 0; m < MATVEC_ROWS; m++) {
+        if (m >= rows) break;
+        float x[VEC];
+        unpack(reinterpret_cast<const uint4*>(xs + m * k)[c], x);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+          for (int i = 0; i < VEC; i++) acc[r][m] += w[r][i] * x[i];
       }
     }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++)
+      for (int offset = 16; offset > 0; offset /= 2)
+        acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], offset);
+}
+
+// The first `bytes` of `p` into L2, spread over `threads` threads (this one
+// is `thread`), one 128-byte line at a time. A prefetch waits for nothing.
+__device__ __forceinline__ void prefetch_l2(const char* p, i64 bytes, i64 thread, i64 threads) {
+  if (p == nullptr) return;
+  for (i64 at = thread * 128; at < bytes; at += threads * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + at));
+}
+
+extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * 32)
+matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_t* weight,
+       void* out, int rows, int n, int k, int prologue, int epilogue, const char* next_weight,
+       i64 prefetch_bytes) {
+  __shared__ __align__(16) scalar_t xs[MATVEC_ROWS * MATVEC_K];
+  __shared__ StagingShared staging;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int stride = gridDim.x * MATVEC_WARPS;
+  const int first_row = blockIdx.x * MATVEC_WARPS + warp;
+
+  uint4 chunk[1][MATVEC_UNROLL];
+  if (first_row < n) load_weight_chunks(chunk[0], weight, first_row, k, lane);
+  stage_input(xs, staging, in, norm_weight, eps, rows, k, prologue);
+
+  for (int row = first_row; row < n; row += stride) {
+    if (row != first_row) load_weight_chunks(chunk[0], weight, row, k, lane);
+    const int rows_of[1] = {row};
+    float acc[1][MATVEC_ROWS];
+    dot_rows<1>(weight, rows_of, k, xs, rows, chunk, acc);
 #pragma unroll
     for (int m = 0; m < MATVEC_ROWS; m++) {
-      for (int offset = 16; offset > 0; offset /= 2)
-        acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
-      if (lane == 0 && m < rows) {
-        i64 at = (i64)m * n + row;
-        if (epilogue == 0) {
-          static_cast<scalar_t*>(out)[at] = from_float(acc[m]);
-        } else if (epilogue == 1) {
-          scalar_t* residual = static_cast<scalar_t*>(out);
-          residual[at] = from_float(to_float(residual[at]) + acc[m]);
-        } else {
-          static_cast<float*>(out)[at] = acc[m];
-        }
+      if (lane != m || m >= rows) continue;  // lane m writes row m
+      i64 at = (i64)m * n + row;
+      if (epilogue == 0) {
+        static_cast<scalar_t*>(out)[at] = from_float(acc[0][m]);
+      } else if (epilogue == 1) {
+        scalar_t* residual = static_cast<scalar_t*>(out);
+        residual[at] = from_float(to_float(residual[at]) + acc[0][m]);
+      } else {
+        static_cast<float*>(out)[at] = acc[0][m];
       }
     }
   }
 
   // Done with its rows, the block asks L2 for its share of the first
-  // `prefetch_bytes` of the next product's weights, one 128-byte line per
-  // thread at a time. A prefetch waits for nothing: HBM stays busy through
+  // `prefetch_bytes` of the next product's weights. HBM stays busy through
   // this kernel's tail, the launch of the next, and the attention kernels
   // between the qkv and o products, which barely touch memory.
-  if (next_weight != nullptr) {
-    const i64 step = (i64)gridDim.x * blockDim.x * 128;
-    for (i64 at = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 128; at < prefetch_bytes; at += step)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(next_weight + at));
-  }
+  prefetch_l2(next_weight, prefetch_bytes, (i64)blockIdx.x * blockDim.x + threadIdx.x,
+              (i64)gridDim.x * blockDim.x);
 }
 // ANCHOR_END: matvec
+
+// ANCHOR: decode_layer
+// A whole decoder layer in one persistent kernel, for small batches.
+//
+// With one kernel per operation, every matrix product starts from nothing:
+// its blocks are launched, stage their input, issue their first loads and
+// wait a memory round trip before HBM streams at full speed, and a product
+// of a few megabytes is over before it gets there. Here one block per
+// multiprocessor stays resident for the whole layer and walks through its
+// five stages, meeting the other blocks at a grid-wide barrier between
+// stages that depend on each other:
+//
+//   1. qkv = rms_norm(x) · Wqkvᵀ, RoPE; q to scratch, k and v to the pool
+//   2. attention (flash-decoding split; the last partition of each head
+//      to finish merges them all)
+//   3. x += attn · Woᵀ
+//   4. act = silu(gate) · up, from rms_norm(x) · Wgate_upᵀ
+//   5. x += act · Wdownᵀ
+//
+// Weights do not depend on the previous stage, so each warp issues the
+// loads of its first rows of the next stage *before* waiting at the
+// barrier, and the attention stage, which barely touches memory, prefetches
+// the output projection into L2 meanwhile: HBM has work across the
+// barriers, which is the point of the whole kernel. Pairs of rows go to one
+// warp where the epilogue needs both: (j, j + HEAD_DIM/2) of a head for
+// RoPE ("rotate half"), (j, inter + j) for SwiGLU's gate and up.
+//
+// The grid must be resident all at once (a barrier waits for every
+// block): one block per multiprocessor, launched cooperatively, which makes
+// the driver check exactly that. One block of LAYER_THREADS (set by the
+// Rust side: 512) leaves each thread 128 registers, and every choice below
+// keeps the kernel within them, because a spilled register costs more here
+// than anything saved: a warp holds MATVEC_UNROLL 16-byte loads in flight
+// for one row, or half as many for each row of a pair; an attention item
+// takes LAYER_HEADS query heads (the Rust side picks how many), not the
+// whole group.
+#define LAYER_WARPS (LAYER_THREADS / 32)
+#define LAYER_PARTS (LAYER_THREADS / THREADS)  // attention items a block runs at once
+#define LAYER_PAIR_UNROLL (MATVEC_UNROLL / 2)
+#define LAYER_BARRIERS 4                       // grid barriers per layer
+static_assert(GQA_GROUP % LAYER_HEADS == 0, "a query-head chunk divides the group");
+
+struct LayerParams {
+  scalar_t* x;  // the residual stream [rows, hidden], updated in place
+  const scalar_t* input_norm;
+  const scalar_t* post_norm;
+  const scalar_t* qkv_proj;      // [(heads + 2 kv_heads) · HEAD_DIM, hidden]
+  const scalar_t* o_proj;        // [hidden, heads · HEAD_DIM]
+  const scalar_t* gate_up_proj;  // [2 · inter, hidden]
+  const scalar_t* down_proj;     // [hidden, inter]
+  const char* next_weight;       // read after this layer: its start is prefetched into L2
+  i64 prefetch_bytes;
+  const i64* positions;     // [rows]
+  const i64* slots;         // [rows]: where the new keys and values go
+  const i64* block_tables;  // [rows, max_blocks]
+  const float* cos_table;   // [max_positions, HEAD_DIM / 2]
+  const float* sin_table;
+  scalar_t* k_cache;  // [slots, kv_heads, HEAD_DIM]
+  scalar_t* v_cache;
+  scalar_t* q;     // scratch [rows, heads, HEAD_DIM]: rotated queries
+  scalar_t* attn;  // scratch [rows, heads · HEAD_DIM]: attention output
+  scalar_t* act;   // scratch [rows, inter]: SwiGLU output
+  float* part_acc;  // scratch of the attention split (see attention_part)
+  float* part_max;
+  float* part_sum;
+  // [1 + rows · kv_heads · chunks], zeroed before the first layer: the
+  // grid barrier's arrivals, then the attention merge's counters.
+  unsigned* sync;
+  float eps, scale;
+  int rows, hidden, inter, heads, kv_heads, max_blocks, block_size, partitions;
+  int layer;  // the layer's index in the step: which barriers are its own
+};
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Every block of the grid waits here until all have arrived; what any of
+// them wrote before is then visible to all. `arrivals` counts every
+// block's arrival at every barrier of the step (it is zeroed before the
+// first layer), so the n-th barrier of the step is passed when it reaches
+// n · gridDim.x: one atomic addition per block and no reset, which would
+// need a barrier of its own.
+__device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // the block's writes before its arrival
+    atomicAdd(arrivals, 1u);
+    while (load_acquire(arrivals) < target) {
+    }
+  }
+  __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(const LayerParams p) {
+  constexpr int staging_bytes = MATVEC_ROWS * MATVEC_K * (int)sizeof(scalar_t);
+  constexpr int attention_bytes = LAYER_PARTS * (int)sizeof(AttentionShared<LAYER_HEADS>);
+  __shared__ __align__(16) char smem[staging_bytes > attention_bytes ? staging_bytes : attention_bytes];
+  __shared__ StagingShared staging;
+  __shared__ int last_part[LAYER_PARTS];
+  scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gwarp = blockIdx.x * LAYER_WARPS + warp, nwarps = gridDim.x * LAYER_WARPS;
+  const i64 thread = (i64)blockIdx.x * blockDim.x + threadIdx.x, threads = (i64)gridDim.x * blockDim.x;
+  const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
+  const int attn_k = p.heads * HEAD_DIM;
+  uint4 chunk[1][MATVEC_UNROLL], pair[2][LAYER_PAIR_UNROLL];
+
+  // 1. qkv, RoPE, the KV-cache write. Pair `item` is element j of a head
+  // and its partner j + half; heads run queries, keys, values.
+  const int qkv_pairs = (p.heads + 2 * p.kv_heads) * half;
+  auto qkv_rows = [&](int item) {
+    const int first = item / half * HEAD_DIM + item % half;
+    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.qkv_proj, first, hidden, lane);
+    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.qkv_proj, first + half, hidden, lane);
+  };
+  if (gwarp < qkv_pairs) qkv_rows(gwarp);
+  stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1);
+  for (int item = gwarp; item < qkv_pairs; item += nwarps) {
+    const int head = item / half, j = item % half;
+    const int row[2] = {head * HEAD_DIM + j, head * HEAD_DIM + j + half};
+    if (item != gwarp) qkv_rows(item);
+    float acc[2][MATVEC_ROWS];
+    dot_rows<2, LAYER_PAIR_UNROLL>(p.qkv_proj, row, hidden, xs, rows, pair, acc);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (lane != m || m >= rows) continue;
+      // Rounded to the model's dtype first, as the unfused step stores qkv.
+      float a = to_float(from_float(acc[0][m])), b = to_float(from_float(acc[1][m]));
+      const i64 slot = p.slots[m];
+      if (head < p.heads + p.kv_heads) {
+        const i64 angle = p.positions[m] * half + j;
+        const float c = p.cos_table[angle], s = p.sin_table[angle];
+        scalar_t* dst = head < p.heads
+                            ? p.q + ((i64)m * p.heads + head) * HEAD_DIM
+                            : p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
+        dst[j] = from_float(a * c - b * s);
+        dst[j + half] = from_float(b * c + a * s);
+      } else {
+        scalar_t* dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
+        dst[j] = from_float(a);
+        dst[j + half] = from_float(b);
+      }
+    }
+  }
+  grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
+
+  // 2. Attention: items (sequence, KV head, chunk of LAYER_HEADS query
+  // heads, partition), each on 128 threads of a block. Meanwhile the whole
+  // grid asks L2 for the output projection, read next.
+  prefetch_l2(reinterpret_cast<const char*>(p.o_proj), (i64)hidden * attn_k * sizeof(scalar_t),
+              thread, threads);
+  {
+    auto* shared = reinterpret_cast<AttentionShared<LAYER_HEADS>*>(smem);
+    const int part = threadIdx.x / THREADS, tid = threadIdx.x % THREADS, barrier = 1 + part;
+    const int chunks = GQA_GROUP / LAYER_HEADS;
+    const int items = rows * p.kv_heads * chunks * p.partitions;
+    for (int item = blockIdx.x * LAYER_PARTS + part; item < items; item += gridDim.x * LAYER_PARTS) {
+      const int partition = item % p.partitions, group = item / p.partitions;
+      const int head_chunk = group % chunks, kv_head = group / chunks % p.kv_heads;
+      const int seq = group / chunks / p.kv_heads;
+      attention_part<LAYER_HEADS>(p.q, p.k_cache, p.v_cache, p.block_tables, p.positions,
+                                  p.kv_heads, p.block_size, p.max_blocks, p.scale, p.part_acc,
+                                  p.part_max, p.part_sum, kv_head, head_chunk * LAYER_HEADS, seq,
+                                  partition, p.partitions, tid, barrier, shared[part]);
+      // The last partition of this (sequence, KV head, chunk) to finish
+      // merges them all, so no stage (and no barrier) is needed for it.
+      sync_threads(barrier, THREADS);
+      if (tid == 0) {
+        __threadfence();
+        unsigned* count = p.sync + 1 + group;
+        last_part[part] = atomicAdd(count, 1u) == (unsigned)p.partitions - 1;
+        if (last_part[part]) atomicExch(count, 0u);
+        __threadfence();
+      }
+      sync_threads(barrier, THREADS);
+      if (last_part[part]) {
+        for (int i = tid; i < LAYER_HEADS * HEAD_DIM; i += THREADS) {
+          const int h = i / HEAD_DIM, d = i % HEAD_DIM;
+          const i64 out = (i64)seq * p.heads + kv_head * GQA_GROUP + head_chunk * LAYER_HEADS + h;
+          p.attn[out * HEAD_DIM + d] = from_float(
+              combine_partitions(p.part_acc, p.part_max, p.part_sum, p.partitions, out, d));
+        }
+      }
+      sync_threads(barrier, THREADS);
+    }
+  }
+  if (gwarp < hidden) load_weight_chunks(chunk[0], p.o_proj, gwarp, attn_k, lane);
+  grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 2) * gridDim.x);
+
+  // 3. x += attn · Woᵀ.
+  stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0);
+  for (int row = gwarp; row < hidden; row += nwarps) {
+    if (row != gwarp) load_weight_chunks(chunk[0], p.o_proj, row, attn_k, lane);
+    const int rows_of[1] = {row};
+    float acc[1][MATVEC_ROWS];
+    dot_rows<1>(p.o_proj, rows_of, attn_k, xs, rows, chunk, acc);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (lane != m || m >= rows) continue;
+      scalar_t* x = p.x + (i64)m * hidden + row;
+      *x = from_float(to_float(load_cg_scalar(x)) + acc[0][m]);
+    }
+  }
+  if (gwarp < inter) {
+    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.gate_up_proj, gwarp, hidden, lane);
+    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.gate_up_proj, inter + gwarp, hidden, lane);
+  }
+  grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
+
+  // 4. act = silu(gate) · up of rms_norm(x) · Wgate_upᵀ.
+  stage_input(xs, staging, p.x, p.post_norm, p.eps, rows, hidden, 1);
+  for (int j = gwarp; j < inter; j += nwarps) {
+    const int row[2] = {j, inter + j};
+    if (j != gwarp) {
+      load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.gate_up_proj, row[0], hidden, lane);
+      load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.gate_up_proj, row[1], hidden, lane);
+    }
+    float acc[2][MATVEC_ROWS];
+    dot_rows<2, LAYER_PAIR_UNROLL>(p.gate_up_proj, row, hidden, xs, rows, pair, acc);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (lane != m || m >= rows) continue;
+      float gate = to_float(from_float(acc[0][m])), up = to_float(from_float(acc[1][m]));
+      p.act[(i64)m * inter + j] = from_float(gate / (1.f + __expf(-gate)) * up);
+    }
+  }
+  if (gwarp < hidden) load_weight_chunks(chunk[0], p.down_proj, gwarp, inter, lane);
+  grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
+
+  // 5. x += act · Wdownᵀ, then the next layer's first weights into L2.
+  stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0);
+  for (int row = gwarp; row < hidden; row += nwarps) {
+    if (row != gwarp) load_weight_chunks(chunk[0], p.down_proj, row, inter, lane);
+    const int rows_of[1] = {row};
+    float acc[1][MATVEC_ROWS];
+    dot_rows<1>(p.down_proj, rows_of, inter, xs, rows, chunk, acc);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (lane != m || m >= rows) continue;
+      scalar_t* x = p.x + (i64)m * hidden + row;
+      *x = from_float(to_float(load_cg_scalar(x)) + acc[0][m]);
+    }
+  }
+  prefetch_l2(p.next_weight, p.prefetch_bytes, thread, threads);
+}
+// ANCHOR_END: decode_layer

@@ -16,6 +16,7 @@
 //! | `paged_attention` | the gather through the block table, the mask and SDPA  |
 //! | `silu_mul`        | `silu` and the product of SwiGLU                       |
 //! | `matvec`          | at small batch: a matrix product, with the RMSNorm or SwiGLU before it and the residual addition after it |
+//! | `decode_layer`    | at small batch: a whole decoder layer, in one persistent kernel |
 //!
 //! Above the matrix-vector kernel's batch limit the products are cuBLAS's,
 //! and the residual additions ride on them (`addmm_` adds the product to
@@ -60,6 +61,10 @@ const MATVEC_SHARED_BYTES: usize = 46 * 1024;
 /// registers of four 256-thread blocks fill a Hopper or Ampere SM.
 const MATVEC_BLOCKS_PER_SM: usize = 4;
 
+/// Threads per block of `decode_layer` (`LAYER_THREADS` in the source): one
+/// block per multiprocessor, 16 warps, up to 128 registers per thread.
+const LAYER_THREADS: usize = 512;
+
 /// How much of the next product's weights `matvec` prefetches into L2, by
 /// default; `SPARK_DISAGG_L2_PREFETCH_MB` overrides it (0 turns it off).
 const L2_PREFETCH_MB: f64 = 4.0;
@@ -73,6 +78,13 @@ fn l2_prefetch_bytes() -> usize {
         }),
     };
     (mb.max(0.0) * 1024.0 * 1024.0) as usize
+}
+
+/// Whether batch-1 steps run each layer as one persistent kernel
+/// (`decode_layer`); `SPARK_DISAGG_LAYER_KERNEL=0` turns it off, which
+/// leaves the matrix-vector kernel and the attention kernels, one launch each.
+fn layer_kernel_enabled() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_KERNEL").map_or(true, |v| v.trim() != "0")
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -163,6 +175,18 @@ impl KernelShape {
         TOKENS_PER_GROUP * ATTENTION_THREADS / self.lanes()
     }
 
+    /// Query heads per attention item of `decode_layer`: the largest
+    /// divisor of the group whose queries and accumulators (`heads · vec`
+    /// floats each) stay within 16 registers, so that the whole layer
+    /// kernel fits in 128 registers per thread without spilling (2 for
+    /// TinyLlama in bf16: its 8 query heads per KV head make 4 items).
+    fn layer_heads(self) -> usize {
+        (1..=self.gqa_group)
+            .rev()
+            .find(|h| self.gqa_group % h == 0 && h * self.vec() <= 16)
+            .unwrap_or(1)
+    }
+
     fn check(self) -> Result<(), KernelError> {
         let unsupported = |why: String| Err(KernelError::Unsupported(why));
         if self.scalar_kind().is_none() {
@@ -196,6 +220,7 @@ impl KernelShape {
             format!("-DHEAD_DIM={}", self.head_dim),
             format!("-DGQA_GROUP={}", self.gqa_group),
             format!("-DPARTITION={}", self.partition()),
+            format!("-DLAYER_HEADS={}", self.layer_heads()),
             // With no room for a row, a token array keeps the source valid.
             format!("-DMATVEC_ROWS={}", self.matvec_rows.max(1)),
             format!(
@@ -206,6 +231,7 @@ impl KernelShape {
                     self.vec()
                 }
             ),
+            format!("-DLAYER_THREADS={LAYER_THREADS}"),
         ]
     }
 }
@@ -238,6 +264,88 @@ impl Arg {
             Arg::F32(v) => v as *const f32 as *mut c_void,
         }
     }
+}
+
+/// One decoder layer's weights, as `decode_layer` reads them.
+pub struct LayerWeights<'a> {
+    pub input_norm: &'a Tensor,
+    /// `[(heads + 2·kv_heads)·head_dim, hidden]`: queries, keys, values.
+    pub qkv_proj: &'a Tensor,
+    /// `[hidden, heads·head_dim]`.
+    pub o_proj: &'a Tensor,
+    pub post_norm: &'a Tensor,
+    /// `[2·inter, hidden]`: gate, then up.
+    pub gate_up_proj: &'a Tensor,
+    /// `[hidden, inter]`.
+    pub down_proj: &'a Tensor,
+}
+
+/// What `decode_layer` needs of the step besides the weights: where each
+/// sequence is, where its new key and value go, its blocks, RoPE's tables
+/// (`[max_positions, head_dim / 2]`, f32) and RMSNorm's epsilon.
+pub struct LayerStep<'a> {
+    pub positions: &'a Tensor,
+    pub write_slots: &'a Tensor,
+    pub block_tables: &'a Tensor,
+    pub block_size: usize,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub eps: f64,
+}
+
+/// Scratch memory of `decode_layer`, allocated once per step and shared by
+/// its layers: the rotated queries, the attention split's partial results,
+/// the attention and SwiGLU outputs, and the counters of the grid barrier
+/// and of the attention merge (zeroed here; every use leaves them at zero).
+pub struct LayerScratch {
+    q: Tensor,
+    attn: Tensor,
+    act: Tensor,
+    part_acc: Tensor,
+    part_max: Tensor,
+    part_sum: Tensor,
+    sync: Tensor,
+    partitions: usize,
+}
+
+/// `decode_layer`'s one argument, passed by value: field for field the
+/// `LayerParams` of `decode.cu` (same order, same C types).
+#[repr(C)]
+struct LayerParams {
+    x: *mut c_void,
+    input_norm: *mut c_void,
+    post_norm: *mut c_void,
+    qkv_proj: *mut c_void,
+    o_proj: *mut c_void,
+    gate_up_proj: *mut c_void,
+    down_proj: *mut c_void,
+    next_weight: *mut c_void,
+    prefetch_bytes: i64,
+    positions: *mut c_void,
+    slots: *mut c_void,
+    block_tables: *mut c_void,
+    cos_table: *mut c_void,
+    sin_table: *mut c_void,
+    k_cache: *mut c_void,
+    v_cache: *mut c_void,
+    q: *mut c_void,
+    attn: *mut c_void,
+    act: *mut c_void,
+    part_acc: *mut c_void,
+    part_max: *mut c_void,
+    part_sum: *mut c_void,
+    sync: *mut c_void,
+    eps: f32,
+    scale: f32,
+    rows: i32,
+    hidden: i32,
+    inter: i32,
+    heads: i32,
+    kv_heads: i32,
+    max_blocks: i32,
+    block_size: i32,
+    partitions: i32,
+    layer: i32,
 }
 
 /// True when `t`'s data can be read in 16-byte loads.
@@ -299,6 +407,9 @@ pub struct DecodeKernels {
     matvec_limit: usize,
     /// How much of the next product's weights `matvec` prefetches into L2.
     l2_prefetch_bytes: usize,
+    /// Blocks of `decode_layer`'s grid: one per multiprocessor, or 0 when
+    /// the layer kernel is off (or a block does not fit on one).
+    layer_blocks: usize,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -306,6 +417,7 @@ pub struct DecodeKernels {
     attention_partial: Function,
     attention_combine: Function,
     matvec: Function,
+    decode_layer: Function,
 }
 
 impl DecodeKernels {
@@ -340,18 +452,26 @@ impl DecodeKernels {
                     message: format!("{name} is missing from the module"),
                 })
         };
+        let decode_layer = get("decode_layer")?;
+        let layer_fits = imp::occupancy(decode_layer, index, LAYER_THREADS)? >= 1;
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
             multiprocessors,
             matvec_limit: shape.matvec_rows,
             l2_prefetch_bytes: l2_prefetch_bytes(),
+            layer_blocks: if layer_fits && layer_kernel_enabled() {
+                multiprocessors
+            } else {
+                0
+            },
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
             attention_partial: get("attention_partial")?,
             attention_combine: get("attention_combine")?,
             matvec: get("matvec")?,
+            decode_layer,
         });
         cache.push((index, shape, kernels.clone()));
         Ok(kernels)
@@ -376,14 +496,48 @@ impl DecodeKernels {
         self.matvec_limit
     }
 
+    /// True when those batches run each layer as one persistent kernel
+    /// (`decode_layer`) rather than seven launches.
+    pub fn layer_kernel(&self) -> bool {
+        self.layer_blocks > 0 && self.matvec_limit > 0
+    }
+
+    /// The same kernels with the persistent layer kernel on or off (it is
+    /// on unless `SPARK_DISAGG_LAYER_KERNEL=0`, where a block fits).
+    pub fn with_layer_kernel(&self, on: bool) -> DecodeKernels {
+        let fits = imp::occupancy(self.decode_layer, self.device, LAYER_THREADS)
+            .is_ok_and(|blocks| blocks >= 1);
+        DecodeKernels {
+            layer_blocks: if on && fits { self.multiprocessors } else { 0 },
+            ..self.clone()
+        }
+    }
+
     fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
         let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
+        self.launch_with(function, grid, block, false, &mut addresses);
+    }
+
+    fn launch_with(
+        &self,
+        function: Function,
+        grid: [usize; 3],
+        block: usize,
+        cooperative: bool,
+        addresses: &mut [*mut c_void],
+    ) {
         let grid = grid.map(|g| u32::try_from(g).expect("grid dimension fits in u32"));
         if grid.contains(&0) {
             return;
         }
-        if let Err(message) = imp::launch(function, self.device, grid, block as u32, &mut addresses)
-        {
+        if let Err(message) = imp::launch(
+            function,
+            self.device,
+            grid,
+            block as u32,
+            cooperative,
+            addresses,
+        ) {
             panic!("launching a decode kernel failed: {message}");
         }
     }
@@ -510,6 +664,7 @@ impl DecodeKernels {
         ] {
             self.expect(name, t, k);
         }
+        assert!(aligned_16(q), "paged_attention: q is not 16-byte aligned");
         let (batch, heads, head_dim) = q.size3().expect("q is [batch, heads, head_dim]");
         let kv_heads = k_cache.size()[1];
         let max_blocks = block_tables.size()[1];
@@ -633,6 +788,165 @@ impl DecodeKernels {
         }
     }
     // ANCHOR_END: matrix_products
+
+    /// Whether a step of `rows` sequences runs its layers on `decode_layer`:
+    /// the layer kernel is on, and the batch is small enough for the
+    /// matrix-vector products it is built from.
+    pub fn takes_layer_kernel(&self, rows: usize) -> bool {
+        self.layer_blocks > 0 && (1..=self.matvec_limit).contains(&rows)
+    }
+
+    /// Scratch for `decode_layer` at `rows` sequences of contexts up to
+    /// `context` tokens, for a model of `heads` query heads, `kv_heads` KV
+    /// heads and an MLP of `inter`.
+    pub fn layer_scratch(
+        &self,
+        rows: usize,
+        context: usize,
+        heads: usize,
+        kv_heads: usize,
+        inter: usize,
+        device: Device,
+    ) -> LayerScratch {
+        let (kind, head_dim) = (self.shape.kind, self.shape.head_dim as i64);
+        let (rows, heads) = (rows as i64, heads as i64);
+        let partitions = context.div_ceil(self.shape.partition());
+        let p = partitions as i64;
+        let f32_on = (Kind::Float, device);
+        let chunks = (self.shape.gqa_group / self.shape.layer_heads()) as i64;
+        LayerScratch {
+            q: Tensor::empty([rows, heads, head_dim], (kind, device)),
+            attn: Tensor::empty([rows, heads * head_dim], (kind, device)),
+            act: Tensor::empty([rows, inter as i64], (kind, device)),
+            part_acc: Tensor::empty([rows, heads, p, head_dim], f32_on),
+            part_max: Tensor::empty([rows, heads, p], f32_on),
+            part_sum: Tensor::empty([rows, heads, p], f32_on),
+            sync: Tensor::zeros([1 + rows * kv_heads as i64 * chunks], (Kind::Int, device)),
+            partitions,
+        }
+    }
+
+    /// One decoder layer on the residual stream `x` (`[rows, hidden]`,
+    /// updated in place), in one persistent kernel: see `decode_layer` in
+    /// `decode.cu`. Keys and values of the new tokens go into `k_cache`
+    /// and `v_cache` (`[slots, kv_heads, head_dim]`). `next` is the weight
+    /// read after the layer; its start is prefetched into L2.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_layer(
+        &self,
+        layer_index: usize,
+        x: &Tensor,
+        layer: &LayerWeights,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        step: &LayerStep,
+        scratch: &LayerScratch,
+        next: Option<&Tensor>,
+    ) {
+        let kind = self.shape.kind;
+        let (rows, hidden) = x.size2().expect("x is [rows, hidden]");
+        assert!(
+            self.takes_layer_kernel(rows as usize),
+            "decode_layer: {rows} rows, or the layer kernel is off"
+        );
+        for (name, t, k) in [
+            ("x", x, kind),
+            ("input_norm", layer.input_norm, kind),
+            ("qkv_proj", layer.qkv_proj, kind),
+            ("o_proj", layer.o_proj, kind),
+            ("post_norm", layer.post_norm, kind),
+            ("gate_up_proj", layer.gate_up_proj, kind),
+            ("down_proj", layer.down_proj, kind),
+            ("k_cache", k_cache, kind),
+            ("v_cache", v_cache, kind),
+            ("positions", step.positions, Kind::Int64),
+            ("write_slots", step.write_slots, Kind::Int64),
+            ("block_tables", step.block_tables, Kind::Int64),
+            ("cos", step.cos, Kind::Float),
+            ("sin", step.sin, Kind::Float),
+        ] {
+            self.expect(name, t, k);
+            // Tensors of the model's dtype are read in 16-byte loads.
+            assert!(
+                k != kind || aligned_16(t),
+                "decode_layer: {name} is not 16-byte aligned"
+            );
+        }
+        let head_dim = self.shape.head_dim as i64;
+        let kv_heads = k_cache.size()[1];
+        let heads = kv_heads * self.shape.gqa_group as i64;
+        let inter = layer.down_proj.size()[1];
+        let max_blocks = step.block_tables.size()[1];
+        for (name, t, want) in [
+            (
+                "qkv_proj",
+                layer.qkv_proj,
+                [(heads + 2 * kv_heads) * head_dim, hidden],
+            ),
+            ("o_proj", layer.o_proj, [hidden, heads * head_dim]),
+            ("gate_up_proj", layer.gate_up_proj, [2 * inter, hidden]),
+            ("down_proj", layer.down_proj, [hidden, inter]),
+        ] {
+            assert_eq!(t.size(), want, "decode_layer: {name} has the wrong shape");
+        }
+        let fits = |k: i64| k as usize <= self.shape.matvec_k && k as usize % self.shape.vec() == 0;
+        assert!(
+            fits(hidden) && fits(inter) && fits(heads * head_dim),
+            "decode_layer: rows of {hidden}, {inter} or {} do not fit the compiled {}",
+            heads * head_dim,
+            self.shape.matvec_k
+        );
+        assert!(
+            scratch.q.size()[0] == rows
+                && scratch.act.size()[1] == inter
+                && scratch.partitions * self.shape.partition()
+                    >= max_blocks as usize * step.block_size,
+            "decode_layer: the scratch was made for another shape"
+        );
+        let next = next.filter(|w| w.is_contiguous() && w.device() == x.device());
+        let ptr = |t: &Tensor| t.data_ptr();
+        let mut params = LayerParams {
+            x: ptr(x),
+            input_norm: ptr(layer.input_norm),
+            post_norm: ptr(layer.post_norm),
+            qkv_proj: ptr(layer.qkv_proj),
+            o_proj: ptr(layer.o_proj),
+            gate_up_proj: ptr(layer.gate_up_proj),
+            down_proj: ptr(layer.down_proj),
+            next_weight: next.map_or(std::ptr::null_mut(), ptr),
+            prefetch_bytes: next.map_or(0, |w| {
+                (w.numel() * w.kind().elt_size_in_bytes()).min(self.l2_prefetch_bytes) as i64
+            }),
+            positions: ptr(step.positions),
+            slots: ptr(step.write_slots),
+            block_tables: ptr(step.block_tables),
+            cos_table: ptr(step.cos),
+            sin_table: ptr(step.sin),
+            k_cache: ptr(k_cache),
+            v_cache: ptr(v_cache),
+            q: ptr(&scratch.q),
+            attn: ptr(&scratch.attn),
+            act: ptr(&scratch.act),
+            part_acc: ptr(&scratch.part_acc),
+            part_max: ptr(&scratch.part_max),
+            part_sum: ptr(&scratch.part_sum),
+            sync: ptr(&scratch.sync),
+            eps: step.eps as f32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            rows: rows as i32,
+            hidden: hidden as i32,
+            inter: inter as i32,
+            heads: heads as i32,
+            kv_heads: kv_heads as i32,
+            max_blocks: max_blocks as i32,
+            block_size: step.block_size as i32,
+            partitions: scratch.partitions as i32,
+            layer: layer_index as i32,
+        };
+        let mut addresses = [&mut params as *mut LayerParams as *mut c_void];
+        let grid = [self.layer_blocks, 1, 1];
+        self.launch_with(self.decode_layer, grid, LAYER_THREADS, true, &mut addresses);
+    }
 
     /// Whether `x · weightᵀ` goes to `matvec`: few enough rows, and input
     /// rows no longer than the kernel was compiled for, in whole 16-byte
@@ -758,6 +1072,14 @@ mod imp {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        fn spark_kernels_occupancy(
+            function: *mut c_void,
+            device: c_int,
+            block: c_int,
+            blocks: *mut c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
         fn spark_kernels_launch(
             function: *mut c_void,
             device: c_int,
@@ -765,6 +1087,7 @@ mod imp {
             grid_y: c_uint,
             grid_z: c_uint,
             block_x: c_uint,
+            cooperative: c_int,
             args: *mut *mut c_void,
             err: *mut c_char,
             err_len: usize,
@@ -885,6 +1208,7 @@ mod imp {
             "attention_partial",
             "attention_combine",
             "matvec",
+            "decode_layer",
         ] {
             let c_name = CString::new(name).expect("no NUL");
             let mut function = std::ptr::null_mut();
@@ -901,17 +1225,43 @@ mod imp {
         Ok((functions, multiprocessors.max(1) as usize))
     }
 
+    /// Blocks of `block` threads of `function` that fit on one multiprocessor.
+    pub fn occupancy(
+        function: Function,
+        device: usize,
+        block: usize,
+    ) -> Result<usize, KernelError> {
+        let mut blocks: c_int = 0;
+        // SAFETY: `function` is a loaded kernel; `blocks` is written on success.
+        call(|err, len| unsafe {
+            spark_kernels_occupancy(
+                function.0,
+                device as c_int,
+                block as c_int,
+                &mut blocks,
+                err,
+                len,
+            )
+        })
+        .map_err(|message| KernelError::Cuda {
+            stage: "asking the driver how many blocks fit",
+            message,
+        })?;
+        Ok(blocks.max(0) as usize)
+    }
+
     pub fn launch(
         function: Function,
         device: usize,
         grid: [u32; 3],
         block: u32,
+        cooperative: bool,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
         // SAFETY: `args` holds one pointer per kernel parameter, each to a
-        // live value of the parameter's type (see `Arg`); the tensors they
-        // point into are alive for the launch and, being on PyTorch's
-        // stream, for the kernel's run.
+        // live value of the parameter's type (see `Arg` and `LayerParams`);
+        // the tensors they point into are alive for the launch and, being
+        // on PyTorch's stream, for the kernel's run.
         call(|err, len| unsafe {
             spark_kernels_launch(
                 function.0,
@@ -920,6 +1270,7 @@ mod imp {
                 grid[1],
                 grid[2],
                 block,
+                cooperative as c_int,
                 args.as_mut_ptr(),
                 err,
                 len,
@@ -941,11 +1292,20 @@ mod imp {
         Err(KernelError::NotCompiled)
     }
 
+    pub fn occupancy(
+        _function: Function,
+        _device: usize,
+        _block: usize,
+    ) -> Result<usize, KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
     pub fn launch(
         _function: Function,
         _device: usize,
         _grid: [u32; 3],
         _block: u32,
+        _cooperative: bool,
         _args: &mut [*mut c_void],
     ) -> Result<(), String> {
         Err(KernelError::NotCompiled.to_string())

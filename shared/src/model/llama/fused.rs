@@ -19,13 +19,16 @@
 //!                       ─► matvec(rms_norm, gate/up) ─► matvec(silu_mul, down, += x)
 //! ```
 //!
+//! or, with the persistent layer kernel (the default where it fits), one:
+//! `decode_layer` does all of that with grid-wide barriers between stages.
+//!
 //! The engine replays it inside a CUDA graph (`engine::decode_graph`);
 //! `tests` check it against the reference forward on a GPU.
 
 use tch::Tensor;
 
 use super::Llama;
-use crate::kernels::DecodeKernels;
+use crate::kernels::{DecodeKernels, LayerStep, LayerWeights};
 
 /// One decode step's inputs, and the paged KV cache as the kernels see it.
 pub struct PagedDecode<'a> {
@@ -52,6 +55,11 @@ impl Llama {
         let eps = self.config.rms_norm_eps;
         // x, the residual stream: the products after attention and the MLP add into it in place.
         let x = self.embed_tokens.index_select(0, step.tokens);
+        let rows = step.tokens.numel();
+        if kernels.takes_layer_kernel(rows) {
+            self.decode_layers(kernels, step, &x);
+            return kernels.norm_logits(&x, &self.norm, eps, &self.lm_head);
+        }
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(step.layers).enumerate() {
             // Each product names the weight read after it, for L2 prefetch.
             let next_qkv = match self.layers.get(i + 1) {
@@ -101,6 +109,53 @@ impl Llama {
         kernels.norm_logits(&x, &self.norm, eps, &self.lm_head)
     }
     // ANCHOR_END: decode_fused
+
+    /// The layers of [`Llama::decode_fused`], each one `decode_layer` kernel.
+    fn decode_layers(&self, kernels: &DecodeKernels, step: &PagedDecode, x: &Tensor) {
+        let config = &self.config;
+        let context = step.block_tables.size()[1] as usize * step.block_size;
+        let scratch = kernels.layer_scratch(
+            step.tokens.numel(),
+            context,
+            config.num_attention_heads,
+            config.num_kv_heads(),
+            config.intermediate_size,
+            x.device(),
+        );
+        let layer_step = LayerStep {
+            positions: step.positions,
+            write_slots: step.write_slots,
+            block_tables: step.block_tables,
+            block_size: step.block_size,
+            cos: &self.rope.cos,
+            sin: &self.rope.sin,
+            eps: config.rms_norm_eps,
+        };
+        for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(step.layers).enumerate() {
+            let weights = LayerWeights {
+                input_norm: &layer.input_norm,
+                qkv_proj: &layer.qkv_proj,
+                o_proj: &layer.o_proj,
+                post_norm: &layer.post_norm,
+                gate_up_proj: &layer.gate_up_proj,
+                down_proj: &layer.down_proj,
+            };
+            let next = match self.layers.get(i + 1) {
+                Some(next) => &next.qkv_proj,
+                None => &self.lm_head,
+            };
+            kernels.decode_layer(
+                i,
+                x,
+                &weights,
+                k_cache,
+                v_cache,
+                &layer_step,
+                &scratch,
+                Some(next),
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -322,21 +377,44 @@ mod tests {
 
     /// A whole decode step through the fused path and through
     /// `Llama::forward`: the same logits, and the same keys and values
-    /// left in the pool.
+    /// left in the pool. Batches of 1 and 3 run on the persistent layer
+    /// kernel, and again without it; 6 is above the matrix-vector limit.
     #[test]
     fn fused_decode_matches_the_reference_forward() {
         let Some(device) = gpu() else { return };
-        check_decode_step(device, &[0, 39, 299]);
-        check_decode_step(device, &[0, 5, 39, 100, 200, 299]);
+        // 4 query heads per KV head (one attention chunk of the layer
+        // kernel), and 8 (two chunks of 4 in bf16).
+        let wide = LlamaConfig {
+            hidden_size: 1024,
+            num_attention_heads: 16,
+            ..config()
+        };
+        for config in [config(), wide] {
+            let kernels = DecodeKernels::get(&config, Kind::BFloat16, device).unwrap();
+            assert!(
+                kernels.takes_layer_kernel(1) && kernels.takes_layer_kernel(3),
+                "the layer kernel should fit this GPU (or SPARK_DISAGG_LAYER_KERNEL=0 is set)"
+            );
+            let unfused = kernels.with_layer_kernel(false);
+            assert!(!unfused.takes_layer_kernel(1));
+            for kernels in [&*kernels, &unfused] {
+                check_decode_step(&config, kernels, device, &[299]);
+                check_decode_step(&config, kernels, device, &[0, 39, 299]);
+            }
+            check_decode_step(&config, &kernels, device, &[0, 5, 39, 100, 200, 299]);
+        }
     }
 
-    fn check_decode_step(device: Device, positions: &[i64]) {
+    fn check_decode_step(
+        config: &LlamaConfig,
+        kernels: &DecodeKernels,
+        device: Device,
+        positions: &[i64],
+    ) {
         let _no_grad = tch::no_grad_guard();
         let kind = Kind::BFloat16;
-        let config = config();
         let model = Llama::random(config.clone(), 3, device, kind);
-        let kernels = DecodeKernels::get(&config, kind, device).unwrap();
-        let (kv_heads, head_dim, block_size) = (2i64, 64i64, 16usize);
+        let (kv_heads, head_dim, block_size) = (2i64, config.head_dim() as i64, 16usize);
         let max_blocks = 304 / block_size as i64;
         let batch = positions.len() as i64;
         let slots = batch * max_blocks * block_size as i64;
@@ -373,7 +451,7 @@ mod tests {
             block_size,
             layers: &fused_pool,
         };
-        let fused = model.decode_fused(&kernels, &step);
+        let fused = model.decode_fused(kernels, &step);
 
         let context = max_blocks * bs;
         let offsets = Tensor::arange(bs, (Kind::Int64, device));
@@ -390,9 +468,10 @@ mod tests {
         let reference = model.logits(&hidden.select(1, 0));
 
         let diff = max_diff(&fused, &reference);
+        let layer_kernel = kernels.takes_layer_kernel(batch as usize);
         assert!(
             diff <= 0.05 * max_abs(&reference),
-            "batch {batch}: logits differ by {diff} (largest {})",
+            "batch {batch} (layer kernel: {layer_kernel}): logits differ by {diff} (largest {})",
             max_abs(&reference)
         );
         for (layer, ((fk, fv), (rk, rv))) in fused_pool.iter().zip(&reference_pool).enumerate() {
@@ -400,7 +479,8 @@ mod tests {
                 let diff = max_diff(f, r);
                 assert!(
                     diff <= 0.05 * max_abs(r),
-                    "batch {batch}: layer {layer} {name} differs by {diff}"
+                    "batch {batch} (layer kernel: {layer_kernel}): layer {layer} {name} differs \
+                     by {diff}"
                 );
             }
         }
