@@ -80,9 +80,10 @@ fn l2_prefetch_bytes() -> usize {
     (mb.max(0.0) * 1024.0 * 1024.0) as usize
 }
 
-/// Whether batch-1 steps run each layer as one persistent kernel
-/// (`decode_layer`); `SPARK_DISAGG_LAYER_KERNEL=0` turns it off, which
-/// leaves the matrix-vector kernel and the attention kernels, one launch each.
+/// Whether small-batch steps (up to the matrix-vector limit) run each layer
+/// as one persistent kernel (`decode_layer`); `SPARK_DISAGG_LAYER_KERNEL=0`
+/// turns it off, which leaves the matrix-vector kernel and the attention
+/// kernels, one launch each.
 fn layer_kernel_enabled() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_KERNEL").map_or(true, |v| v.trim() != "0")
 }
@@ -293,10 +294,12 @@ pub struct LayerStep<'a> {
     pub eps: f64,
 }
 
-/// Scratch memory of `decode_layer`, allocated once per step and shared by
-/// its layers: the rotated queries, the attention split's partial results,
-/// the attention and SwiGLU outputs, and the counters of the grid barrier
-/// and of the attention merge (zeroed here; every use leaves them at zero).
+/// Scratch memory of `decode_layer` for one step, shared by its layers:
+/// the rotated queries, the attention split's partial results, the
+/// attention and SwiGLU outputs, and the counters of the grid barrier and
+/// of the attention merge. The barrier's count starts at zero and grows
+/// over the step's layers, so a scratch serves one step: make a new one
+/// (a fresh zeroed tensor, inside a CUDA graph a memset) for the next.
 pub struct LayerScratch {
     q: Tensor,
     attn: Tensor,
@@ -346,6 +349,18 @@ struct LayerParams {
     block_size: i32,
     partitions: i32,
     layer: i32,
+}
+
+/// The grid of `decode_layer` on `device`: one block per multiprocessor,
+/// or 0 (the layer kernel off) when `on` is false or a block does not fit
+/// on a multiprocessor (or the driver cannot say).
+fn layer_blocks(decode_layer: Function, device: usize, multiprocessors: usize, on: bool) -> usize {
+    let fits = || imp::occupancy(decode_layer, device, LAYER_THREADS).is_ok_and(|b| b >= 1);
+    if on && fits() {
+        multiprocessors
+    } else {
+        0
+    }
 }
 
 /// True when `t`'s data can be read in 16-byte loads.
@@ -453,18 +468,18 @@ impl DecodeKernels {
                 })
         };
         let decode_layer = get("decode_layer")?;
-        let layer_fits = imp::occupancy(decode_layer, index, LAYER_THREADS)? >= 1;
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
             multiprocessors,
             matvec_limit: shape.matvec_rows,
             l2_prefetch_bytes: l2_prefetch_bytes(),
-            layer_blocks: if layer_fits && layer_kernel_enabled() {
-                multiprocessors
-            } else {
-                0
-            },
+            layer_blocks: layer_blocks(
+                decode_layer,
+                index,
+                multiprocessors,
+                layer_kernel_enabled(),
+            ),
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -505,10 +520,8 @@ impl DecodeKernels {
     /// The same kernels with the persistent layer kernel on or off (it is
     /// on unless `SPARK_DISAGG_LAYER_KERNEL=0`, where a block fits).
     pub fn with_layer_kernel(&self, on: bool) -> DecodeKernels {
-        let fits = imp::occupancy(self.decode_layer, self.device, LAYER_THREADS)
-            .is_ok_and(|blocks| blocks >= 1);
         DecodeKernels {
-            layer_blocks: if on && fits { self.multiprocessors } else { 0 },
+            layer_blocks: layer_blocks(self.decode_layer, self.device, self.multiprocessors, on),
             ..self.clone()
         }
     }
@@ -796,7 +809,7 @@ impl DecodeKernels {
         self.layer_blocks > 0 && (1..=self.matvec_limit).contains(&rows)
     }
 
-    /// Scratch for `decode_layer` at `rows` sequences of contexts up to
+    /// Scratch for one step of `decode_layer` at `rows` sequences of contexts up to
     /// `context` tokens, for a model of `heads` query heads, `kv_heads` KV
     /// heads and an MLP of `inter`.
     pub fn layer_scratch(
@@ -1309,5 +1322,47 @@ mod imp {
         _args: &mut [*mut c_void],
     ) -> Result<(), String> {
         Err(KernelError::NotCompiled.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What can be checked without a GPU: the shapes the source is compiled
+    //! for. The kernels themselves are checked on a GPU in `model::llama::fused`.
+
+    use super::*;
+
+    #[test]
+    fn kernel_shapes_of_the_course_models() {
+        let tiny = KernelShape::of(&LlamaConfig::tinyllama_1_1b(), Kind::BFloat16).unwrap();
+        assert_eq!((tiny.head_dim, tiny.gqa_group), (64, 8));
+        assert_eq!((tiny.matvec_k, tiny.matvec_rows), (5632, 4));
+        // Two of the eight query heads per attention item of the layer
+        // kernel: 2 · 8 bf16 values a lane keeps for each of q and acc.
+        assert_eq!(tiny.layer_heads(), 2);
+        let tiny_f32 = KernelShape::of(&LlamaConfig::tinyllama_1_1b(), Kind::Float).unwrap();
+        assert_eq!(tiny_f32.layer_heads(), 4);
+        // SmolLM2's 3 query heads per KV head divide only by 1 and 3.
+        let smol = KernelShape::of(&LlamaConfig::smollm2_135m(), Kind::BFloat16).unwrap();
+        assert_eq!((smol.gqa_group, smol.layer_heads()), (3, 1));
+
+        // Every compile-time constant the source uses is given.
+        let options = tiny.options();
+        for name in [
+            "SCALAR_KIND",
+            "HEAD_DIM",
+            "GQA_GROUP",
+            "PARTITION",
+            "MATVEC_ROWS",
+            "MATVEC_K",
+            "LAYER_HEADS",
+            "LAYER_THREADS",
+        ] {
+            assert!(SOURCE.contains(name), "{name} is not in decode.cu");
+            assert!(
+                options.iter().any(|o| o.starts_with(&format!("-D{name}="))),
+                "{name} is not among the options {options:?}"
+            );
+        }
     }
 }
