@@ -686,6 +686,27 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target
   __syncthreads();
 }
 
+// x += xs · weightᵀ (weight [n, k]) for the output rows first, first +
+// stride, ... of one warp: the layer kernel's o and down products. `chunk`
+// holds the first row's first loads, issued before the barrier.
+__device__ __forceinline__ void add_product(scalar_t* x, const scalar_t* weight, int n, int k,
+                                            const scalar_t* xs, int rows,
+                                            uint4 (*chunk)[MATVEC_UNROLL], int first, int stride) {
+  const int lane = threadIdx.x % 32;
+  for (int row = first; row < n; row += stride) {
+    if (row != first) load_weight_chunks(chunk[0], weight, row, k, lane);
+    const int rows_of[1] = {row};
+    float acc[1][MATVEC_ROWS];
+    dot_rows<1>(weight, rows_of, k, xs, rows, chunk, acc);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (lane != m || m >= rows) continue;  // lane m adds row m
+      scalar_t* at = x + (i64)m * n + row;
+      *at = from_float(to_float(load_cg_scalar(at)) + acc[0][m]);
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(const LayerParams p) {
   constexpr int staging_bytes = MATVEC_ROWS * MATVEC_K * (int)sizeof(scalar_t);
   constexpr int attention_bytes = LAYER_PARTS * (int)sizeof(AttentionShared<LAYER_HEADS>);
@@ -785,18 +806,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
 
   // 3. x += attn · Woᵀ.
   stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0);
-  for (int row = gwarp; row < hidden; row += nwarps) {
-    if (row != gwarp) load_weight_chunks(chunk[0], p.o_proj, row, attn_k, lane);
-    const int rows_of[1] = {row};
-    float acc[1][MATVEC_ROWS];
-    dot_rows<1>(p.o_proj, rows_of, attn_k, xs, rows, chunk, acc);
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) {
-      if (lane != m || m >= rows) continue;
-      scalar_t* x = p.x + (i64)m * hidden + row;
-      *x = from_float(to_float(load_cg_scalar(x)) + acc[0][m]);
-    }
-  }
+  add_product(p.x, p.o_proj, hidden, attn_k, xs, rows, chunk, gwarp, nwarps);
   if (gwarp < inter) {
     load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.gate_up_proj, gwarp, hidden, lane);
     load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.gate_up_proj, inter + gwarp, hidden, lane);
@@ -825,18 +835,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
 
   // 5. x += act · Wdownᵀ, then the next layer's first weights into L2.
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0);
-  for (int row = gwarp; row < hidden; row += nwarps) {
-    if (row != gwarp) load_weight_chunks(chunk[0], p.down_proj, row, inter, lane);
-    const int rows_of[1] = {row};
-    float acc[1][MATVEC_ROWS];
-    dot_rows<1>(p.down_proj, rows_of, inter, xs, rows, chunk, acc);
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) {
-      if (lane != m || m >= rows) continue;
-      scalar_t* x = p.x + (i64)m * hidden + row;
-      *x = from_float(to_float(load_cg_scalar(x)) + acc[0][m]);
-    }
-  }
+  add_product(p.x, p.down_proj, hidden, inter, xs, rows, chunk, gwarp, nwarps);
   prefetch_l2(p.next_weight, p.prefetch_bytes, thread, threads);
 }
 // ANCHOR_END: decode_layer
