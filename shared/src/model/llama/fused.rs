@@ -62,10 +62,7 @@ impl Llama {
         }
         for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(step.layers).enumerate() {
             // Each product names the weight read after it, for L2 prefetch.
-            let next_qkv = match self.layers.get(i + 1) {
-                Some(next) => &next.qkv_proj,
-                None => &self.lm_head,
-            };
+            let next_qkv = self.weight_after_layer(i);
             let qkv = kernels.norm_linear(
                 &x,
                 &layer.input_norm,
@@ -110,6 +107,15 @@ impl Llama {
     }
     // ANCHOR_END: decode_fused
 
+    /// The weight a decode step reads after layer `i`: the next layer's
+    /// qkv projection, or after the last layer the logits' (for L2 prefetch).
+    fn weight_after_layer(&self, i: usize) -> &Tensor {
+        match self.layers.get(i + 1) {
+            Some(next) => &next.qkv_proj,
+            None => &self.lm_head,
+        }
+    }
+
     /// The layers of [`Llama::decode_fused`], each one `decode_layer` kernel.
     fn decode_layers(&self, kernels: &DecodeKernels, step: &PagedDecode, x: &Tensor) {
         let config = &self.config;
@@ -140,10 +146,7 @@ impl Llama {
                 gate_up_proj: &layer.gate_up_proj,
                 down_proj: &layer.down_proj,
             };
-            let next = match self.layers.get(i + 1) {
-                Some(next) => &next.qkv_proj,
-                None => &self.lm_head,
-            };
+            let next = self.weight_after_layer(i);
             kernels.decode_layer(
                 i,
                 x,
