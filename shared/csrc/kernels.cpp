@@ -47,6 +47,8 @@ struct Driver {
   CUresult (*launch_cooperative_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned,
                                         unsigned, unsigned, unsigned, cudaStream_t, void**);
   CUresult (*occupancy_max_active_blocks)(int*, CUfunction, int, size_t);
+  CUresult (*func_get_attribute)(int*, int, CUfunction);
+  CUresult (*func_set_attribute)(CUfunction, int, int);
   CUresult (*get_error_string)(CUresult, const char**);
 };
 
@@ -86,6 +88,8 @@ const Driver& driver() {
     bind(lib, "cuLaunchKernel", d.launch_kernel);
     bind(lib, "cuLaunchCooperativeKernel", d.launch_cooperative_kernel);
     bind(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", d.occupancy_max_active_blocks);
+    bind(lib, "cuFuncGetAttribute", d.func_get_attribute);
+    bind(lib, "cuFuncSetAttribute", d.func_set_attribute);
     bind(lib, "cuGetErrorString", d.get_error_string);
     return d;
   }();
@@ -203,35 +207,69 @@ int spark_kernels_function(void* module, const char* name, void** function, char
   });
 }
 
-// How many blocks of `block` threads of `function` fit on one
+// How many blocks of `block` threads of `function`, each with
+// `dynamic_shared` bytes of dynamic shared memory, fit on one
 // multiprocessor at once (registers and shared memory permitting).
-int spark_kernels_occupancy(void* function, int device, int block, int* blocks, char* err,
-                            size_t err_len) {
+int spark_kernels_occupancy(void* function, int device, int block, int dynamic_shared, int* blocks,
+                            char* err, size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     CurrentDevice current(device);
-    check(driver().occupancy_max_active_blocks(blocks, function, block, 0),
+    check(driver().occupancy_max_active_blocks(blocks, function, block,
+                                               static_cast<size_t>(dynamic_shared)),
           "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  });
+}
+
+// What `function` may have of shared memory on `device`: the bytes its
+// own arrays take (`static_bytes`), the most one block may have in all
+// once it asks for more than the default 48 KiB (`optin_bytes`), and the
+// device's compute capability (major · 10 + minor).
+int spark_kernels_shared_memory(void* function, int device, int* static_bytes, int* optin_bytes,
+                                int* capability, char* err, size_t err_len) {
+  return spark::guarded(err, err_len, [&] {
+    CurrentDevice current(device);
+    // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES; CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+    // _COMPUTE_CAPABILITY_MAJOR and _MINOR.
+    const int shared_size = 1, optin = 97, capability_major = 75, capability_minor = 76;
+    int handle = 0, major = 0, minor = 0;
+    check(driver().func_get_attribute(static_bytes, shared_size, function), "cuFuncGetAttribute");
+    check(driver().device_get(&handle, device), "cuDeviceGet");
+    check(driver().device_get_attribute(optin_bytes, optin, handle), "cuDeviceGetAttribute");
+    check(driver().device_get_attribute(&major, capability_major, handle), "cuDeviceGetAttribute");
+    check(driver().device_get_attribute(&minor, capability_minor, handle), "cuDeviceGetAttribute");
+    *capability = major * 10 + minor;
+  });
+}
+
+// Lets `function` be launched with up to `bytes` of dynamic shared memory
+// (beyond 48 KiB a kernel must ask for it first).
+int spark_kernels_reserve_shared(void* function, int device, int bytes, char* err, size_t err_len) {
+  return spark::guarded(err, err_len, [&] {
+    CurrentDevice current(device);
+    const int max_dynamic_shared = 8;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    check(driver().func_set_attribute(function, max_dynamic_shared, bytes), "cuFuncSetAttribute");
   });
 }
 
 // Launches `function` on `device`'s current PyTorch stream. `args` points
 // to the kernel's arguments, one pointer per argument, as cuLaunchKernel
-// takes them. A cooperative launch is one whose blocks are all resident at
-// once (the driver refuses a grid that does not fit), which a kernel that
-// waits at grid-wide barriers needs.
+// takes them; `shared_bytes` is the block's dynamic shared memory. A
+// cooperative launch is one whose blocks are all resident at once (the
+// driver refuses a grid that does not fit), which a kernel that waits at
+// grid-wide barriers needs.
 int spark_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y,
-                         unsigned grid_z, unsigned block_x, int cooperative, void** args, char* err,
-                         size_t err_len) {
+                         unsigned grid_z, unsigned block_x, unsigned shared_bytes, int cooperative,
+                         void** args, char* err, size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     CurrentDevice current(device);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
     if (cooperative)
-      check(driver().launch_cooperative_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, 0,
-                                               stream, args),
+      check(driver().launch_cooperative_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1,
+                                               shared_bytes, stream, args),
             "cuLaunchCooperativeKernel");
     else
-      check(driver().launch_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, 0, stream,
-                                   args, nullptr),
+      check(driver().launch_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, shared_bytes,
+                                   stream, args, nullptr),
             "cuLaunchKernel");
   });
 }

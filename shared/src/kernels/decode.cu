@@ -20,6 +20,10 @@
 //   MATVEC_K       their longest input row
 //   LAYER_HEADS    query heads per attention item of decode_layer
 //   LAYER_THREADS  threads per block of decode_layer
+//   LAYER_SLOT_BYTES  bytes of a slot of its weight ring
+//   LAYER_TILE_ROWS   weight rows per tile, at most
+//   LAYER_BULK_COPY_ALLOWED  1: fill the ring with bulk copies on sm_90 and
+//                  later, 0: with cp.async everywhere
 //
 // NVRTC compiles without the CUDA toolkit's headers, so 16-bit floats are
 // handled as raw bits and converted by hand: the rounding is
@@ -443,11 +447,13 @@ struct StagingShared {
 };
 
 // Stages `rows` rows of the product's input into `xs` (shared, [rows, k]),
-// applying the prologue; 16 bytes per thread at a time, all of the block's
-// threads taking part. Ends with a barrier: xs is ready.
+// applying the prologue; 16 bytes per thread at a time, the block's first
+// `threads` threads taking part, which meet at named barrier `barrier`
+// (0 and the whole block for matvec). Ends with that barrier: xs is ready.
 __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, const scalar_t* in,
-                            const scalar_t* norm_weight, float eps, int rows, int k, int prologue) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+                                            const scalar_t* norm_weight, float eps, int rows, int k,
+                                            int prologue, int threads, int barrier) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = threads / 32;
   const int chunks = k / VEC;
   const uint4* in4 = reinterpret_cast<const uint4*>(in);
   if (prologue == 1) {
@@ -456,7 +462,7 @@ __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, cons
     for (int m = 0; m < MATVEC_ROWS; m++) {
       squares[m] = 0.f;
       if (m < rows)
-        for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        for (int c = threadIdx.x; c < chunks; c += threads) {
           float v[VEC];
           unpack(load_cg(in4 + m * chunks + c), v);
 #pragma unroll
@@ -466,16 +472,16 @@ __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, cons
         squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
       if (lane == 0) s.partial[warp][m] = squares[m];
     }
-    __syncthreads();
+    sync_threads(barrier, threads);
     if (threadIdx.x < rows) {
       float total = 0.f;
       for (int w = 0; w < warps; w++) total += s.partial[w][threadIdx.x];
       s.inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
     }
-    __syncthreads();
+    sync_threads(barrier, threads);
   }
 #pragma unroll 4
-  for (int i = threadIdx.x; i < rows * chunks; i += blockDim.x) {
+  for (int i = threadIdx.x; i < rows * chunks; i += threads) {
     int m = i / chunks, c = i % chunks;
     scalar_t* dst = xs + m * k + c * VEC;
     float a[VEC], b[VEC];
@@ -493,7 +499,7 @@ __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, cons
       for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] / (1.f + __expf(-a[e])) * b[e]);
     }
   }
-  __syncthreads();
+  sync_threads(barrier, threads);
 }
 
 // The dot products of R weight rows `row[r]` with each staged row of xs,
@@ -560,7 +566,7 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 
   uint4 chunk[1][MATVEC_UNROLL];
   if (first_row < n) load_weight_chunks(chunk[0], weight, first_row, k, lane);
-  stage_input(xs, staging, in, norm_weight, eps, rows, k, prologue);
+  stage_input(xs, staging, in, norm_weight, eps, rows, k, prologue, blockDim.x, 0);
 
   for (int row = first_row; row < n; row += stride) {
     if (row != first_row) load_weight_chunks(chunk[0], weight, row, k, lane);
@@ -609,28 +615,47 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 //   4. act = silu(gate) · up, from rms_norm(x) · Wgate_upᵀ
 //   5. x += act · Wdownᵀ
 //
-// Weights do not depend on the previous stage, so each warp issues the
-// loads of its first rows of the next stage *before* waiting at the
-// barrier, and the attention stage, which barely touches memory, prefetches
-// the output projection into L2 meanwhile: HBM has work across the
-// barriers, which is the point of the whole kernel. Pairs of rows go to one
-// warp where the epilogue needs both: (j, j + HEAD_DIM/2) of a head for
-// RoPE ("rotate half"), (j, inter + j) for SwiGLU's gate and up.
+// The weights do not depend on anything the layer computes, so they need
+// not wait for the barriers at all. Each block keeps a ring of weight
+// tiles in shared memory (a tile: a few whole rows, up to
+// LAYER_SLOT_BYTES), and its last warp does nothing but fill it: it walks
+// through the block's tiles of all four products in order, and copies each
+// into the next free slot as soon as the warp that read the slot's last
+// tile lets it go. The other warps compute: they take the tiles in the same
+// order, wait for a tile to land, and read it from shared memory. So while
+// they wait at a barrier, or run attention, the ring fills with the next
+// product's weights, and HBM streams across the whole layer rather than in
+// bursts between barriers. This is the producer/consumer pipeline of
+// Hopper's GEMM kernels, on one row of inputs.
+//
+// The copies are Hopper's bulk copies (TMA, cp.async.bulk): one thread
+// asks for a whole tile, and the copy engine moves it without registers;
+// its arrival is counted in bytes on the slot's "full" barrier (an
+// mbarrier, a barrier object in shared memory). Before Hopper, the copying
+// warp issues 16-byte asynchronous copies (cp.async, Ampere) instead.
+// A slot's "empty" barrier is where its reader says it is done.
+//
+// Where the epilogue needs two rows, a tile holds pairs (row j and its
+// partner, interleaved): (j, j + HEAD_DIM/2) of a head for RoPE ("rotate
+// half"), (j, inter + j) for SwiGLU's gate and up.
 //
 // The grid must be resident all at once (a barrier waits for every
 // block): one block per multiprocessor, launched cooperatively, which makes
-// the driver check exactly that. One block of LAYER_THREADS (set by the
-// Rust side: 512) leaves each thread 128 registers, and every choice below
-// keeps the kernel within them, because a spilled register costs more here
-// than anything saved: a warp holds MATVEC_UNROLL 16-byte loads in flight
-// for one row, or half as many for each row of a pair; an attention item
-// takes LAYER_HEADS query heads (the Rust side picks how many), not the
-// whole group.
-#define LAYER_WARPS (LAYER_THREADS / 32)
-#define LAYER_PARTS (LAYER_THREADS / THREADS)  // attention items a block runs at once
-#define LAYER_PAIR_UNROLL (MATVEC_UNROLL / 2)
-#define LAYER_BARRIERS 4                       // grid barriers per layer
+// the driver check exactly that. The block is LAYER_THREADS threads (set by
+// the Rust side): 16 computing warps and the copying warp.
+#define LAYER_CONSUMERS (LAYER_THREADS - 32)      // the computing threads; the last warp copies
+#define LAYER_WARPS (LAYER_CONSUMERS / 32)
+#define LAYER_PARTS (LAYER_CONSUMERS / THREADS)  // attention items a block runs at once
+#define LAYER_BARRIERS 4                           // grid barriers per layer
+#define LAYER_SYNC (LAYER_PARTS + 1)               // named barrier of the computing threads
+#define LAYER_GROUPS (LAYER_WARPS / LAYER_GROUP_WARPS)  // groups of warps that read a tile together
+#define LAYER_GROUP_THREADS (LAYER_GROUP_WARPS * 32)   // (they meet at barrier LAYER_SYNC + 1 + group)
+#define LAYER_BULK_COPY (LAYER_BULK_COPY_ALLOWED && __CUDA_ARCH__ >= 900)
 static_assert(GQA_GROUP % LAYER_HEADS == 0, "a query-head chunk divides the group");
+static_assert(LAYER_GROUP_WARPS == 1 || LAYER_SYNC + LAYER_GROUPS < 16, "named barriers are 0..15");
+static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
+
+typedef unsigned long long u64;
 
 struct LayerParams {
   scalar_t* x;  // the residual stream [rows, hidden], updated in place
@@ -660,8 +685,289 @@ struct LayerParams {
   unsigned* sync;
   float eps, scale;
   int rows, hidden, inter, heads, kv_heads, max_blocks, block_size, partitions;
-  int layer;  // the layer's index in the step: which barriers are its own
+  int layer;       // the layer's index in the step: which barriers are its own
+  int ring_slots;  // slots of the weight ring (dynamic shared memory)
+  int tile_groups;  // groups of warps that take tiles: ring_slots is a multiple
 };
+
+// mbarriers and asynchronous copies came with Ampere (sm_80): before it the
+// Rust side leaves the layer kernel off, and it is only a stub here.
+#if __CUDA_ARCH__ >= 800
+
+// --- mbarriers and asynchronous copies (PTX; sm_80, bulk copies sm_90) ---
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  u64 address;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(address) : "l"(p));
+  return static_cast<unsigned>(address);
+}
+
+__device__ __forceinline__ void mbarrier_init(u64* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(u64* bar) {
+  [[maybe_unused]] u64 state;
+  asm volatile("mbarrier.arrive.shared.b64 %0, [%1];"
+               : "=l"(state)
+               : "r"(shared_address(bar))
+               : "memory");
+}
+
+// Waits until the phase of parity `parity` of the barrier has completed.
+// A barrier's phases alternate in parity, so a waiter must never be more
+// than one phase ahead: the ring makes sure of that (see decode_layer).
+__device__ __forceinline__ void mbarrier_wait(u64* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+#else
+    asm volatile(
+        "{ .reg .pred p; mbarrier.test_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+#endif
+}
+
+#if LAYER_BULK_COPY
+// Arrives on the barrier and tells it `bytes` more are on their way.
+__device__ __forceinline__ void mbarrier_expect_bytes(u64* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+
+// `bytes` from global to shared memory by the copy engine; their arrival
+// is counted on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          shared_address(dst)),
+      "l"(src), "r"(bytes), "r"(shared_address(bar))
+      : "memory");
+}
+#else
+// 16 bytes from global to shared memory, without a register on the way.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(dst)), "l"(src)
+               : "memory");
+}
+
+// Arrives on `bar` once this thread's copies so far have landed.
+__device__ __forceinline__ void copy_async_arrive(u64* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(shared_address(bar))
+               : "memory");
+}
+#endif
+
+// --- the weight ring ---
+
+// One matrix product of the layer as the ring sees it: `units` outputs,
+// each one weight row of `k` elements, or with `pairs` two rows `span`
+// apart; `per_tile` units make a tile.
+struct LayerProduct {
+  const scalar_t* weight;
+  int k, units, span;
+  bool pairs;
+  int per_tile;
+
+  __device__ LayerProduct(const scalar_t* weight, int k, int units, int span, bool pairs)
+      : weight(weight), k(k), units(units), span(span), pairs(pairs) {
+    int rows = LAYER_SLOT_BYTES / (k * (int)sizeof(scalar_t));
+    rows = rows < LAYER_TILE_ROWS ? rows : LAYER_TILE_ROWS;
+    per_tile = pairs ? rows / 2 : rows;
+  }
+  // The first row of unit `u` (its partner is `span` rows on). For qkv,
+  // units run over the first halves of the heads: head u / span, element
+  // u % span.
+  __device__ int row(int u) const { return pairs ? u / span * 2 * span + u % span : u; }
+  // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... are this block's.
+  __device__ int block_tiles() const {
+    const int tiles = (units + per_tile - 1) / per_tile;
+    return tiles > (int)blockIdx.x ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  }
+};
+
+// The layer's products, in the order the ring carries them.
+__device__ LayerProduct layer_product(const LayerParams& p, int index) {
+  const int half = HEAD_DIM / 2;
+  switch (index) {
+    case 0: return LayerProduct(p.qkv_proj, p.hidden, (p.heads + 2 * p.kv_heads) * half, half, true);
+    case 1: return LayerProduct(p.o_proj, p.heads * HEAD_DIM, p.hidden, p.hidden, false);
+    case 2: return LayerProduct(p.gate_up_proj, p.hidden, p.inter, p.inter, true);
+    default: return LayerProduct(p.down_proj, p.inter, p.hidden, p.hidden, false);
+  }
+}
+
+// A group's partial sums of one tile: [member warp][tile row][input row].
+struct TileSums {
+  float v[LAYER_GROUP_WARPS][LAYER_TILE_ROWS][MATVEC_ROWS];
+};
+
+// Slots of LAYER_SLOT_BYTES each, then a full and an empty barrier per
+// slot, then two TileSums per group.
+struct WeightRing {
+  char* tiles;
+  u64* full;
+  u64* empty;
+  TileSums* sums;
+  int slots;
+
+  __device__ WeightRing(char* memory, int slots)
+      : tiles(memory),
+        full(reinterpret_cast<u64*>(memory + (i64)slots * LAYER_SLOT_BYTES)),
+        empty(full + slots),
+        sums(reinterpret_cast<TileSums*>(empty + slots)),
+        slots(slots) {}
+  // The slot, and its barriers' phase parity, of the block's i-th tile.
+  __device__ char* tile(int i) const { return tiles + (i64)(i % slots) * LAYER_SLOT_BYTES; }
+  __device__ unsigned parity(int i) const { return (i / slots) & 1; }
+};
+
+// The copying warp's whole job: every tile of this block, all four
+// products, in order, each into its slot once the slot is free; then the
+// start of the next layer's weights into L2.
+__device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
+  const int lane = threadIdx.x % 32;
+  int i = 0;
+  for (int product = 0; product < 4; product++) {
+    const LayerProduct w = layer_product(p, product);
+    const unsigned row_bytes = w.k * sizeof(scalar_t);
+    for (int t = 0; t < w.block_tiles(); t++, i++) {
+      const int first = (blockIdx.x + t * gridDim.x) * w.per_tile;
+      const int units = min(w.per_tile, w.units - first);
+      // The slot's last tile, i - slots, must have been read.
+      if (i >= ring.slots) mbarrier_wait(&ring.empty[i % ring.slots], ring.parity(i) ^ 1);
+      char* dst = ring.tile(i);
+      u64* full = &ring.full[i % ring.slots];
+#if LAYER_BULK_COPY
+      if (lane == 0) {
+        mbarrier_expect_bytes(full, units * row_bytes * (w.pairs ? 2 : 1));
+        if (w.pairs) {
+          for (int u = 0; u < units; u++) {  // rows interleaved: j, partner, j + 1, ...
+            const scalar_t* a = w.weight + (i64)w.row(first + u) * w.k;
+            bulk_copy(dst + 2 * u * row_bytes, a, row_bytes, full);
+            bulk_copy(dst + (2 * u + 1) * row_bytes, a + (i64)w.span * w.k, row_bytes, full);
+          }
+        } else {
+          bulk_copy(dst, w.weight + (i64)first * w.k, units * row_bytes, full);
+        }
+      }
+#else
+      const int rows = w.pairs ? 2 * units : units, chunks = row_bytes / 16;
+      for (int c = lane; c < rows * chunks; c += 32) {
+        const int r = c / chunks;
+        const int row = w.pairs ? w.row(first + r / 2) + (r % 2) * w.span : first + r;
+        copy_async_16(dst + (i64)c * 16,
+                      reinterpret_cast<const char*>(w.weight + (i64)row * w.k) + (c % chunks) * 16);
+      }
+      copy_async_arrive(full);
+#endif
+    }
+  }
+  prefetch_l2(p.next_weight, p.prefetch_bytes, (i64)blockIdx.x * 32 + lane, (i64)gridDim.x * 32);
+}
+
+// The dot products of a tile's `n` weight rows (shared memory, [n, k])
+// with each staged row of xs, by one warp of a group: its share of the
+// columns (16-byte chunks member · 32 + lane, then every group's width on),
+// summed over the warp into out[r · MATVEC_ROWS + m]. Rows go two at a
+// time, so that two chains of additions and two warp sums are in flight
+// (a lone last row is read twice, and its copy dropped). Not inlined: one
+// copy of this loop serves all four products, where four inlined copies
+// (one per epilogue) made the kernel too large for the instruction cache.
+__device__ __noinline__ void dot_tile(const scalar_t* tile, int n, int k, const scalar_t* xs,
+                                      int rows, int member, float* out) {
+  const int lane = threadIdx.x % 32, chunks = k / VEC;
+  const uint4* x4 = reinterpret_cast<const uint4*>(xs);
+  for (int r = 0; r < n; r += 2) {
+    const uint4* w0 = reinterpret_cast<const uint4*>(tile) + r * chunks;
+    const uint4* w1 = r + 1 < n ? w0 + chunks : w0;
+    float a[MATVEC_ROWS], b[MATVEC_ROWS];
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) a[m] = b[m] = 0.f;
+#pragma unroll 2
+    for (int c = member * 32 + lane; c < chunks; c += LAYER_GROUP_THREADS) {
+      float wa[VEC], wb[VEC];
+      unpack(w0[c], wa);
+      unpack(w1[c], wb);
+#pragma unroll
+      for (int m = 0; m < MATVEC_ROWS; m++) {
+        if (m >= rows) break;
+        float x[VEC];
+        unpack(x4[m * chunks + c], x);
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+          a[m] += wa[i] * x[i];
+          b[m] += wb[i] * x[i];
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (m >= rows) break;
+      for (int offset = 16; offset > 0; offset /= 2) {
+        a[m] += __shfl_xor_sync(0xffffffffu, a[m], offset);
+        b[m] += __shfl_xor_sync(0xffffffffu, b[m], offset);
+      }
+      if (lane == 0) {
+        out[r * MATVEC_ROWS + m] = a[m];
+        if (r + 1 < n) out[(r + 1) * MATVEC_ROWS + m] = b[m];
+      }
+    }
+  }
+}
+
+// A product's share of this block, read from the ring: tiles base, base +
+// 1, ... of the block (`w.block_tiles()` of them), group g of
+// LAYER_GROUP_WARPS warps taking tiles g, g + groups, ... Each warp sums
+// its share of the columns, the group adds the shares up in `sums`, and
+// `epilogue(unit, m, a, b)` gets unit `unit`'s result for input row m: a,
+// and with PAIRS b, its partner's. The slot of tile t was last read, at
+// t - slots, by the same group (slots is a multiple of groups), and the
+// earlier products' tiles were all read before this one began (a barrier
+// lies between), so a group never waits for a phase of a slot's barrier
+// more than one ahead.
+template <bool PAIRS, typename Epilogue>
+__device__ __forceinline__ void ring_product(const LayerProduct& w, const WeightRing& ring, int base,
+                                             int groups, TileSums* sums, const scalar_t* xs,
+                                             int rows, Epilogue epilogue) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = warp / LAYER_GROUP_WARPS, member = warp % LAYER_GROUP_WARPS;
+  const int gtid = member * 32 + lane;
+  for (int t = group; t < w.block_tiles(); t += groups) {
+    const int i = base + t, first = (blockIdx.x + t * gridDim.x) * w.per_tile;
+    const int units = min(w.per_tile, w.units - first), n = PAIRS ? 2 * units : units;
+    mbarrier_wait(&ring.full[i % ring.slots], ring.parity(i));
+    // Two sets of sums, alternating: a group's next tile writes the other
+    // while slower members may still read this one.
+    TileSums& sum = sums[2 * group + (t / groups) % 2];
+    dot_tile(reinterpret_cast<const scalar_t*>(ring.tile(i)), n, w.k, xs, rows, member,
+             &sum.v[member][0][0]);
+    if (LAYER_GROUP_WARPS == 1)
+      __syncwarp();
+    else
+      sync_threads(LAYER_SYNC + 1 + group, LAYER_GROUP_THREADS);
+    if (gtid == 0) mbarrier_arrive(&ring.empty[i % ring.slots]);
+    for (int o = gtid; o < units * rows; o += LAYER_GROUP_THREADS) {
+      const int u = o / rows, m = o % rows;
+      float a = 0.f, b = 0.f;
+#pragma unroll
+      for (int g = 0; g < LAYER_GROUP_WARPS; g++) {
+        a += sum.v[g][PAIRS ? 2 * u : u][m];
+        if (PAIRS) b += sum.v[g][2 * u + 1][m];
+      }
+      epilogue(first + u, m, a, b);
+    }
+  }
+}
 
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
@@ -669,42 +975,21 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-// Every block of the grid waits here until all have arrived; what any of
-// them wrote before is then visible to all. `arrivals` counts every
+// Every block's computing threads wait here until all have arrived; what
+// any of them wrote before is then visible to all. `arrivals` counts every
 // block's arrival at every barrier of the step (it is zeroed before the
 // first layer), so the n-th barrier of the step is passed when it reaches
 // n · gridDim.x: one atomic addition per block and no reset, which would
 // need a barrier of its own.
 __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target) {
-  __syncthreads();
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
   if (threadIdx.x == 0) {
     __threadfence();  // the block's writes before its arrival
     atomicAdd(arrivals, 1u);
     while (load_acquire(arrivals) < target) {
     }
   }
-  __syncthreads();
-}
-
-// x += xs · weightᵀ (weight [n, k]) for the output rows first, first +
-// stride, ... of one warp: the layer kernel's o and down products. `chunk`
-// holds the first row's first loads, issued before the barrier.
-__device__ __forceinline__ void add_product(scalar_t* x, const scalar_t* weight, int n, int k,
-                                            const scalar_t* xs, int rows,
-                                            uint4 (*chunk)[MATVEC_UNROLL], int first, int stride) {
-  const int lane = threadIdx.x % 32;
-  for (int row = first; row < n; row += stride) {
-    if (row != first) load_weight_chunks(chunk[0], weight, row, k, lane);
-    const int rows_of[1] = {row};
-    float acc[1][MATVEC_ROWS];
-    dot_rows<1>(weight, rows_of, k, xs, rows, chunk, acc);
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) {
-      if (lane != m || m >= rows) continue;  // lane m adds row m
-      scalar_t* at = x + (i64)m * n + row;
-      *at = from_float(to_float(load_cg_scalar(at)) + acc[0][m]);
-    }
-  }
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
 }
 
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(const LayerParams p) {
@@ -713,64 +998,71 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   __shared__ __align__(16) char smem[staging_bytes > attention_bytes ? staging_bytes : attention_bytes];
   __shared__ StagingShared staging;
   __shared__ int last_part[LAYER_PARTS];
+  extern __shared__ __align__(128) char ring_memory[];
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
+  const WeightRing ring(ring_memory, p.ring_slots);
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gwarp = blockIdx.x * LAYER_WARPS + warp, nwarps = gridDim.x * LAYER_WARPS;
-  const i64 thread = (i64)blockIdx.x * blockDim.x + threadIdx.x, threads = (i64)gridDim.x * blockDim.x;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ring.slots; s++) {
+      mbarrier_init(&ring.full[s], LAYER_BULK_COPY ? 1 : 32);
+      mbarrier_init(&ring.empty[s], 1);
+    }
+#if LAYER_BULK_COPY
+    // The copy engine is another "proxy": it must see the initialised barriers.
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+  }
+  __syncthreads();
+  if (threadIdx.x >= LAYER_CONSUMERS) {
+    fill_ring(p, ring);
+    return;
+  }
+
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;
-  uint4 chunk[1][MATVEC_UNROLL], pair[2][LAYER_PAIR_UNROLL];
+  const bool takes_tiles = threadIdx.x / 32 < p.tile_groups * LAYER_GROUP_WARPS;
+  int base = 0;  // the block's tiles of the products before this one
 
-  // 1. qkv, RoPE, the KV-cache write. Pair `item` is element j of a head
-  // and its partner j + half; heads run queries, keys, values.
-  const int qkv_pairs = (p.heads + 2 * p.kv_heads) * half;
-  auto qkv_rows = [&](int item) {
-    const int first = item / half * HEAD_DIM + item % half;
-    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.qkv_proj, first, hidden, lane);
-    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.qkv_proj, first + half, hidden, lane);
-  };
-  if (gwarp < qkv_pairs) qkv_rows(gwarp);
-  stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1);
-  for (int item = gwarp; item < qkv_pairs; item += nwarps) {
-    const int head = item / half, j = item % half;
-    const int row[2] = {head * HEAD_DIM + j, head * HEAD_DIM + j + half};
-    if (item != gwarp) qkv_rows(item);
-    float acc[2][MATVEC_ROWS];
-    dot_rows<2, LAYER_PAIR_UNROLL>(p.qkv_proj, row, hidden, xs, rows, pair, acc);
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) {
-      if (lane != m || m >= rows) continue;
-      // Rounded to the model's dtype first, as the unfused step stores qkv.
-      float a = to_float(from_float(acc[0][m])), b = to_float(from_float(acc[1][m]));
-      const i64 slot = p.slots[m];
-      if (head < p.heads + p.kv_heads) {
-        const i64 angle = p.positions[m] * half + j;
-        const float c = p.cos_table[angle], s = p.sin_table[angle];
-        scalar_t* dst = head < p.heads
-                            ? p.q + ((i64)m * p.heads + head) * HEAD_DIM
-                            : p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
-        dst[j] = from_float(a * c - b * s);
-        dst[j + half] = from_float(b * c + a * s);
-      } else {
-        scalar_t* dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
-        dst[j] = from_float(a);
-        dst[j + half] = from_float(b);
-      }
-    }
+  // 1. qkv, RoPE, the KV-cache write. Unit u is element j of a head and
+  // its partner j + half; heads run queries, keys, values.
+  stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
+  {
+    const LayerProduct w = layer_product(p, 0);
+    if (takes_tiles)
+      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, [&](int unit, int m, float a, float b) {
+        const int head = unit / half, j = unit % half;
+        // Rounded to the model's dtype first, as the unfused step stores qkv.
+        a = to_float(from_float(a));
+        b = to_float(from_float(b));
+        const i64 slot = p.slots[m];
+        if (head < p.heads + p.kv_heads) {
+          const i64 angle = p.positions[m] * half + j;
+          const float c = p.cos_table[angle], s = p.sin_table[angle];
+          scalar_t* dst = head < p.heads
+                              ? p.q + ((i64)m * p.heads + head) * HEAD_DIM
+                              : p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
+          dst[j] = from_float(a * c - b * s);
+          dst[j + half] = from_float(b * c + a * s);
+        } else {
+          scalar_t* dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
+          dst[j] = from_float(a);
+          dst[j + half] = from_float(b);
+        }
+      });
+    base += w.block_tiles();
   }
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
 
   // 2. Attention: items (sequence, KV head, chunk of LAYER_HEADS query
-  // heads, partition), each on 128 threads of a block. Meanwhile the whole
-  // grid asks L2 for the output projection, read next.
-  prefetch_l2(reinterpret_cast<const char*>(p.o_proj), (i64)hidden * attn_k * sizeof(scalar_t),
-              thread, threads);
+  // heads, partition), each on 128 threads of a block. Meanwhile the
+  // copying warp fills the ring with the output projection.
   {
     auto* shared = reinterpret_cast<AttentionShared<LAYER_HEADS>*>(smem);
     const int part = threadIdx.x / THREADS, tid = threadIdx.x % THREADS, barrier = 1 + part;
     const int chunks = GQA_GROUP / LAYER_HEADS;
-    const int items = rows * p.kv_heads * chunks * p.partitions;
+    // Warps past the last whole part of 128 threads sit this stage out.
+    const int items = part < LAYER_PARTS ? rows * p.kv_heads * chunks * p.partitions : 0;
     for (int item = blockIdx.x * LAYER_PARTS + part; item < items; item += gridDim.x * LAYER_PARTS) {
       const int partition = item % p.partitions, group = item / p.partitions;
       const int head_chunk = group % chunks, kv_head = group / chunks % p.kv_heads;
@@ -801,41 +1093,41 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       sync_threads(barrier, THREADS);
     }
   }
-  if (gwarp < hidden) load_weight_chunks(chunk[0], p.o_proj, gwarp, attn_k, lane);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 2) * gridDim.x);
 
-  // 3. x += attn · Woᵀ.
-  stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0);
-  add_product(p.x, p.o_proj, hidden, attn_k, xs, rows, chunk, gwarp, nwarps);
-  if (gwarp < inter) {
-    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.gate_up_proj, gwarp, hidden, lane);
-    load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.gate_up_proj, inter + gwarp, hidden, lane);
+  // 3. x += attn · Woᵀ, and 5. x += act · Wdownᵀ: unit `row` of input row
+  // m is this block's alone to add.
+  auto add_to_x = [&](int row, int m, float a, float) {
+    scalar_t* at = p.x + (i64)m * hidden + row;
+    *at = from_float(to_float(load_cg_scalar(at)) + a);
+  };
+  stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0, LAYER_CONSUMERS, LAYER_SYNC);
+  {
+    const LayerProduct w = layer_product(p, 1);
+    if (takes_tiles) ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, add_to_x);
+    base += w.block_tiles();
   }
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
 
   // 4. act = silu(gate) · up of rms_norm(x) · Wgate_upᵀ.
-  stage_input(xs, staging, p.x, p.post_norm, p.eps, rows, hidden, 1);
-  for (int j = gwarp; j < inter; j += nwarps) {
-    const int row[2] = {j, inter + j};
-    if (j != gwarp) {
-      load_weight_chunks<LAYER_PAIR_UNROLL>(pair[0], p.gate_up_proj, row[0], hidden, lane);
-      load_weight_chunks<LAYER_PAIR_UNROLL>(pair[1], p.gate_up_proj, row[1], hidden, lane);
-    }
-    float acc[2][MATVEC_ROWS];
-    dot_rows<2, LAYER_PAIR_UNROLL>(p.gate_up_proj, row, hidden, xs, rows, pair, acc);
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) {
-      if (lane != m || m >= rows) continue;
-      float gate = to_float(from_float(acc[0][m])), up = to_float(from_float(acc[1][m]));
-      p.act[(i64)m * inter + j] = from_float(gate / (1.f + __expf(-gate)) * up);
-    }
+  stage_input(xs, staging, p.x, p.post_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
+  {
+    const LayerProduct w = layer_product(p, 2);
+    if (takes_tiles)
+      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, [&](int j, int m, float gate, float up) {
+        gate = to_float(from_float(gate));
+        up = to_float(from_float(up));
+        p.act[(i64)m * inter + j] = from_float(gate / (1.f + __expf(-gate)) * up);
+      });
+    base += w.block_tiles();
   }
-  if (gwarp < hidden) load_weight_chunks(chunk[0], p.down_proj, gwarp, inter, lane);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
 
-  // 5. x += act · Wdownᵀ, then the next layer's first weights into L2.
-  stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0);
-  add_product(p.x, p.down_proj, hidden, inter, xs, rows, chunk, gwarp, nwarps);
-  prefetch_l2(p.next_weight, p.prefetch_bytes, thread, threads);
+  // 5. x += act · Wdownᵀ.
+  stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
+  if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, add_to_x);
 }
+#else
+extern "C" __global__ void decode_layer(const LayerParams p) { __trap(); }
+#endif  // __CUDA_ARCH__ >= 800
 // ANCHOR_END: decode_layer

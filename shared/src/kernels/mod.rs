@@ -62,8 +62,21 @@ const MATVEC_SHARED_BYTES: usize = 46 * 1024;
 const MATVEC_BLOCKS_PER_SM: usize = 4;
 
 /// Threads per block of `decode_layer` (`LAYER_THREADS` in the source): one
-/// block per multiprocessor, 16 warps, up to 128 registers per thread.
+/// block per multiprocessor, 15 warps that compute and one that copies
+/// weights, up to 128 registers per thread.
 const LAYER_THREADS: usize = 512;
+/// `decode_layer`'s warps that compute (the last one copies).
+const LAYER_COMPUTE_WARPS: usize = LAYER_THREADS / 32 - 1;
+/// A slot of `decode_layer`'s weight ring, at least (a slot holds one tile:
+/// a few whole weight rows; `SPARK_DISAGG_LAYER_SLOT_KB` overrides it).
+/// Larger tiles mean fewer waits, sums and barriers per byte; on an H200,
+/// 32 KiB (five slots) beat 24 KiB, 16 KiB (ten) and 11 KiB (fifteen).
+const LAYER_SLOT_BYTES: usize = 32 * 1024;
+/// Weight rows per tile, at most (each row's partial sums stay in registers).
+const LAYER_TILE_ROWS: usize = 8;
+/// Warps of `decode_layer` that read a tile together, each a share of its
+/// columns (`LAYER_GROUP_WARPS` in the source).
+const LAYER_GROUP_WARPS: usize = 3;
 
 /// How much of the next product's weights `matvec` prefetches into L2, by
 /// default; `SPARK_DISAGG_L2_PREFETCH_MB` overrides it (0 turns it off).
@@ -86,6 +99,26 @@ fn l2_prefetch_bytes() -> usize {
 /// kernels, one launch each.
 fn layer_kernel_enabled() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_KERNEL").map_or(true, |v| v.trim() != "0")
+}
+
+/// The smallest slot of the weight ring, in bytes: `SPARK_DISAGG_LAYER_SLOT_KB`
+/// or the default.
+fn layer_slot_floor() -> usize {
+    match std::env::var("SPARK_DISAGG_LAYER_SLOT_KB") {
+        Err(_) => LAYER_SLOT_BYTES,
+        Ok(v) => v.trim().parse::<usize>().map(|kb| kb * 1024).unwrap_or_else(|_| {
+            tracing::warn!(value = %v, "SPARK_DISAGG_LAYER_SLOT_KB is not a whole number of KiB; using {}", LAYER_SLOT_BYTES / 1024);
+            LAYER_SLOT_BYTES
+        }),
+    }
+}
+
+/// Whether `decode_layer` fills its ring with Hopper's bulk copies where the
+/// GPU has them (the default); `SPARK_DISAGG_LAYER_BULK_COPY=0` makes it use
+/// Ampere's 16-byte asynchronous copies instead, so that path can be tried
+/// on a Hopper too.
+fn layer_bulk_copy_allowed() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -126,6 +159,12 @@ pub struct KernelShape {
     /// split into 16-byte loads, fewer than 4 when 4 rows would not fit
     /// in shared memory.
     pub matvec_rows: usize,
+    /// Bytes of one slot of `decode_layer`'s weight ring: at least the
+    /// longest weight row, and a pair of rows of the hidden size (RoPE's and
+    /// SwiGLU's pairs go into one tile).
+    pub layer_slot_bytes: usize,
+    /// Whether `decode_layer` may use bulk copies (where the GPU has them).
+    pub layer_bulk_copy: bool,
 }
 
 impl KernelShape {
@@ -143,7 +182,14 @@ impl KernelShape {
             gqa_group: config.num_attention_heads / config.num_kv_heads(),
             matvec_k,
             matvec_rows: 0,
+            layer_slot_bytes: 0,
+            layer_bulk_copy: layer_bulk_copy_allowed(),
         };
+        let elt = kind.elt_size_in_bytes();
+        shape.layer_slot_bytes = layer_slot_floor()
+            .max(matvec_k * elt)
+            .max(2 * config.hidden_size * elt)
+            .next_multiple_of(16);
         if shape.scalar_kind().is_some() && sizes.iter().all(|k| k % shape.vec() == 0) {
             let row_bytes = matvec_k * kind.elt_size_in_bytes();
             shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1)).min(MATVEC_MAX_ROWS);
@@ -233,6 +279,10 @@ impl KernelShape {
                 }
             ),
             format!("-DLAYER_THREADS={LAYER_THREADS}"),
+            format!("-DLAYER_SLOT_BYTES={}", self.layer_slot_bytes),
+            format!("-DLAYER_TILE_ROWS={LAYER_TILE_ROWS}"),
+            format!("-DLAYER_GROUP_WARPS={LAYER_GROUP_WARPS}"),
+            format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
         ]
     }
 }
@@ -349,17 +399,103 @@ struct LayerParams {
     block_size: i32,
     partitions: i32,
     layer: i32,
+    ring_slots: i32,
+    tile_groups: i32,
+}
+
+/// The weight ring of `decode_layer`: how many slots its block's dynamic
+/// shared memory holds, and how many groups of warps take tiles from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerRing {
+    pub slots: usize,
+    pub groups: usize,
+    pub slot_bytes: usize,
+    /// Bytes of one group's partial sums of a tile (`TileSums`); a group has two.
+    pub sums_bytes: usize,
+}
+
+impl LayerRing {
+    /// The largest ring that fits in `available` bytes of shared memory for
+    /// groups of `group_warps` warps (each with two sets of `sums_bytes`),
+    /// or None below two slots (with one, copying and computing could not
+    /// overlap). Each slot also takes its two 8-byte barriers. The slots
+    /// are a multiple of the groups, so that a slot is always read by the
+    /// same group: a group then never waits for a tile whose slot still
+    /// holds an older one (see `ring_product`).
+    pub fn plan(
+        available: usize,
+        slot_bytes: usize,
+        group_warps: usize,
+        sums_bytes: usize,
+    ) -> Option<LayerRing> {
+        let most_groups = LAYER_COMPUTE_WARPS / group_warps.max(1);
+        let room = available.checked_sub(most_groups * 2 * sums_bytes)?;
+        let most = room / (slot_bytes + 16);
+        if most < 2 || most_groups == 0 {
+            return None;
+        }
+        let groups = most.min(most_groups);
+        Some(LayerRing {
+            slots: most / groups * groups,
+            groups,
+            slot_bytes,
+            sums_bytes,
+        })
+    }
+
+    /// The dynamic shared memory the ring takes.
+    pub fn shared_bytes(self) -> usize {
+        self.slots * (self.slot_bytes + 16) + self.groups * 2 * self.sums_bytes
+    }
+}
+
+/// The ring `decode_layer` gets on `device`, its shared memory reserved, or
+/// None where the layer kernel cannot run: before Ampere (no mbarriers) or
+/// where two slots do not fit beside the kernel's own arrays.
+fn layer_ring(decode_layer: Function, device: usize, shape: KernelShape) -> Option<LayerRing> {
+    let memory = imp::shared_memory(decode_layer, device).ok()?;
+    if memory.capability < 80 {
+        return None;
+    }
+    let available = memory.optin_bytes.saturating_sub(memory.static_bytes);
+    let sums_bytes = LAYER_GROUP_WARPS * LAYER_TILE_ROWS * shape.matvec_rows.max(1) * 4;
+    let ring = LayerRing::plan(
+        available,
+        shape.layer_slot_bytes,
+        LAYER_GROUP_WARPS,
+        sums_bytes,
+    )?;
+    imp::reserve_shared(decode_layer, device, ring.shared_bytes()).ok()?;
+    Some(ring)
+}
+
+/// What a kernel may have of shared memory on its device.
+struct SharedMemory {
+    /// Bytes of the kernel's own (static) shared arrays.
+    static_bytes: usize,
+    /// The most one block may have in all, static and dynamic, once it asks.
+    optin_bytes: usize,
+    /// The device's compute capability, major · 10 + minor (90: Hopper).
+    capability: usize,
 }
 
 /// The grid of `decode_layer` on `device`: one block per multiprocessor,
-/// or 0 (the layer kernel off) when `on` is false or a block does not fit
-/// on a multiprocessor (or the driver cannot say).
-fn layer_blocks(decode_layer: Function, device: usize, multiprocessors: usize, on: bool) -> usize {
-    let fits = || imp::occupancy(decode_layer, device, LAYER_THREADS).is_ok_and(|b| b >= 1);
-    if on && fits() {
-        multiprocessors
-    } else {
-        0
+/// or 0 (the layer kernel off) when `on` is false, there is no ring, or a
+/// block does not fit on a multiprocessor (or the driver cannot say).
+fn layer_blocks(
+    decode_layer: Function,
+    device: usize,
+    multiprocessors: usize,
+    ring: Option<LayerRing>,
+    on: bool,
+) -> usize {
+    let fits = |ring: LayerRing| {
+        imp::occupancy(decode_layer, device, LAYER_THREADS, ring.shared_bytes())
+            .is_ok_and(|b| b >= 1)
+    };
+    match ring {
+        Some(ring) if on && fits(ring) => multiprocessors,
+        _ => 0,
     }
 }
 
@@ -425,6 +561,8 @@ pub struct DecodeKernels {
     /// Blocks of `decode_layer`'s grid: one per multiprocessor, or 0 when
     /// the layer kernel is off (or a block does not fit on one).
     layer_blocks: usize,
+    /// `decode_layer`'s weight ring (None: the kernel cannot run here).
+    layer_ring: Option<LayerRing>,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -468,6 +606,7 @@ impl DecodeKernels {
                 })
         };
         let decode_layer = get("decode_layer")?;
+        let layer_ring = layer_ring(decode_layer, index, shape);
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
@@ -478,8 +617,10 @@ impl DecodeKernels {
                 decode_layer,
                 index,
                 multiprocessors,
+                layer_ring,
                 layer_kernel_enabled(),
             ),
+            layer_ring,
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -521,14 +662,20 @@ impl DecodeKernels {
     /// on unless `SPARK_DISAGG_LAYER_KERNEL=0`, where a block fits).
     pub fn with_layer_kernel(&self, on: bool) -> DecodeKernels {
         DecodeKernels {
-            layer_blocks: layer_blocks(self.decode_layer, self.device, self.multiprocessors, on),
+            layer_blocks: layer_blocks(
+                self.decode_layer,
+                self.device,
+                self.multiprocessors,
+                self.layer_ring,
+                on,
+            ),
             ..self.clone()
         }
     }
 
     fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
         let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
-        self.launch_with(function, grid, block, false, &mut addresses);
+        self.launch_with(function, grid, block, 0, false, &mut addresses);
     }
 
     fn launch_with(
@@ -536,6 +683,7 @@ impl DecodeKernels {
         function: Function,
         grid: [usize; 3],
         block: usize,
+        shared_bytes: usize,
         cooperative: bool,
         addresses: &mut [*mut c_void],
     ) {
@@ -548,6 +696,7 @@ impl DecodeKernels {
             self.device,
             grid,
             block as u32,
+            shared_bytes as u32,
             cooperative,
             addresses,
         ) {
@@ -909,6 +1058,14 @@ impl DecodeKernels {
             heads * head_dim,
             self.shape.matvec_k
         );
+        let ring = self
+            .layer_ring
+            .expect("the layer kernel is on, so it has a ring");
+        assert!(
+            2 * hidden as usize * kind.elt_size_in_bytes() <= ring.slot_bytes,
+            "decode_layer: a pair of rows of {hidden} does not fit a slot of {} bytes",
+            ring.slot_bytes
+        );
         assert!(
             scratch.q.size()[0] == rows
                 && scratch.act.size()[1] == inter
@@ -955,10 +1112,20 @@ impl DecodeKernels {
             block_size: step.block_size as i32,
             partitions: scratch.partitions as i32,
             layer: layer_index as i32,
+            ring_slots: ring.slots as i32,
+            tile_groups: ring.groups as i32,
         };
         let mut addresses = [&mut params as *mut LayerParams as *mut c_void];
         let grid = [self.layer_blocks, 1, 1];
-        self.launch_with(self.decode_layer, grid, LAYER_THREADS, true, &mut addresses);
+        let shared = ring.shared_bytes();
+        self.launch_with(
+            self.decode_layer,
+            grid,
+            LAYER_THREADS,
+            shared,
+            true,
+            &mut addresses,
+        );
     }
 
     /// Whether `x · weightᵀ` goes to `matvec`: few enough rows, and input
@@ -1056,7 +1223,7 @@ mod imp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CString};
     use std::sync::OnceLock;
 
-    use super::{Function, HashMap, KernelError, SOURCE};
+    use super::{Function, HashMap, KernelError, SharedMemory, SOURCE};
     use crate::cuda_bridge::call;
 
     extern "C" {
@@ -1089,7 +1256,24 @@ mod imp {
             function: *mut c_void,
             device: c_int,
             block: c_int,
+            dynamic_shared: c_int,
             blocks: *mut c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_shared_memory(
+            function: *mut c_void,
+            device: c_int,
+            static_bytes: *mut c_int,
+            optin_bytes: *mut c_int,
+            capability: *mut c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_reserve_shared(
+            function: *mut c_void,
+            device: c_int,
+            bytes: c_int,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -1100,6 +1284,7 @@ mod imp {
             grid_y: c_uint,
             grid_z: c_uint,
             block_x: c_uint,
+            shared_bytes: c_uint,
             cooperative: c_int,
             args: *mut *mut c_void,
             err: *mut c_char,
@@ -1238,11 +1423,13 @@ mod imp {
         Ok((functions, multiprocessors.max(1) as usize))
     }
 
-    /// Blocks of `block` threads of `function` that fit on one multiprocessor.
+    /// Blocks of `block` threads of `function`, each with `dynamic_shared`
+    /// bytes of dynamic shared memory, that fit on one multiprocessor.
     pub fn occupancy(
         function: Function,
         device: usize,
         block: usize,
+        dynamic_shared: usize,
     ) -> Result<usize, KernelError> {
         let mut blocks: c_int = 0;
         // SAFETY: `function` is a loaded kernel; `blocks` is written on success.
@@ -1251,6 +1438,7 @@ mod imp {
                 function.0,
                 device as c_int,
                 block as c_int,
+                dynamic_shared as c_int,
                 &mut blocks,
                 err,
                 len,
@@ -1263,11 +1451,54 @@ mod imp {
         Ok(blocks.max(0) as usize)
     }
 
+    /// What `function` may have of shared memory on `device` (see `SharedMemory`).
+    pub fn shared_memory(function: Function, device: usize) -> Result<SharedMemory, KernelError> {
+        let (mut static_bytes, mut optin_bytes, mut capability): (c_int, c_int, c_int) = (0, 0, 0);
+        // SAFETY: `function` is a loaded kernel; the outputs are written on success.
+        call(|err, len| unsafe {
+            spark_kernels_shared_memory(
+                function.0,
+                device as c_int,
+                &mut static_bytes,
+                &mut optin_bytes,
+                &mut capability,
+                err,
+                len,
+            )
+        })
+        .map_err(|message| KernelError::Cuda {
+            stage: "asking the driver for shared memory",
+            message,
+        })?;
+        Ok(SharedMemory {
+            static_bytes: static_bytes.max(0) as usize,
+            optin_bytes: optin_bytes.max(0) as usize,
+            capability: capability.max(0) as usize,
+        })
+    }
+
+    /// Lets `function` take `bytes` of dynamic shared memory per block.
+    pub fn reserve_shared(
+        function: Function,
+        device: usize,
+        bytes: usize,
+    ) -> Result<(), KernelError> {
+        // SAFETY: `function` is a loaded kernel.
+        call(|err, len| unsafe {
+            spark_kernels_reserve_shared(function.0, device as c_int, bytes as c_int, err, len)
+        })
+        .map_err(|message| KernelError::Cuda {
+            stage: "reserving shared memory",
+            message,
+        })
+    }
+
     pub fn launch(
         function: Function,
         device: usize,
         grid: [u32; 3],
         block: u32,
+        shared_bytes: u32,
         cooperative: bool,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
@@ -1283,6 +1514,7 @@ mod imp {
                 grid[1],
                 grid[2],
                 block,
+                shared_bytes,
                 cooperative as c_int,
                 args.as_mut_ptr(),
                 err,
@@ -1296,7 +1528,7 @@ mod imp {
 mod imp {
     use std::ffi::c_void;
 
-    use super::{Function, HashMap, KernelError};
+    use super::{Function, HashMap, KernelError, SharedMemory};
 
     pub fn compile(
         _device: usize,
@@ -1309,7 +1541,20 @@ mod imp {
         _function: Function,
         _device: usize,
         _block: usize,
+        _dynamic_shared: usize,
     ) -> Result<usize, KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
+    pub fn shared_memory(_function: Function, _device: usize) -> Result<SharedMemory, KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
+    pub fn reserve_shared(
+        _function: Function,
+        _device: usize,
+        _bytes: usize,
+    ) -> Result<(), KernelError> {
         Err(KernelError::NotCompiled)
     }
 
@@ -1318,6 +1563,7 @@ mod imp {
         _device: usize,
         _grid: [u32; 3],
         _block: u32,
+        _shared_bytes: u32,
         _cooperative: bool,
         _args: &mut [*mut c_void],
     ) -> Result<(), String> {
@@ -1346,6 +1592,19 @@ mod tests {
         let smol = KernelShape::of(&LlamaConfig::smollm2_135m(), Kind::BFloat16).unwrap();
         assert_eq!((smol.gqa_group, smol.layer_heads()), (3, 1));
 
+        // A slot of the weight ring holds the longest row (TinyLlama's
+        // down projection: 5632 elements) and a pair of hidden-size rows:
+        // 32 KiB unless those need more.
+        assert_eq!(tiny.layer_slot_bytes, 32 * 1024);
+        assert_eq!(tiny_f32.layer_slot_bytes, 32 * 1024);
+        assert_eq!(smol.layer_slot_bytes, 32 * 1024);
+        let wide = LlamaConfig {
+            intermediate_size: 14336,
+            ..LlamaConfig::tinyllama_1_1b()
+        };
+        let wide = KernelShape::of(&wide, Kind::Float).unwrap();
+        assert_eq!(wide.layer_slot_bytes, 14336 * 4);
+
         // Every compile-time constant the source uses is given.
         let options = tiny.options();
         for name in [
@@ -1357,6 +1616,10 @@ mod tests {
             "MATVEC_K",
             "LAYER_HEADS",
             "LAYER_THREADS",
+            "LAYER_SLOT_BYTES",
+            "LAYER_TILE_ROWS",
+            "LAYER_BULK_COPY_ALLOWED",
+            "LAYER_GROUP_WARPS",
         ] {
             assert!(SOURCE.contains(name), "{name} is not in decode.cu");
             assert!(
@@ -1364,5 +1627,33 @@ mod tests {
                 "{name} is not among the options {options:?}"
             );
         }
+    }
+
+    #[test]
+    fn weight_ring_plans() {
+        // An H100 block may have 227 KiB; TinyLlama's layer kernel keeps
+        // about 45 KiB for itself. Five groups of three warps, each with two
+        // sets of sums (3 warps · 8 rows · 4 inputs · 4 bytes): ten slots of
+        // 16 KiB, two per group, or five of 32 KiB.
+        let sums = 3 * 8 * 4 * 4;
+        let h100 = LayerRing::plan(232_448 - 45_696, 16 * 1024, 3, sums).unwrap();
+        assert_eq!((h100.slots, h100.groups), (10, 5));
+        assert!(h100.shared_bytes() <= 232_448 - 45_696);
+        let h100 = LayerRing::plan(232_448 - 45_696, 32 * 1024, 3, sums).unwrap();
+        assert_eq!((h100.slots, h100.groups), (5, 5));
+        // Fewer slots than groups: fewer groups, the slots still a multiple.
+        let small = LayerRing::plan(3 * (16 * 1024 + 16) + 10 * sums, 16 * 1024, 3, sums).unwrap();
+        assert_eq!((small.slots, small.groups), (3, 3));
+        // One warp per group: as many groups as computing warps.
+        let single = LayerRing::plan(40 * (8 * 1024 + 16) + 30 * 128, 8 * 1024, 1, 128).unwrap();
+        assert_eq!(single.groups, LAYER_COMPUTE_WARPS);
+        assert_eq!(single.slots % single.groups, 0);
+        // Two slots at least, or no ring.
+        let two = 2 * (16 * 1024 + 16) + 10 * sums;
+        assert_eq!(
+            LayerRing::plan(two, 16 * 1024, 3, sums).map(|r| r.slots),
+            Some(2)
+        );
+        assert_eq!(LayerRing::plan(two - 1, 16 * 1024, 3, sums), None);
     }
 }
