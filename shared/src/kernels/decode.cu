@@ -620,8 +620,8 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 // tiles in shared memory (a tile: a few whole rows, up to
 // LAYER_SLOT_BYTES), and its last warp does nothing but fill it: it walks
 // through the block's tiles of all four products in order, and copies each
-// into the next free slot as soon as the warp that read the slot's last
-// tile lets it go. The other warps compute: they take the tiles in the same
+// into the next free slot as soon as the warps that read the slot's last
+// tile let it go. The other warps compute: they take the tiles in the same
 // order, wait for a tile to land, and read it from shared memory. So while
 // they wait at a barrier, or run attention, the ring fills with the next
 // product's weights, and HBM streams across the whole layer rather than in
@@ -642,7 +642,8 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 // The grid must be resident all at once (a barrier waits for every
 // block): one block per multiprocessor, launched cooperatively, which makes
 // the driver check exactly that. The block is LAYER_THREADS threads (set by
-// the Rust side): 16 computing warps and the copying warp.
+// the Rust side: 512): 15 computing warps, which read each tile in groups
+// of LAYER_GROUP_WARPS (3), and the copying warp.
 #define LAYER_CONSUMERS (LAYER_THREADS - 32)      // the computing threads; the last warp copies
 #define LAYER_WARPS (LAYER_CONSUMERS / 32)
 #define LAYER_PARTS (LAYER_CONSUMERS / THREADS)  // attention items a block runs at once
