@@ -426,14 +426,14 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
   return v;
 }
 
-// Lane `lane`'s chunks base, base + 32, ... (U of them) of weight row `row`.
-template <int U = MATVEC_UNROLL>
+// Lane `lane`'s chunks base, base + 32, ... (MATVEC_UNROLL of them) of
+// weight row `row`.
 __device__ __forceinline__ void load_weight_chunks(uint4* chunk, const scalar_t* weight, int row,
                                                    int k, int base) {
   const uint4* w = reinterpret_cast<const uint4*>(weight + (i64)row * k);
   const int chunks = k / VEC;
 #pragma unroll
-  for (int u = 0; u < U; u++) {
+  for (int u = 0; u < MATVEC_UNROLL; u++) {
     int c = base + u * 32;
     chunk[u] = c < chunks ? load_streaming(w + c) : make_uint4(0, 0, 0, 0);
   }
@@ -502,48 +502,38 @@ __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, cons
   sync_threads(barrier, threads);
 }
 
-// The dot products of R weight rows `row[r]` with each staged row of xs,
-// by one warp: acc[r][m] (in every lane). `chunk` holds the rows' first
-// loads (base = lane), issued by the caller, so that a warp can have them
-// in flight while it waits for something else: chunk[r] for row r.
-template <int R, int U = MATVEC_UNROLL>
-__device__ __forceinline__ void dot_rows(const scalar_t* weight, const int (&row)[R], int k,
-                                         const scalar_t* xs, int rows, uint4 (*chunk)[U],
-                                         float (&acc)[R][MATVEC_ROWS]) {
+// The dot products of weight row `row` with each staged row of xs, by one
+// warp: acc[m] (in every lane). `chunk` holds the row's first loads
+// (base = lane), issued by the caller before it staged xs, so that they
+// are in flight meanwhile.
+__device__ __forceinline__ void dot_row(const scalar_t* weight, int row, int k, const scalar_t* xs,
+                                        int rows, uint4 (&chunk)[MATVEC_UNROLL],
+                                        float (&acc)[MATVEC_ROWS]) {
   const int lane = threadIdx.x % 32, chunks = k / VEC;
 #pragma unroll
-  for (int r = 0; r < R; r++)
+  for (int m = 0; m < MATVEC_ROWS; m++) acc[m] = 0.f;
+  for (int base = lane; base < chunks; base += 32 * MATVEC_UNROLL) {
+    if (base != lane) load_weight_chunks(chunk, weight, row, k, base);
 #pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++) acc[r][m] = 0.f;
-  for (int base = lane; base < chunks; base += 32 * U) {
-    if (base != lane)
-#pragma unroll
-      for (int r = 0; r < R; r++) load_weight_chunks<U>(chunk[r], weight, row[r], k, base);
-#pragma unroll
-    for (int u = 0; u < U; u++) {
+    for (int u = 0; u < MATVEC_UNROLL; u++) {
       int c = base + u * 32;
       if (c >= chunks) break;
-      float w[R][VEC];
-#pragma unroll
-      for (int r = 0; r < R; r++) unpack(chunk[r][u], w[r]);
+      float w[VEC];
+      unpack(chunk[u], w);
 #pragma unroll
       for (int m = 0; m < MATVEC_ROWS; m++) {
         if (m >= rows) break;
         float x[VEC];
         unpack(reinterpret_cast<const uint4*>(xs + m * k)[c], x);
 #pragma unroll
-        for (int r = 0; r < R; r++)
-#pragma unroll
-          for (int i = 0; i < VEC; i++) acc[r][m] += w[r][i] * x[i];
+        for (int i = 0; i < VEC; i++) acc[m] += w[i] * x[i];
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int m = 0; m < MATVEC_ROWS; m++)
-      for (int offset = 16; offset > 0; offset /= 2)
-        acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], offset);
+  for (int m = 0; m < MATVEC_ROWS; m++)
+    for (int offset = 16; offset > 0; offset /= 2)
+      acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], offset);
 }
 
 // The first `bytes` of `p` into L2, spread over `threads` threads (this one
@@ -564,26 +554,25 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
   const int stride = gridDim.x * MATVEC_WARPS;
   const int first_row = blockIdx.x * MATVEC_WARPS + warp;
 
-  uint4 chunk[1][MATVEC_UNROLL];
-  if (first_row < n) load_weight_chunks(chunk[0], weight, first_row, k, lane);
+  uint4 chunk[MATVEC_UNROLL];
+  if (first_row < n) load_weight_chunks(chunk, weight, first_row, k, lane);
   stage_input(xs, staging, in, norm_weight, eps, rows, k, prologue, blockDim.x, 0);
 
   for (int row = first_row; row < n; row += stride) {
-    if (row != first_row) load_weight_chunks(chunk[0], weight, row, k, lane);
-    const int rows_of[1] = {row};
-    float acc[1][MATVEC_ROWS];
-    dot_rows<1>(weight, rows_of, k, xs, rows, chunk, acc);
+    if (row != first_row) load_weight_chunks(chunk, weight, row, k, lane);
+    float acc[MATVEC_ROWS];
+    dot_row(weight, row, k, xs, rows, chunk, acc);
 #pragma unroll
     for (int m = 0; m < MATVEC_ROWS; m++) {
       if (lane != m || m >= rows) continue;  // lane m writes row m
       i64 at = (i64)m * n + row;
       if (epilogue == 0) {
-        static_cast<scalar_t*>(out)[at] = from_float(acc[0][m]);
+        static_cast<scalar_t*>(out)[at] = from_float(acc[m]);
       } else if (epilogue == 1) {
         scalar_t* residual = static_cast<scalar_t*>(out);
-        residual[at] = from_float(to_float(residual[at]) + acc[0][m]);
+        residual[at] = from_float(to_float(residual[at]) + acc[m]);
       } else {
-        static_cast<float*>(out)[at] = acc[0][m];
+        static_cast<float*>(out)[at] = acc[m];
       }
     }
   }
