@@ -783,18 +783,29 @@ __device__ __forceinline__ void copy_async_arrive(u64* bar) {
 
 // --- the weight ring ---
 
+// Bytes from one row of a ring tile to the next: the row, padded to 64
+// more than a multiple of 128. Shared memory is 32 banks of 4 bytes, and a
+// warp's 16-byte loads are served eight lanes at a time; `dot_tile`'s eight
+// lanes read 64 bytes of each of two rows, which then fall in different
+// banks. Unpadded, rows of 4096 bytes (2048 bf16) would all start in bank
+// 0 and every load would take twice as long.
+__device__ __forceinline__ int tile_pitch(int k) {
+  const int bytes = k * (int)sizeof(scalar_t);
+  return bytes + (64 - bytes % 128 + 128) % 128;
+}
+
 // One matrix product of the layer as the ring sees it: `units` outputs,
 // each one weight row of `k` elements, or with `pairs` two rows `span`
-// apart; `per_tile` units make a tile.
+// apart; `per_tile` units make a tile, its rows `pitch` bytes apart.
 struct LayerProduct {
   const scalar_t* weight;
   int k, units, span;
   bool pairs;
-  int per_tile;
+  int pitch, per_tile;
 
   __device__ LayerProduct(const scalar_t* weight, int k, int units, int span, bool pairs)
-      : weight(weight), k(k), units(units), span(span), pairs(pairs) {
-    int rows = LAYER_SLOT_BYTES / (k * (int)sizeof(scalar_t));
+      : weight(weight), k(k), units(units), span(span), pairs(pairs), pitch(tile_pitch(k)) {
+    int rows = LAYER_SLOT_BYTES / pitch;
     rows = rows < LAYER_TILE_ROWS ? rows : LAYER_TILE_ROWS;
     per_tile = pairs ? rows / 2 : rows;
   }
@@ -802,6 +813,10 @@ struct LayerProduct {
   // units run over the first halves of the heads: head u / span, element
   // u % span.
   __device__ int row(int u) const { return pairs ? u / span * 2 * span + u % span : u; }
+  // The weight row that tile row `r` of units from `first` on holds.
+  __device__ int tile_row(int first, int r) const {
+    return pairs ? row(first + r / 2) + (r % 2) * span : first + r;
+  }
   // Tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... are this block's.
   __device__ int block_tiles() const {
     const int tiles = (units + per_tile - 1) / per_tile;
@@ -856,31 +871,24 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
     const unsigned row_bytes = w.k * sizeof(scalar_t);
     for (int t = 0; t < w.block_tiles(); t++, i++) {
       const int first = (blockIdx.x + t * gridDim.x) * w.per_tile;
-      const int units = min(w.per_tile, w.units - first);
+      const int units = min(w.per_tile, w.units - first), rows = w.pairs ? 2 * units : units;
       // The slot's last tile, i - slots, must have been read.
       if (i >= ring.slots) mbarrier_wait(&ring.empty[i % ring.slots], ring.parity(i) ^ 1);
       char* dst = ring.tile(i);
       u64* full = &ring.full[i % ring.slots];
+      // Row by row, each to its padded place; with pairs, interleaved:
+      // j, its partner, j + 1, ...
 #if LAYER_BULK_COPY
-      if (lane == 0) {
-        mbarrier_expect_bytes(full, units * row_bytes * (w.pairs ? 2 : 1));
-        if (w.pairs) {
-          for (int u = 0; u < units; u++) {  // rows interleaved: j, partner, j + 1, ...
-            const scalar_t* a = w.weight + (i64)w.row(first + u) * w.k;
-            bulk_copy(dst + 2 * u * row_bytes, a, row_bytes, full);
-            bulk_copy(dst + (2 * u + 1) * row_bytes, a + (i64)w.span * w.k, row_bytes, full);
-          }
-        } else {
-          bulk_copy(dst, w.weight + (i64)first * w.k, units * row_bytes, full);
-        }
-      }
+      if (lane == 0) mbarrier_expect_bytes(full, rows * row_bytes);
+      __syncwarp();
+      for (int r = lane; r < rows; r += 32)
+        bulk_copy(dst + r * w.pitch, w.weight + (i64)w.tile_row(first, r) * w.k, row_bytes, full);
 #else
-      const int rows = w.pairs ? 2 * units : units, chunks = row_bytes / 16;
+      const int chunks = row_bytes / 16;
       for (int c = lane; c < rows * chunks; c += 32) {
-        const int r = c / chunks;
-        const int row = w.pairs ? w.row(first + r / 2) + (r % 2) * w.span : first + r;
-        copy_async_16(dst + (i64)c * 16,
-                      reinterpret_cast<const char*>(w.weight + (i64)row * w.k) + (c % chunks) * 16);
+        const scalar_t* row = w.weight + (i64)w.tile_row(first, c / chunks) * w.k;
+        copy_async_16(dst + c / chunks * w.pitch + c % chunks * 16,
+                      reinterpret_cast<const char*>(row) + c % chunks * 16);
       }
       copy_async_arrive(full);
 #endif
@@ -889,21 +897,104 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
   prefetch_l2(p.next_weight, p.prefetch_bytes, (i64)blockIdx.x * 32 + lane, (i64)gridDim.x * 32);
 }
 
-// The dot products of a tile's `n` weight rows (shared memory, [n, k])
-// with each staged row of xs, by one warp of a group: its share of the
-// columns (16-byte chunks member · 32 + lane, then every group's width on),
-// summed over the warp into out[r · MATVEC_ROWS + m]. Rows go two at a
-// time, so that two chains of additions and two warp sums are in flight
-// (a lone last row is read twice, and its copy dropped). Not inlined: one
-// copy of this loop serves all four products, where four inlined copies
-// (one per epilogue) made the kernel too large for the instruction cache.
-__device__ __noinline__ void dot_tile(const scalar_t* tile, int n, int k, const scalar_t* xs,
-                                      int rows, int member, float* out) {
+#if SCALAR_KIND != 0
+// Tiles of fewer rows go to dot_tile. An mma costs the same for two tile
+// rows as for eight, and with two (TinyLlama's down projection: rows of
+// 5632) the tensor pipe becomes the limit: 13 300 cycles per tile on the
+// H100 where dot_tile takes 5 800.
+#define MMA_MIN_ROWS 4
+static_assert(LAYER_TILE_ROWS <= 8 && MATVEC_ROWS <= 8, "one mma takes 8 tile rows and 8 input rows");
+
+// d += a · b for a 16×16 tile of a (rows: inputs, columns: k) and a 16×8
+// tile of b (k by tile rows), on the tensor cores: one instruction for the
+// whole warp. Each lane holds a share of a, b and d as the instruction
+// defines it: with g = lane / 4 and t = lane % 4, a0 is a's row g, k = 2t
+// and 2t + 1, a1 row g + 8, a2 row g, k = 2t + 8 and 2t + 9, a3 row
+// g + 8; b0 is k = 2t and 2t + 1 of b's column g, b1 k = 2t + 8 and
+// 2t + 9; d0 and d1 are row g, columns 2t and 2t + 1 (d2 and d3 row g + 8).
+__device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                            unsigned a3, unsigned b0, unsigned b1) {
+#if SCALAR_KIND == 1
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#endif
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The dot products of a tile's `n` weight rows (shared memory, rows `pitch`
+// bytes apart) with each staged row of xs, by one warp of a group: its
+// share of the columns, into out[r · MATVEC_ROWS + m] (row r, input m).
+//
+// A matrix-vector product is no work for tensor cores, but they save
+// instructions: reading a 32 KiB tile with ordinary arithmetic takes each
+// lane several hundred instructions (unpack the 16-bit values,
+// multiply-add, sum across the warp), where here a 16-byte load per lane
+// feeds two `mma`s, each a 16×8×16 product of the whole warp: an 8-row
+// tile of 2048 takes 1 900 cycles instead of 4 800 on the H100. The inputs are a's
+// rows (8 of 16 used at most, batch 1 uses one), the tile's rows are b's
+// columns. The order of k within an instruction is free as long as a and
+// b agree, so lane (g, t) takes the 16-byte chunk t of every four, k = 8t
+// to 8t + 7 of the 32: the first instruction's "2t, 2t + 1" are its first
+// two elements, "2t + 8, 2t + 9" the next two, the second instruction's
+// the last four. A warp takes every LAYER_GROUP_WARPS-th run of four
+// chunks; two sets of sums keep two instructions in flight, summed at the
+// end. Not inlined: one copy serves three products; inlined, the step was
+// 3% slower on the H100 (the instruction cache, as with dot_tile).
+__device__ __noinline__ void dot_tile_mma(const scalar_t* tile, int pitch, int n, int k,
+                                      const scalar_t* xs, int rows, int member, float* out) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, chunks = k / VEC;
+  const uint4* w = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(tile) + g * pitch);
+  const uint4* x = reinterpret_cast<const uint4*>(xs) + g * chunks;
+  const bool has_w = g < n, has_x = g < rows;
+  float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+  // Lanes past the tile's rows, the inputs or the row's end add zeros.
+  auto step = [&](int c, bool in_row) {
+    uint4 wv = make_uint4(0, 0, 0, 0), xv = make_uint4(0, 0, 0, 0);
+    if (has_w && in_row) wv = w[c];
+    if (has_x && in_row) xv = x[c];
+    mma_16x8x16(d0, xv.x, 0u, xv.y, 0u, wv.x, wv.y);
+    mma_16x8x16(d1, xv.z, 0u, xv.w, 0u, wv.z, wv.w);
+  };
+  // Runs of four whole chunks, without a branch, so that the loads of
+  // several runs are in flight at once; then the last, partial run where
+  // k is not a multiple of 32.
+  const int runs = chunks / 4;
+  int run = member;
+#pragma unroll 4
+  for (; run < runs; run += LAYER_GROUP_WARPS) step(run * 4 + t, true);
+  if (run == runs && runs * 4 < chunks) step(runs * 4 + t, runs * 4 + t < chunks);
+  if (has_x) {
+    if (2 * t < n) out[2 * t * MATVEC_ROWS + g] = d0[0] + d1[0];
+    if (2 * t + 1 < n) out[(2 * t + 1) * MATVEC_ROWS + g] = d0[1] + d1[1];
+  }
+}
+#endif
+
+// The dot products of a tile's `n` weight rows (shared memory, rows `pitch`
+// bytes apart) with each staged row of xs, by one warp of a group, with
+// ordinary multiply-adds: its share of the columns (16-byte chunks
+// member · 32 + lane, then every group's width on), summed over the warp
+// into out[r · MATVEC_ROWS + m]. Rows go two at a time, so that two chains
+// of additions and two warp sums are in flight (a lone last row is read
+// twice, and its copy dropped). This serves f32 (tensor cores would round
+// the inputs to tf32) and tiles of few rows, where `dot_tile_mma` would do
+// the same number of instructions for a fraction of the weights. Not
+// inlined: one copy serves all four products, where four inlined copies
+// (one per epilogue) made the kernel too large for the instruction cache
+// (inlining even the one copy of the down projection made the step 10%
+// slower than with it called).
+__device__ __noinline__ void dot_tile(const scalar_t* tile, int pitch, int n, int k,
+                                      const scalar_t* xs, int rows, int member, float* out) {
   const int lane = threadIdx.x % 32, chunks = k / VEC;
   const uint4* x4 = reinterpret_cast<const uint4*>(xs);
   for (int r = 0; r < n; r += 2) {
-    const uint4* w0 = reinterpret_cast<const uint4*>(tile) + r * chunks;
-    const uint4* w1 = r + 1 < n ? w0 + chunks : w0;
+    const uint4* w0 = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(tile) + r * pitch);
+    const uint4* w1 =
+        r + 1 < n ? reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(w0) + pitch) : w0;
     float a[MATVEC_ROWS], b[MATVEC_ROWS];
 #pragma unroll
     for (int m = 0; m < MATVEC_ROWS; m++) a[m] = b[m] = 0.f;
@@ -943,42 +1034,59 @@ __device__ __noinline__ void dot_tile(const scalar_t* tile, int n, int k, const 
 // 1, ... of the block (`w.block_tiles()` of them), group g of
 // LAYER_GROUP_WARPS warps taking tiles g, g + groups, ... Each warp sums
 // its share of the columns, the group adds the shares up in `sums`, and
-// `epilogue(unit, m, a, b)` gets unit `unit`'s result for input row m: a,
-// and with PAIRS b, its partner's. The slot of tile t was last read, at
-// t - slots, by the same group (slots is a multiple of groups), and the
-// earlier products' tiles were all read before this one began (a barrier
-// lies between), so a group never waits for a phase of a slot's barrier
-// more than one ahead.
-template <bool PAIRS, typename Epilogue>
+// thread (unit u, input row m) of the group finishes the output:
+// `epilogue(unit, m, a, b, operands)` gets unit `unit`'s result for input
+// row m, a, and with PAIRS b, its partner's, and what `prepare(unit, m)`
+// read for it from global memory before the tile was waited for.
+//
+// Those reads (RoPE's cosine and sine, the residual the output adds to)
+// queue behind the weights streaming in. Issued after the dot product,
+// they stood between the last tile and the grid barrier: the qkv epilogue
+// took 9 200 cycles of the H100's layer 11, now 370 (the call of the dot
+// product still waits for them, but after the tile's wait).
+//
+// The slot of tile t was last read, at t - slots, by the same group (slots
+// is a multiple of groups), and the earlier products' tiles were all read
+// before this one began (a barrier lies between), so a group never waits
+// for a phase of a slot's barrier more than one ahead.
+template <bool PAIRS, typename Prepare, typename Epilogue>
 __device__ __forceinline__ void ring_product(const LayerProduct& w, const WeightRing& ring, int base,
                                              int groups, TileSums* sums, const scalar_t* xs,
-                                             int rows, Epilogue epilogue) {
+                                             int rows, Prepare prepare, Epilogue epilogue) {
+  static_assert(LAYER_TILE_ROWS * MATVEC_ROWS <= LAYER_GROUP_THREADS,
+                "a thread finishes at most one output of a tile");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = warp / LAYER_GROUP_WARPS, member = warp % LAYER_GROUP_WARPS;
-  const int gtid = member * 32 + lane;
+  const int gtid = member * 32 + lane, u = gtid / rows, m = gtid % rows;
   for (int t = group; t < w.block_tiles(); t += groups) {
     const int i = base + t, first = (blockIdx.x + t * gridDim.x) * w.per_tile;
     const int units = min(w.per_tile, w.units - first), n = PAIRS ? 2 * units : units;
+    decltype(prepare(0, 0)) operands{};
+    if (u < units) operands = prepare(first + u, m);
     mbarrier_wait(&ring.full[i % ring.slots], ring.parity(i));
     // Two sets of sums, alternating: a group's next tile writes the other
     // while slower members may still read this one.
     TileSums& sum = sums[2 * group + (t / groups) % 2];
-    dot_tile(reinterpret_cast<const scalar_t*>(ring.tile(i)), n, w.k, xs, rows, member,
-             &sum.v[member][0][0]);
+    const scalar_t* tile = reinterpret_cast<const scalar_t*>(ring.tile(i));
+#if SCALAR_KIND != 0
+    if (n >= MMA_MIN_ROWS)
+      dot_tile_mma(tile, w.pitch, n, w.k, xs, rows, member, &sum.v[member][0][0]);
+    else
+#endif
+      dot_tile(tile, w.pitch, n, w.k, xs, rows, member, &sum.v[member][0][0]);
     if (LAYER_GROUP_WARPS == 1)
       __syncwarp();
     else
       sync_threads(LAYER_SYNC + 1 + group, LAYER_GROUP_THREADS);
     if (gtid == 0) mbarrier_arrive(&ring.empty[i % ring.slots]);
-    for (int o = gtid; o < units * rows; o += LAYER_GROUP_THREADS) {
-      const int u = o / rows, m = o % rows;
+    if (u < units) {
       float a = 0.f, b = 0.f;
 #pragma unroll
       for (int g = 0; g < LAYER_GROUP_WARPS; g++) {
         a += sum.v[g][PAIRS ? 2 * u : u][m];
         if (PAIRS) b += sum.v[g][2 * u + 1][m];
       }
-      epilogue(first + u, m, a, b);
+      epilogue(first + u, m, a, b, operands);
     }
   }
 }
@@ -1039,30 +1147,45 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   int base = 0;  // the block's tiles of the products before this one
 
   // 1. qkv, RoPE, the KV-cache write. Unit u is element j of a head and
-  // its partner j + half; heads run queries, keys, values.
+  // its partner j + half; heads run queries, keys, values. The position
+  // and cache slot of the input row this thread finishes (ring_product's
+  // m) are read first, while the input is staged.
+  const i64 position = p.positions[threadIdx.x % LAYER_GROUP_THREADS % rows];
+  const i64 slot = p.slots[threadIdx.x % LAYER_GROUP_THREADS % rows];
   stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
   {
     const LayerProduct w = layer_product(p, 0);
+    struct Rotation {
+      float c, s;
+    };
+    auto rotation = [&](int unit, int) {
+      Rotation r{1.f, 0.f};  // values are not rotated
+      if (unit / half < p.heads + p.kv_heads) {
+        const i64 angle = position * half + unit % half;
+        r = {p.cos_table[angle], p.sin_table[angle]};
+      }
+      return r;
+    };
     if (takes_tiles)
-      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, [&](int unit, int m, float a, float b) {
+      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, rotation,
+                         [&](int unit, int m, float a, float b, Rotation r) {
         const int head = unit / half, j = unit % half;
         // Rounded to the model's dtype first, as the unfused step stores qkv.
         a = to_float(from_float(a));
         b = to_float(from_float(b));
-        const i64 slot = p.slots[m];
-        if (head < p.heads + p.kv_heads) {
-          const i64 angle = p.positions[m] * half + j;
-          const float c = p.cos_table[angle], s = p.sin_table[angle];
-          scalar_t* dst = head < p.heads
-                              ? p.q + ((i64)m * p.heads + head) * HEAD_DIM
-                              : p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
-          dst[j] = from_float(a * c - b * s);
-          dst[j + half] = from_float(b * c + a * s);
+        scalar_t* dst;
+        if (head < p.heads) {
+          dst = p.q + ((i64)m * p.heads + head) * HEAD_DIM;
+        } else if (head < p.heads + p.kv_heads) {
+          dst = p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
         } else {
-          scalar_t* dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
+          dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
           dst[j] = from_float(a);
           dst[j + half] = from_float(b);
+          return;
         }
+        dst[j] = from_float(a * r.c - b * r.s);
+        dst[j + half] = from_float(b * r.c + a * r.s);
       });
     base += w.block_tiles();
   }
@@ -1111,14 +1234,14 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
 
   // 3. x += attn · Woᵀ, and 5. x += act · Wdownᵀ: unit `row` of input row
   // m is this block's alone to add.
-  auto add_to_x = [&](int row, int m, float a, float) {
-    scalar_t* at = p.x + (i64)m * hidden + row;
-    *at = from_float(to_float(load_cg_scalar(at)) + a);
+  auto residual = [&](int row, int m) { return load_cg_scalar(p.x + (i64)m * hidden + row); };
+  auto add_to_x = [&](int row, int m, float a, float, scalar_t x) {
+    p.x[(i64)m * hidden + row] = from_float(to_float(x) + a);
   };
   stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0, LAYER_CONSUMERS, LAYER_SYNC);
   {
     const LayerProduct w = layer_product(p, 1);
-    if (takes_tiles) ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, add_to_x);
+    if (takes_tiles) ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
     base += w.block_tiles();
   }
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
@@ -1128,7 +1251,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   {
     const LayerProduct w = layer_product(p, 2);
     if (takes_tiles)
-      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, [&](int j, int m, float gate, float up) {
+      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, [](int, int) { return 0; },
+                         [&](int j, int m, float gate, float up, int) {
         gate = to_float(from_float(gate));
         up = to_float(from_float(up));
         p.act[(i64)m * inter + j] = from_float(gate / (1.f + __expf(-gate)) * up);
@@ -1139,7 +1263,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
 
   // 5. x += act · Wdownᵀ.
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
-  if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, add_to_x);
+  if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
 }
 #else
 extern "C" __global__ void decode_layer(const LayerParams p) { __trap(); }

@@ -74,6 +74,17 @@ const LAYER_COMPUTE_WARPS: usize = LAYER_THREADS / 32 - 1;
 const LAYER_SLOT_BYTES: usize = 32 * 1024;
 /// Weight rows per tile, at most (each row's partial sums stay in registers).
 const LAYER_TILE_ROWS: usize = 8;
+/// The most padding a row of a ring tile gets (see `tile_row_pitch`).
+const TILE_ROW_PAD_MAX: usize = 128;
+
+/// Bytes from one row of a ring tile to the next (`tile_pitch` in the
+/// source): the row padded to 64 more than a multiple of 128, so that the
+/// two rows half a warp reads at once fall in different banks of shared
+/// memory. A slot gets room for this padding on top of its weight bytes,
+/// and is a multiple of 128 bytes, so that every slot starts in bank 0.
+fn tile_row_pitch(row_bytes: usize) -> usize {
+    row_bytes + (64 + TILE_ROW_PAD_MAX - row_bytes % TILE_ROW_PAD_MAX) % TILE_ROW_PAD_MAX
+}
 /// Warps of `decode_layer` that read a tile together, each a share of its
 /// columns (`LAYER_GROUP_WARPS` in the source).
 const LAYER_GROUP_WARPS: usize = 3;
@@ -186,10 +197,10 @@ impl KernelShape {
             layer_bulk_copy: layer_bulk_copy_allowed(),
         };
         let elt = kind.elt_size_in_bytes();
-        shape.layer_slot_bytes = layer_slot_floor()
-            .max(matvec_k * elt)
-            .max(2 * config.hidden_size * elt)
-            .next_multiple_of(16);
+        shape.layer_slot_bytes = (layer_slot_floor() + LAYER_TILE_ROWS * TILE_ROW_PAD_MAX)
+            .max(tile_row_pitch(matvec_k * elt))
+            .max(2 * tile_row_pitch(config.hidden_size * elt))
+            .next_multiple_of(TILE_ROW_PAD_MAX);
         if shape.scalar_kind().is_some() && sizes.iter().all(|k| k % shape.vec() == 0) {
             let row_bytes = matvec_k * kind.elt_size_in_bytes();
             shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1)).min(MATVEC_MAX_ROWS);
@@ -1062,7 +1073,7 @@ impl DecodeKernels {
             .layer_ring
             .expect("the layer kernel is on, so it has a ring");
         assert!(
-            2 * hidden as usize * kind.elt_size_in_bytes() <= ring.slot_bytes,
+            2 * tile_row_pitch(hidden as usize * kind.elt_size_in_bytes()) <= ring.slot_bytes,
             "decode_layer: a pair of rows of {hidden} does not fit a slot of {} bytes",
             ring.slot_bytes
         );
@@ -1579,6 +1590,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tile_rows_are_padded_to_64_past_a_multiple_of_128() {
+        for (row, pitch) in [
+            (4096, 4160),
+            (4160, 4160),
+            (11264, 11328),
+            (1152, 1216),
+            (1200, 1216),
+        ] {
+            assert_eq!(tile_row_pitch(row), pitch, "row of {row} bytes");
+        }
+        for row in (16..20_000).step_by(16) {
+            let pitch = tile_row_pitch(row);
+            assert!(pitch >= row && pitch - row < TILE_ROW_PAD_MAX && pitch % 128 == 64);
+        }
+    }
+
+    #[test]
     fn kernel_shapes_of_the_course_models() {
         let tiny = KernelShape::of(&LlamaConfig::tinyllama_1_1b(), Kind::BFloat16).unwrap();
         assert_eq!((tiny.head_dim, tiny.gqa_group), (64, 8));
@@ -1593,17 +1621,20 @@ mod tests {
         assert_eq!((smol.gqa_group, smol.layer_heads()), (3, 1));
 
         // A slot of the weight ring holds the longest row (TinyLlama's
-        // down projection: 5632 elements) and a pair of hidden-size rows:
-        // 32 KiB unless those need more.
-        assert_eq!(tiny.layer_slot_bytes, 32 * 1024);
-        assert_eq!(tiny_f32.layer_slot_bytes, 32 * 1024);
-        assert_eq!(smol.layer_slot_bytes, 32 * 1024);
+        // down projection: 5632 elements) and a pair of hidden-size rows,
+        // each padded: 32 KiB and the padding of 8 rows unless those need
+        // more. TinyLlama's 2048-element bf16 rows then make tiles of 8.
+        let floor = 32 * 1024 + 8 * 128;
+        assert_eq!(tiny.layer_slot_bytes, floor);
+        assert_eq!(tiny.layer_slot_bytes / tile_row_pitch(2048 * 2), 8);
+        assert_eq!(tiny_f32.layer_slot_bytes, floor);
+        assert_eq!(smol.layer_slot_bytes, floor);
         let wide = LlamaConfig {
             intermediate_size: 14336,
             ..LlamaConfig::tinyllama_1_1b()
         };
         let wide = KernelShape::of(&wide, Kind::Float).unwrap();
-        assert_eq!(wide.layer_slot_bytes, 14336 * 4);
+        assert_eq!(wide.layer_slot_bytes, 14336 * 4 + 128);
 
         // Every compile-time constant the source uses is given.
         let options = tiny.options();
