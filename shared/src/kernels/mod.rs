@@ -79,8 +79,8 @@ const TILE_ROW_PAD_MAX: usize = 128;
 
 /// Bytes from one row of a ring tile to the next (`tile_pitch` in the
 /// source): the row padded to 64 more than a multiple of 128, so that the
-/// two rows half a warp reads at once fall in different banks of shared
-/// memory. A slot gets room for this padding on top of its weight bytes,
+/// two rows that eight lanes read in one shared-memory cycle fall in
+/// different banks. A slot gets room for this padding on top of its weight bytes,
 /// and is a multiple of 128 bytes, so that every slot starts in bank 0.
 fn tile_row_pitch(row_bytes: usize) -> usize {
     row_bytes + (64 + TILE_ROW_PAD_MAX - row_bytes % TILE_ROW_PAD_MAX) % TILE_ROW_PAD_MAX
