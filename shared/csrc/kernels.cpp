@@ -33,6 +33,28 @@ using CUcontext = void*;
 using nvrtcResult = int;
 using nvrtcProgram = void*;
 
+// cuLaunchKernelEx's configuration, as cuda.h lays it out (CUlaunchConfig
+// and CUlaunchAttribute): the launch's shape, then a list of attributes,
+// each an id and a 64-byte value of which only the first int is used here.
+struct LaunchAttribute {
+  unsigned id;
+  char pad[4];
+  union {
+    int flag;
+    char bytes[64];
+  } value;
+};
+struct LaunchConfig {
+  unsigned grid_x, grid_y, grid_z;
+  unsigned block_x, block_y, block_z;
+  unsigned shared_bytes;
+  cudaStream_t stream;
+  LaunchAttribute* attributes;
+  unsigned attribute_count;
+};
+constexpr unsigned LAUNCH_ATTRIBUTE_COOPERATIVE = 2;
+constexpr unsigned LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
+
 // The CUDA driver's entry points (libcuda, installed with the GPU driver).
 struct Driver {
   CUresult (*device_get)(int*, int);
@@ -46,6 +68,8 @@ struct Driver {
                             unsigned, cudaStream_t, void**, void**);
   CUresult (*launch_cooperative_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned,
                                         unsigned, unsigned, unsigned, cudaStream_t, void**);
+  // CUDA 12's launch with attributes; null with an older driver.
+  CUresult (*launch_kernel_ex)(const LaunchConfig*, CUfunction, void**, void**);
   CUresult (*occupancy_max_active_blocks)(int*, CUfunction, int, size_t);
   CUresult (*func_get_attribute)(int*, int, CUfunction);
   CUresult (*func_set_attribute)(CUfunction, int, int);
@@ -87,6 +111,8 @@ const Driver& driver() {
     bind(lib, "cuModuleGetFunction", d.module_get_function);
     bind(lib, "cuLaunchKernel", d.launch_kernel);
     bind(lib, "cuLaunchCooperativeKernel", d.launch_cooperative_kernel);
+    d.launch_kernel_ex =
+        reinterpret_cast<decltype(d.launch_kernel_ex)>(dlsym(lib, "cuLaunchKernelEx"));
     bind(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", d.occupancy_max_active_blocks);
     bind(lib, "cuFuncGetAttribute", d.func_get_attribute);
     bind(lib, "cuFuncSetAttribute", d.func_set_attribute);
@@ -257,20 +283,38 @@ int spark_kernels_reserve_shared(void* function, int device, int bytes, char* er
 // cooperative launch is one whose blocks are all resident at once (the
 // driver refuses a grid that does not fit), which a kernel that waits at
 // grid-wide barriers needs.
+//
+// `overlap_previous` asks for Hopper's programmatic dependent launch: the
+// kernel may start while the one before it on the stream is still running,
+// once every block of that one has said so (griddepcontrol.launch_dependents)
+// or exited. The kernel itself must then wait (griddepcontrol.wait) before
+// it touches anything the earlier kernel writes or reads. Where the driver
+// has no cuLaunchKernelEx the launch is an ordinary one, which is always
+// correct, only without the overlap.
 int spark_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y,
                          unsigned grid_z, unsigned block_x, unsigned shared_bytes, int cooperative,
-                         void** args, char* err, size_t err_len) {
+                         int overlap_previous, void** args, char* err, size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     CurrentDevice current(device);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
-    if (cooperative)
+    if (overlap_previous && driver().launch_kernel_ex != nullptr) {
+      LaunchAttribute attributes[2] = {};
+      attributes[0].id = LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attributes[0].value.flag = 1;
+      attributes[1].id = LAUNCH_ATTRIBUTE_COOPERATIVE;
+      attributes[1].value.flag = cooperative ? 1 : 0;
+      LaunchConfig config{grid_x, grid_y, grid_z, block_x, 1, 1, shared_bytes,
+                          stream, attributes, 2};
+      check(driver().launch_kernel_ex(&config, function, args, nullptr), "cuLaunchKernelEx");
+    } else if (cooperative) {
       check(driver().launch_cooperative_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1,
                                                shared_bytes, stream, args),
             "cuLaunchCooperativeKernel");
-    else
+    } else {
       check(driver().launch_kernel(function, grid_x, grid_y, grid_z, block_x, 1, 1, shared_bytes,
                                    stream, args, nullptr),
             "cuLaunchKernel");
+    }
   });
 }
 

@@ -1097,6 +1097,22 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched to overlap the
+// one before it on the stream starts once every block of that one has
+// executed launch_dependents (or exited), and must wait before it reads
+// what that kernel writes, or writes what it reads. Without such a launch
+// both are no-ops.
+__device__ __forceinline__ void grid_dependents_may_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependencies_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Every block's computing threads wait here until all have arrived; what
 // any of them wrote before is then visible to all. `arrivals` counts every
 // block's arrival at every barrier of the step (it is zeroed before the
@@ -1135,11 +1151,19 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
   }
+  // Kernels in a row: the next layer's kernel may be launched now (where
+  // the Rust side launched it to overlap this one). Its blocks take the
+  // multiprocessors that this kernel's blocks leave, one by one, and start
+  // filling their rings while the slowest blocks here still compute.
+  grid_dependents_may_launch();
   __syncthreads();
   if (threadIdx.x >= LAYER_CONSUMERS) {
-    fill_ring(p, ring);
+    fill_ring(p, ring);  // the weights: nothing an earlier kernel writes
     return;
   }
+  // Everything else waits for the kernels before this one (the previous
+  // layer) to have finished and their writes to be visible.
+  grid_dependencies_wait();
 
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;

@@ -132,6 +132,17 @@ fn layer_bulk_copy_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether, on a Hopper or later, each layer's `decode_layer` is launched
+/// so that it may start while the previous layer's is finishing (the
+/// default); `SPARK_DISAGG_LAYER_OVERLAP=0` launches them one after the
+/// other. The overlap is the weight ring's start: a block of the next
+/// layer takes a multiprocessor as soon as the last layer's block there
+/// exits, and its copying warp fills the ring with the qkv weights while
+/// the slowest blocks of the last layer still compute.
+fn layer_overlap_enabled() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_OVERLAP").map_or(true, |v| v.trim() != "0")
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KernelError {
     #[error(
@@ -304,6 +315,18 @@ impl KernelShape {
 struct Function(#[cfg_attr(not(cuda_bridge), allow(dead_code))] *mut c_void);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
+
+/// How a kernel is launched, besides its grid, block and shared memory.
+#[derive(Debug, Clone, Copy, Default)]
+struct LaunchMode {
+    /// All blocks resident at once, which the driver checks: a kernel that
+    /// waits at grid-wide barriers needs it.
+    cooperative: bool,
+    /// The kernel may start while the one before it on the stream is still
+    /// running (Hopper's programmatic dependent launch), once that one
+    /// allows it; the kernel waits for it itself before reading its results.
+    overlap_previous: bool,
+}
 
 /// One kernel argument, as `cuLaunchKernel` takes it: by address.
 enum Arg {
@@ -574,6 +597,9 @@ pub struct DecodeKernels {
     layer_blocks: usize,
     /// `decode_layer`'s weight ring (None: the kernel cannot run here).
     layer_ring: Option<LayerRing>,
+    /// Whether a layer's kernel may start while the previous layer's is
+    /// finishing (see `layer_overlap_enabled`).
+    layer_overlap: bool,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -618,6 +644,7 @@ impl DecodeKernels {
         };
         let decode_layer = get("decode_layer")?;
         let layer_ring = layer_ring(decode_layer, index, shape);
+        let hopper = imp::shared_memory(decode_layer, index).is_ok_and(|m| m.capability >= 90);
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
@@ -632,6 +659,7 @@ impl DecodeKernels {
                 layer_kernel_enabled(),
             ),
             layer_ring,
+            layer_overlap: hopper && layer_overlap_enabled(),
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -686,7 +714,14 @@ impl DecodeKernels {
 
     fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
         let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
-        self.launch_with(function, grid, block, 0, false, &mut addresses);
+        self.launch_with(
+            function,
+            grid,
+            block,
+            0,
+            LaunchMode::default(),
+            &mut addresses,
+        );
     }
 
     fn launch_with(
@@ -695,7 +730,7 @@ impl DecodeKernels {
         grid: [usize; 3],
         block: usize,
         shared_bytes: usize,
-        cooperative: bool,
+        mode: LaunchMode,
         addresses: &mut [*mut c_void],
     ) {
         let grid = grid.map(|g| u32::try_from(g).expect("grid dimension fits in u32"));
@@ -708,7 +743,7 @@ impl DecodeKernels {
             grid,
             block as u32,
             shared_bytes as u32,
-            cooperative,
+            mode,
             addresses,
         ) {
             panic!("launching a decode kernel failed: {message}");
@@ -1129,12 +1164,16 @@ impl DecodeKernels {
         let mut addresses = [&mut params as *mut LayerParams as *mut c_void];
         let grid = [self.layer_blocks, 1, 1];
         let shared = ring.shared_bytes();
+        let mode = LaunchMode {
+            cooperative: true,
+            overlap_previous: self.layer_overlap,
+        };
         self.launch_with(
             self.decode_layer,
             grid,
             LAYER_THREADS,
             shared,
-            true,
+            mode,
             &mut addresses,
         );
     }
@@ -1234,7 +1273,7 @@ mod imp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CString};
     use std::sync::OnceLock;
 
-    use super::{Function, HashMap, KernelError, SharedMemory, SOURCE};
+    use super::{Function, HashMap, KernelError, LaunchMode, SharedMemory, SOURCE};
     use crate::cuda_bridge::call;
 
     extern "C" {
@@ -1297,6 +1336,7 @@ mod imp {
             block_x: c_uint,
             shared_bytes: c_uint,
             cooperative: c_int,
+            overlap_previous: c_int,
             args: *mut *mut c_void,
             err: *mut c_char,
             err_len: usize,
@@ -1510,7 +1550,7 @@ mod imp {
         grid: [u32; 3],
         block: u32,
         shared_bytes: u32,
-        cooperative: bool,
+        mode: LaunchMode,
         args: &mut [*mut c_void],
     ) -> Result<(), String> {
         // SAFETY: `args` holds one pointer per kernel parameter, each to a
@@ -1526,7 +1566,8 @@ mod imp {
                 grid[2],
                 block,
                 shared_bytes,
-                cooperative as c_int,
+                mode.cooperative as c_int,
+                mode.overlap_previous as c_int,
                 args.as_mut_ptr(),
                 err,
                 len,
@@ -1539,7 +1580,7 @@ mod imp {
 mod imp {
     use std::ffi::c_void;
 
-    use super::{Function, HashMap, KernelError, SharedMemory};
+    use super::{Function, HashMap, KernelError, LaunchMode, SharedMemory};
 
     pub fn compile(
         _device: usize,
@@ -1575,7 +1616,7 @@ mod imp {
         _grid: [u32; 3],
         _block: u32,
         _shared_bytes: u32,
-        _cooperative: bool,
+        _mode: LaunchMode,
         _args: &mut [*mut c_void],
     ) -> Result<(), String> {
         Err(KernelError::NotCompiled.to_string())
