@@ -285,12 +285,14 @@ int spark_kernels_reserve_shared(void* function, int device, int bytes, char* er
 // grid-wide barriers needs.
 //
 // `overlap_previous` asks for Hopper's programmatic dependent launch: the
-// kernel may start while the one before it on the stream is still running,
-// once every block of that one has said so (griddepcontrol.launch_dependents)
-// or exited. The kernel itself must then wait (griddepcontrol.wait) before
-// it touches anything the earlier kernel writes or reads. Where the driver
-// has no cuLaunchKernelEx the launch is an ordinary one, which is always
-// correct, only without the overlap.
+// kernel may be launched while the one before it on the stream is still
+// running, once every block of that one has said so
+// (griddepcontrol.launch_dependents) or exited, and its blocks may start
+// as soon as they fit (for a cooperative kernel: all of them at once). The
+// kernel itself must then wait (griddepcontrol.wait) before it touches
+// anything the earlier kernel writes or reads. Where the driver has no
+// cuLaunchKernelEx the launch is an ordinary one, which is always correct,
+// only without the overlap.
 int spark_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y,
                          unsigned grid_z, unsigned block_x, unsigned shared_bytes, int cooperative,
                          int overlap_previous, void** args, char* err, size_t err_len) {

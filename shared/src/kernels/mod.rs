@@ -133,12 +133,12 @@ fn layer_bulk_copy_allowed() -> bool {
 }
 
 /// Whether, on a Hopper or later, each layer's `decode_layer` is launched
-/// so that it may start while the previous layer's is finishing (the
-/// default); `SPARK_DISAGG_LAYER_OVERLAP=0` launches them one after the
-/// other. The overlap is the weight ring's start: a block of the next
-/// layer takes a multiprocessor as soon as the last layer's block there
-/// exits, and its copying warp fills the ring with the qkv weights while
-/// the slowest blocks of the last layer still compute.
+/// with programmatic dependent launch (the default): the next layer's grid
+/// is launched while this one runs, so that its blocks start about half a
+/// microsecond after the last block of this one exits rather than one (the
+/// cooperative launch, which the grid barriers need, keeps them from
+/// starting any earlier). `SPARK_DISAGG_LAYER_OVERLAP=0` launches each
+/// kernel after the last has finished.
 fn layer_overlap_enabled() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_OVERLAP").map_or(true, |v| v.trim() != "0")
 }
@@ -322,9 +322,10 @@ struct LaunchMode {
     /// All blocks resident at once, which the driver checks: a kernel that
     /// waits at grid-wide barriers needs it.
     cooperative: bool,
-    /// The kernel may start while the one before it on the stream is still
-    /// running (Hopper's programmatic dependent launch), once that one
+    /// The kernel may be launched while the one before it on the stream is
+    /// still running (Hopper's programmatic dependent launch), once that one
     /// allows it; the kernel waits for it itself before reading its results.
+    /// A cooperative kernel's blocks still start only when all of them fit.
     overlap_previous: bool,
 }
 
@@ -597,6 +598,9 @@ pub struct DecodeKernels {
     layer_blocks: usize,
     /// `decode_layer`'s weight ring (None: the kernel cannot run here).
     layer_ring: Option<LayerRing>,
+    /// Compute capability 9.0 or later: kernels can be launched to overlap
+    /// the one before them.
+    hopper: bool,
     /// Whether a layer's kernel may start while the previous layer's is
     /// finishing (see `layer_overlap_enabled`).
     layer_overlap: bool,
@@ -659,6 +663,7 @@ impl DecodeKernels {
                 layer_kernel_enabled(),
             ),
             layer_ring,
+            hopper,
             layer_overlap: hopper && layer_overlap_enabled(),
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
@@ -695,6 +700,17 @@ impl DecodeKernels {
     /// (`decode_layer`) rather than seven launches.
     pub fn layer_kernel(&self) -> bool {
         self.layer_blocks > 0 && self.matvec_limit > 0
+    }
+
+    /// The same kernels with each layer kernel launched while the one before
+    /// it runs (programmatic dependent launch), or after it (on by default
+    /// where the GPU can, a Hopper or later, unless
+    /// `SPARK_DISAGG_LAYER_OVERLAP=0`). Only timing changes.
+    pub fn with_layer_overlap(&self, on: bool) -> DecodeKernels {
+        DecodeKernels {
+            layer_overlap: on && self.hopper,
+            ..self.clone()
+        }
     }
 
     /// The same kernels with the persistent layer kernel on or off (it is

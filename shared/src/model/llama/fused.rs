@@ -408,6 +408,104 @@ mod tests {
         }
     }
 
+    /// One decode step's inputs over a pool of random keys and values: a
+    /// sequence at each of `positions`, its blocks given out in reverse
+    /// order (so that block tables are not the identity).
+    struct StepInputs {
+        tokens: Tensor,
+        positions: Tensor,
+        write_slots: Tensor,
+        tables: Tensor,
+        block_size: usize,
+        pool: Vec<(Tensor, Tensor)>,
+    }
+
+    impl StepInputs {
+        fn new(config: &LlamaConfig, device: Device, positions: &[i64]) -> StepInputs {
+            let kind = Kind::BFloat16;
+            let (kv_heads, head_dim, block_size) = (2i64, config.head_dim() as i64, 16usize);
+            let max_blocks = 304 / block_size as i64;
+            let batch = positions.len() as i64;
+            let slots = batch * max_blocks * block_size as i64;
+            let pool = (0..config.num_hidden_layers)
+                .map(|_| {
+                    let cache = || Tensor::randn([slots, kv_heads, head_dim], (kind, device));
+                    (cache(), cache())
+                })
+                .collect();
+            let tables = Tensor::arange(batch * max_blocks, (Kind::Int64, device))
+                .flip([0])
+                .reshape([batch, max_blocks]);
+            let pos = Tensor::from_slice(positions).to_device(device);
+            let bs = block_size as i64;
+            let write_slots = tables
+                .gather(1, &pos.floor_divide_scalar(bs).unsqueeze(1), false)
+                .squeeze_dim(1)
+                * bs
+                + pos.remainder(bs);
+            let tokens = (Tensor::arange(batch, (Kind::Int64, device)) * 37).remainder(256);
+            StepInputs {
+                tokens,
+                positions: pos,
+                write_slots,
+                tables,
+                block_size,
+                pool,
+            }
+        }
+
+        /// A copy of the pool, for one run of the step to write into.
+        fn pool_copy(&self) -> Vec<(Tensor, Tensor)> {
+            self.pool
+                .iter()
+                .map(|(k, v)| (k.copy(), v.copy()))
+                .collect()
+        }
+
+        fn step<'a>(&'a self, layers: &'a [(Tensor, Tensor)]) -> PagedDecode<'a> {
+            PagedDecode {
+                tokens: &self.tokens,
+                positions: &self.positions,
+                write_slots: &self.write_slots,
+                block_tables: &self.tables,
+                block_size: self.block_size,
+                layers,
+            }
+        }
+    }
+
+    /// Launching each layer kernel while the one before it runs
+    /// (programmatic dependent launch, through `cuLaunchKernelEx`) changes
+    /// when it starts, never what it computes: the same logits and the same
+    /// pool as with plain launches, bit for bit (the kernels' sums run in a
+    /// fixed order).
+    #[test]
+    fn overlapping_layer_launches_change_no_result() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        let config = config();
+        let kernels = DecodeKernels::get(&config, Kind::BFloat16, device).unwrap();
+        assert!(kernels.takes_layer_kernel(3));
+        let model = Llama::random(config.clone(), 3, device, Kind::BFloat16);
+        let inputs = StepInputs::new(&config, device, &[0, 39, 299]);
+        let [(overlapped, overlapped_pool), (serial, serial_pool)] = [true, false].map(|on| {
+            let pool = inputs.pool_copy();
+            let logits = model.decode_fused(&kernels.with_layer_overlap(on), &inputs.step(&pool));
+            (logits, pool)
+        });
+        assert!(
+            overlapped.equal(&serial),
+            "logits differ by {}",
+            max_diff(&overlapped, &serial)
+        );
+        for (layer, ((ok, ov), (sk, sv))) in overlapped_pool.iter().zip(&serial_pool).enumerate() {
+            assert!(
+                ok.equal(sk) && ov.equal(sv),
+                "layer {layer}'s keys or values differ"
+            );
+        }
+    }
+
     fn check_decode_step(
         config: &LlamaConfig,
         kernels: &DecodeKernels,
@@ -415,47 +513,20 @@ mod tests {
         positions: &[i64],
     ) {
         let _no_grad = tch::no_grad_guard();
-        let kind = Kind::BFloat16;
-        let model = Llama::random(config.clone(), 3, device, kind);
-        let (kv_heads, head_dim, block_size) = (2i64, config.head_dim() as i64, 16usize);
-        let max_blocks = 304 / block_size as i64;
-        let batch = positions.len() as i64;
-        let slots = batch * max_blocks * block_size as i64;
-        let pool = |_| {
-            (0..config.num_hidden_layers)
-                .map(|_| {
-                    let cache = || Tensor::randn([slots, kv_heads, head_dim], (kind, device));
-                    (cache(), cache())
-                })
-                .collect::<Vec<_>>()
-        };
-        let fused_pool = pool(());
-        let reference_pool: Vec<(Tensor, Tensor)> = fused_pool
-            .iter()
-            .map(|(k, v)| (k.copy(), v.copy()))
-            .collect();
-        let tables = Tensor::arange(batch * max_blocks, (Kind::Int64, device))
-            .flip([0])
-            .reshape([batch, max_blocks]);
-        let pos = Tensor::from_slice(positions).to_device(device);
-        let bs = block_size as i64;
-        let write_slots = tables
-            .gather(1, &pos.floor_divide_scalar(bs).unsqueeze(1), false)
-            .squeeze_dim(1)
-            * bs
-            + pos.remainder(bs);
-        let tokens = (Tensor::arange(batch, (Kind::Int64, device)) * 37).remainder(256);
+        let model = Llama::random(config.clone(), 3, device, Kind::BFloat16);
+        let inputs = StepInputs::new(config, device, positions);
+        let fused_pool = inputs.pool_copy();
+        let reference_pool = inputs.pool_copy();
+        let fused = model.decode_fused(kernels, &inputs.step(&fused_pool));
 
-        let step = PagedDecode {
-            tokens: &tokens,
-            positions: &pos,
-            write_slots: &write_slots,
-            block_tables: &tables,
-            block_size,
-            layers: &fused_pool,
-        };
-        let fused = model.decode_fused(kernels, &step);
-
+        let (tables, pos, write_slots, tokens) = (
+            &inputs.tables,
+            &inputs.positions,
+            &inputs.write_slots,
+            &inputs.tokens,
+        );
+        let (batch, max_blocks) = tables.size2().expect("tables are [batch, max_blocks]");
+        let bs = inputs.block_size as i64;
         let context = max_blocks * bs;
         let offsets = Tensor::arange(bs, (Kind::Int64, device));
         let read_slots = (tables.unsqueeze(2) * bs + offsets.reshape([1, 1, bs])).reshape([-1]);
