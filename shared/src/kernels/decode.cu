@@ -1097,11 +1097,11 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-// Programmatic dependent launch (sm_90): a kernel launched to overlap the
-// one before it on the stream starts once every block of that one has
-// executed launch_dependents (or exited), and must wait before it reads
-// what that kernel writes, or writes what it reads. Without such a launch
-// both are no-ops.
+// Programmatic dependent launch (sm_90): a kernel launched with it is
+// launched once every block of the kernel before it on the stream has
+// executed launch_dependents (or exited), its blocks start as soon as they
+// fit, and it must wait before it reads what that kernel writes, or writes
+// what it reads. Without such a launch both are no-ops.
 __device__ __forceinline__ void grid_dependents_may_launch() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

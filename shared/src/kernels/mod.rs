@@ -598,11 +598,11 @@ pub struct DecodeKernels {
     layer_blocks: usize,
     /// `decode_layer`'s weight ring (None: the kernel cannot run here).
     layer_ring: Option<LayerRing>,
-    /// Compute capability 9.0 or later: kernels can be launched to overlap
-    /// the one before them.
+    /// Compute capability 9.0 or later: a kernel can be launched before the
+    /// one ahead of it ends (programmatic dependent launch).
     hopper: bool,
-    /// Whether a layer's kernel may start while the previous layer's is
-    /// finishing (see `layer_overlap_enabled`).
+    /// Whether a layer's kernel is launched while the previous layer's
+    /// runs (see `layer_overlap_enabled`).
     layer_overlap: bool,
 
     rms_norm: Function,
