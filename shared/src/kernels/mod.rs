@@ -317,7 +317,9 @@ unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
 /// How a kernel is launched, besides its grid, block and shared memory.
+/// (Without the CUDA bridge nothing is launched, and nothing reads it.)
 #[derive(Debug, Clone, Copy, Default)]
+#[cfg_attr(not(cuda_bridge), allow(dead_code))]
 struct LaunchMode {
     /// All blocks resident at once, which the driver checks: a kernel that
     /// waits at grid-wide barriers needs it.
