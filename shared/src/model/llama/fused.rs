@@ -392,7 +392,15 @@ mod tests {
             num_attention_heads: 16,
             ..config()
         };
-        for config in [config(), wide] {
+        // Rows of 5632, as TinyLlama's down projection: two to a tile of
+        // the layer kernel's ring, which `dot_tile` reads rather than the
+        // tensor cores (the configurations above have eight to a tile).
+        let long_rows = LlamaConfig {
+            intermediate_size: 5632,
+            num_hidden_layers: 2,
+            ..config()
+        };
+        for config in [config(), wide, long_rows] {
             let kernels = DecodeKernels::get(&config, Kind::BFloat16, device).unwrap();
             assert!(
                 kernels.takes_layer_kernel(1) && kernels.takes_layer_kernel(3),
