@@ -73,17 +73,29 @@ fn requests(vocab: u32) -> Vec<Request> {
 
 fn run(model: Llama, decode: DecodeMode) -> (Vec<Vec<u32>>, Engine) {
     let vocab = model.config().vocab_size as u32;
+    run_requests(model, decode, requests(vocab))
+}
+
+/// Each request's tokens, in the order of `requests`.
+fn run_requests(
+    model: Llama,
+    decode: DecodeMode,
+    requests: Vec<Request>,
+) -> (Vec<Vec<u32>>, Engine) {
     let mut engine = Engine::new(model, config(decode), vec![]).unwrap();
-    let requests = requests(vocab);
-    let n = requests.len();
+    let ids: Vec<u64> = requests.iter().map(|r| r.id).collect();
     for request in requests {
         engine.add_request(request, None).unwrap();
     }
-    let mut tokens = vec![Vec::new(); n];
+    let mut tokens = vec![Vec::new(); ids.len()];
     while engine.has_unfinished() {
         for event in engine.step() {
             if let TokenEvent::Token { id, token } = event {
-                tokens[id as usize].push(token);
+                let index = ids
+                    .iter()
+                    .position(|&i| i == id)
+                    .expect("a request of ours");
+                tokens[index].push(token);
             }
         }
     }
@@ -101,6 +113,33 @@ fn padded_decode_steps_give_the_eager_tokens() {
         assert_eq!(e, p, "request {i}");
     }
     assert_eq!(engine.stats().blocks_in_use, 0, "every block released");
+}
+
+/// A padded step takes every row's arg-max itself; a row that samples
+/// instead must still get its own logits, next to greedy rows of the same
+/// step: each request gives the tokens it gives when it runs alone.
+#[test]
+fn padded_decode_steps_sample_next_to_greedy_rows() {
+    let vocab = tiny_model(Device::Cpu).config().vocab_size as u32;
+    let mixed: Vec<Request> = requests(vocab)
+        .into_iter()
+        .map(|mut r| {
+            if r.id % 2 == 1 {
+                r.params.temperature = 0.8;
+                r.params.seed = r.id;
+            }
+            r
+        })
+        .collect();
+    let (together, _) = run_requests(tiny_model(Device::Cpu), DecodeMode::Padded, mixed.clone());
+    let (greedy, _) = run(tiny_model(Device::Cpu), DecodeMode::Eager);
+    for (i, request) in mixed.into_iter().enumerate() {
+        let (alone, _) = run_requests(tiny_model(Device::Cpu), DecodeMode::Eager, vec![request]);
+        assert_eq!(together[i], alone[0], "request {i}");
+        if i % 2 == 1 {
+            assert_ne!(together[i], greedy[i], "request {i} sampled, not greedy");
+        }
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use shared::engine::generate::{generate, FinishReason};
 use shared::engine::sampling::SamplingParams;
-use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
+use shared::engine::{DecodeMode, Engine, EngineConfig, EngineError, Request, TokenEvent};
 use shared::model::llama::Llama;
 use shared::model::LoadedModel;
 use tch::{Device, Kind};
@@ -294,6 +294,54 @@ fn impossible_requests_are_refused_with_reasons() {
         .add_request(Request::new(3, vec![500], SamplingParams::greedy(1)), None)
         .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+/// The bare decode step is timed on stand-in sequences with blocks of their
+/// own, so that it attends over the whole context: each writes its new key
+/// at its last position (not into the padding block, as a row of padding
+/// does), and every block goes back to the pool afterwards.
+#[test]
+fn a_timed_decode_step_runs_on_blocks_of_its_own_and_returns_them() {
+    let mut engine = Engine::new(tiny_model(9), config(64, 64), vec![]).unwrap();
+    let written_slots = |engine: &Engine| -> Vec<i64> {
+        let keys =
+            engine
+                .pool()
+                .layer(0, 0)
+                .abs()
+                .sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
+        Vec::try_from(&keys.gt(0.0).nonzero().reshape([-1])).unwrap()
+    };
+    assert!(written_slots(&engine).is_empty(), "a new pool holds zeros");
+
+    let ms = engine.time_decode_step(3, 10, 1).unwrap();
+    assert!(ms > 0.0);
+    // Three stand-ins, padded to a bucket of four: each writes position 9,
+    // offset 1 in its third block of 4 tokens; the padding row writes
+    // offset 0 of the padding block.
+    let padding_slot = engine.pool().padding_block() as i64 * 4;
+    let written = written_slots(&engine);
+    assert_eq!(
+        written.iter().filter(|&&s| s % 4 == 1).count(),
+        3,
+        "{written:?}"
+    );
+    assert_eq!(
+        written.iter().filter(|&&s| s == padding_slot).count(),
+        1,
+        "{written:?}"
+    );
+    assert_eq!(written.len(), 4, "{written:?}");
+    assert_eq!(engine.stats().blocks_in_use, 0, "every block given back");
+
+    // 8 sequences of 100 tokens need 200 blocks; the pool has 64.
+    let err = engine.time_decode_step(8, 100, 1).unwrap_err();
+    assert!(
+        matches!(err, EngineError::NoRoomToTime { needed: 200, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--kv-cache-gb"), "{err}");
+    assert_eq!(engine.stats().blocks_in_use, 0);
 }
 
 #[test]

@@ -25,7 +25,7 @@ use std::ffi::c_int;
 
 use tch::Device;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum CudaGraphError {
     #[error(
         "this build has no CUDA graph support (libtorch without CUDA, or CUDA's headers were \

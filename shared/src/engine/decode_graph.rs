@@ -19,7 +19,12 @@
 //! ```
 //!
 //! The slots to read and the mask are computed *inside* the step from the
-//! block table and the positions, so they are part of the graph.
+//! block table and the positions, so they are part of the graph. So is the
+//! greedy choice, each row's arg-max: the engine copies back one token id
+//! per row and takes a row of logits out (an operation of its own, a few
+//! microseconds of CPU) only where a sequence samples. Before, every row's
+//! logits were taken out and stacked for an arg-max after the step: 128
+//! small operations per step at batch 128, while the GPU waited.
 //!
 //! One graph is captured per `(batch, context)` bucket the first time it is
 //! needed (a warm-up run, then the capture) and kept, up to
@@ -121,8 +126,18 @@ struct StaticStep {
     inputs: Tensor,
     /// `[batch, vocab]`: written by every run of the step.
     logits: Tensor,
+    /// `[batch]`: each row's arg-max of `logits`, also written by every run.
+    greedy: Tensor,
     graph: Option<CudaGraph>,
     last_used: u64,
+}
+
+/// What a decode step gives back for its real rows.
+pub struct DecodeOutput {
+    /// `[rows, vocab]`, for the rows that sample.
+    pub logits: Tensor,
+    /// `[rows]` (int64): each row's greedy token, the arg-max of its logits.
+    pub greedy: Tensor,
 }
 
 /// Decode steps padded to buckets, with a graph per bucket.
@@ -193,25 +208,23 @@ impl DecodeGraphs {
     }
 
     /// Runs one decode step for `chunks` (one new token each) and returns
-    /// the logits `[chunks.len(), vocab]`, or `None` when the batch is too
-    /// large for a bucket (the caller runs it eagerly).
+    /// its outputs for those rows, or `None` when the batch is too large for
+    /// a bucket (the caller runs it eagerly).
     ///
-    /// The logits are a view of the bucket's output buffer: read them before
-    /// the next call.
+    /// The outputs are views of the bucket's buffers: read them before the
+    /// next call.
     pub fn forward(
         &mut self,
         model: &Llama,
         pool: &KvPool,
         chunks: &[ChunkInput<'_>],
-    ) -> Result<Option<Tensor>, CudaGraphError> {
+    ) -> Result<Option<DecodeOutput>, CudaGraphError> {
         debug_assert!(chunks.iter().all(|c| c.tokens.len() == 1));
         let batch = chunks.len();
         if batch == 0 || batch > MAX_BATCH {
             return Ok(None);
         }
-        let bs = pool.block_size();
-        let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
-        let key = (batch_bucket(batch), context_bucket(longest, bs));
+        let key = bucket(pool, chunks);
         self.clock += 1;
         self.ensure_step(model, pool, key)?;
         let kernels = self.kernels.as_deref();
@@ -222,9 +235,15 @@ impl DecodeGraphs {
         step.inputs.copy_(&Tensor::from_slice(&host));
         match &step.graph {
             Some(graph) => graph.replay()?,
-            None => step.logits = static_step(model, pool, &step.inputs, key, kernels),
+            None => {
+                (step.logits, step.greedy) = static_step(model, pool, &step.inputs, key, kernels)
+            }
         }
-        Ok(Some(step.logits.narrow(0, 0, batch as i64)))
+        let rows = batch as i64;
+        Ok(Some(DecodeOutput {
+            logits: step.logits.narrow(0, 0, rows),
+            greedy: step.greedy.narrow(0, 0, rows),
+        }))
     }
 
     /// Prepares (with graphs: captures) every bucket that decode steps of
@@ -256,27 +275,27 @@ impl DecodeGraphs {
         Ok(new)
     }
 
-    /// Times the bare decode step of one bucket: every row is padding, so no
-    /// sequence is touched, and there is no scheduling and no sampling.
+    /// Times the bare decode step of `rows` (one new token each, at most
+    /// [`MAX_BATCH`]): the step alone, with no scheduling and no sampling.
     /// Runs it `iters` times, each followed by a device sync, and returns
     /// milliseconds per step. This separates the step's own cost from
     /// everything a served batch adds around it.
+    ///
+    /// The step writes each row's new key and value into its slot, as a
+    /// served step does: the rows' blocks are the caller's.
     pub fn time_step(
         &mut self,
         model: &Llama,
         pool: &KvPool,
-        batch: usize,
-        context: usize,
+        rows: &[ChunkInput<'_>],
         iters: usize,
     ) -> Result<f64, CudaGraphError> {
-        let key = (
-            batch_bucket(batch.min(MAX_BATCH)),
-            context_bucket(context, pool.block_size()),
-        );
+        debug_assert!(rows.len() <= MAX_BATCH && rows.iter().all(|c| c.tokens.len() == 1));
+        let key = bucket(pool, rows);
         self.ensure_step(model, pool, key)?;
         let kernels = self.kernels.as_deref();
         let step = self.steps.get_mut(&key).expect("inserted above");
-        let host = Tensor::from_slice(&pack_inputs(pool, &[], key));
+        let host = Tensor::from_slice(&pack_inputs(pool, rows, key));
         let sync = || {
             if let Device::Cuda(index) = model.device() {
                 tch::Cuda::synchronize(index as i64);
@@ -288,7 +307,10 @@ impl DecodeGraphs {
             step.inputs.copy_(&host);
             match &step.graph {
                 Some(graph) => graph.replay()?,
-                None => step.logits = static_step(model, pool, &step.inputs, key, kernels),
+                None => {
+                    (step.logits, step.greedy) =
+                        static_step(model, pool, &step.inputs, key, kernels)
+                }
             }
             sync();
         }
@@ -337,10 +359,11 @@ impl DecodeGraphs {
         let inputs = Tensor::from_slice(&host).to_device(model.device());
         let kernels = self.kernels.as_deref();
         let Some(graph_pool) = self.pool else {
-            let logits = static_step(model, pool, &inputs, key, kernels);
+            let (logits, greedy) = static_step(model, pool, &inputs, key, kernels);
             return Ok(StaticStep {
                 inputs,
                 logits,
+                greedy,
                 graph: None,
                 last_used: self.clock,
             });
@@ -354,7 +377,7 @@ impl DecodeGraphs {
             static_step(model, pool, &inputs, key, kernels)
         });
         CudaGraph::set_cudnn_attention(cudnn_before);
-        let (graph, logits) = captured?;
+        let (graph, (logits, greedy)) = captured?;
         self.captures += 1;
         tracing::debug!(
             batch = key.0,
@@ -364,10 +387,20 @@ impl DecodeGraphs {
         Ok(StaticStep {
             inputs,
             logits,
+            greedy,
             graph: Some(graph),
             last_used: self.clock,
         })
     }
+}
+
+/// The `(batch, context)` bucket of a decode step of `chunks`.
+fn bucket(pool: &KvPool, chunks: &[ChunkInput<'_>]) -> (usize, usize) {
+    let longest = chunks.iter().map(|c| c.start + 1).max().unwrap_or(1);
+    (
+        batch_bucket(chunks.len().max(1)),
+        context_bucket(longest, pool.block_size()),
+    )
 }
 
 /// The host side of `inputs` for a bucket: real rows first, then padding
@@ -402,10 +435,23 @@ fn pack_inputs(
     [tokens, positions, writes, tables].concat()
 }
 
-/// The padded decode step, from the static inputs to the logits. Everything
-/// here runs on the device with shapes fixed by the bucket, so it can be
-/// captured.
+/// The padded decode step, from the static inputs to the logits and each
+/// row's arg-max. Everything here runs on the device with shapes fixed by
+/// the bucket, so it can be captured.
 fn static_step(
+    model: &Llama,
+    pool: &KvPool,
+    inputs: &Tensor,
+    key: (usize, usize),
+    kernels: Option<&DecodeKernels>,
+) -> (Tensor, Tensor) {
+    let logits = step_logits(model, pool, inputs, key, kernels);
+    let greedy = logits.argmax(-1, false);
+    (logits, greedy)
+}
+
+/// The padded decode step's logits `[batch, vocab]`.
+fn step_logits(
     model: &Llama,
     pool: &KvPool,
     inputs: &Tensor,
