@@ -87,6 +87,11 @@ struct BenchArgs {
     /// always, at most 4.
     #[arg(long, default_value_t = 1)]
     matvec_max_batch: usize,
+    /// Read each decode step's tokens before queueing the next step (by
+    /// default the next one is queued first when it can be; see
+    /// shared::engine::Engine::step).
+    #[arg(long)]
+    no_decode_ahead: bool,
     /// Also run Hugging Face transformers on the same workload, one or more
     /// of: hf-generate (or hf), hf-loop, hf-compiled (comma-separated; see
     /// bench/peers/hf_generate.py).
@@ -293,6 +298,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     engine_config.cudnn_attention = args.cudnn_attention;
     engine_config.fused_kernels = !args.no_fused_kernels;
     engine_config.matvec_max_batch = args.matvec_max_batch;
+    engine_config.decode_ahead = !args.no_decode_ahead;
     let largest = args
         .batch_sizes
         .iter()
@@ -393,6 +399,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             fused_kernels: engine.fused_kernels(),
             matvec_max_batch: engine.matvec_limit(),
             layer_kernel: engine.layer_kernel(),
+            decode_ahead: engine.decode_ahead(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,
             date: device::today(),

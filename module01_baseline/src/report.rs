@@ -31,6 +31,11 @@ pub struct Setup {
     /// results from before that kernel).
     #[serde(default)]
     pub layer_kernel: bool,
+    /// Whether each decode step was queued before the previous step's
+    /// tokens were read (`EngineConfig::decode_ahead`; false in results
+    /// from before it).
+    #[serde(default)]
+    pub decode_ahead: bool,
     pub kv_cache_blocks: usize,
     pub max_num_batched_tokens: usize,
     pub date: String,
@@ -139,7 +144,7 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
     let s = &report.setup;
     let c = &report.config;
     let mut out = format!(
-        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}, {} decode steps{}\n\
+        "module01_baseline bench: {} ({:.0}M params) on {} [{}], {}, {} decode steps{}{}\n\
          prompt {} tokens, output {} tokens, KV pool {} blocks, token budget {}/step\n\n",
         s.model,
         s.parameters as f64 / 1e6,
@@ -148,6 +153,7 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
         s.dtype,
         s.decode,
         fused_kernels_note(s),
+        if s.decode_ahead { ", queued ahead" } else { "" },
         c.prompt_len,
         c.output_len,
         if redact {

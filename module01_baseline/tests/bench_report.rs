@@ -74,6 +74,7 @@ fn report(with_peer: bool) -> BenchReport {
             fused_kernels: false,
             matvec_max_batch: None,
             layer_kernel: false,
+            decode_ahead: false,
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
             date: "today".into(),
@@ -197,4 +198,6 @@ fn table_names_the_matrix_vector_limit() {
     assert!(first(&report).ends_with("on fused kernels"));
     report.setup.fused_kernels = false;
     assert!(!first(&report).contains("fused"));
+    report.setup.decode_ahead = true;
+    assert!(first(&report).ends_with("decode steps, queued ahead"));
 }

@@ -8,6 +8,7 @@
 
 mod common;
 
+use shared::engine::metrics::EngineStats;
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{DecodeMode, Engine, EngineConfig, Request, TokenEvent};
 use shared::model::llama::Llama;
@@ -52,6 +53,7 @@ fn config(decode: DecodeMode) -> EngineConfig {
         cudnn_attention: false,
         fused_kernels: true,
         matvec_max_batch: 4,
+        decode_ahead: true,
     }
 }
 
@@ -82,7 +84,15 @@ fn run_requests(
     decode: DecodeMode,
     requests: Vec<Request>,
 ) -> (Vec<Vec<u32>>, Engine) {
-    let mut engine = Engine::new(model, config(decode), vec![]).unwrap();
+    run_requests_with(model, config(decode), requests)
+}
+
+fn run_requests_with(
+    model: Llama,
+    config: EngineConfig,
+    requests: Vec<Request>,
+) -> (Vec<Vec<u32>>, Engine) {
+    let mut engine = Engine::new(model, config, vec![]).unwrap();
     let ids: Vec<u64> = requests.iter().map(|r| r.id).collect();
     for request in requests {
         engine.add_request(request, None).unwrap();
@@ -142,6 +152,93 @@ fn padded_decode_steps_sample_next_to_greedy_rows() {
     }
 }
 
+/// Steps queued ahead (before the previous step's tokens are read) give
+/// the tokens of steps queued one at a time, and are used.
+#[test]
+fn decode_steps_queued_ahead_give_the_same_tokens() {
+    let (ahead, engine) = run(tiny_model(Device::Cpu), DecodeMode::Padded);
+    let stats = engine.stats();
+    let (one_at_a_time, engine) = run_requests_with(
+        tiny_model(Device::Cpu),
+        EngineConfig {
+            decode_ahead: false,
+            ..config(DecodeMode::Padded)
+        },
+        requests(tiny_model(Device::Cpu).config().vocab_size as u32),
+    );
+    assert_eq!(ahead, one_at_a_time);
+    assert!(stats.steps_ahead_used > 10, "{stats:?}");
+    let off = engine.stats();
+    assert_eq!((off.steps_ahead_used, off.steps_ahead_dropped), (0, 0));
+    // The steps are the same ones, merely queued earlier.
+    assert_eq!(stats.steps, off.steps);
+}
+
+/// A step queued ahead that turns out not to be the next one — a sequence
+/// drew its end token, a request arrived, one was cancelled — is dropped,
+/// and nothing it did shows in any request's tokens or in the pool.
+#[test]
+fn decode_steps_queued_ahead_are_dropped_when_the_batch_changes() {
+    let vocab = tiny_model(Device::Cpu).config().vocab_size as u32;
+    // The end token: one that request 5 draws halfway (found with none).
+    let (plain, _) = run_events(false, vec![]);
+    let eos = plain[5][10];
+    let (ahead, with) = run_events(true, vec![eos]);
+    let (one_at_a_time, without) = run_events(false, vec![eos]);
+    assert_eq!(ahead, one_at_a_time);
+    assert!(
+        ahead[5].len() < plain[5].len(),
+        "the end token stopped request 5"
+    );
+    assert!(
+        with.steps_ahead_used > 0 && with.steps_ahead_dropped > 0,
+        "{with:?}"
+    );
+    assert_eq!(
+        (without.steps_ahead_used, without.steps_ahead_dropped),
+        (0, 0)
+    );
+    for stats in [with, without] {
+        assert_eq!(stats.blocks_in_use, 0, "every block released");
+    }
+    assert!(vocab > eos);
+}
+
+/// The six requests (stopping at `eos`, not at a fixed length), a seventh
+/// that arrives after 12 steps, and request 3 cancelled after 20: each
+/// request's tokens (the seventh's last) and the engine's statistics.
+fn run_events(decode_ahead: bool, eos: Vec<u32>) -> (Vec<Vec<u32>>, EngineStats) {
+    let model = tiny_model(Device::Cpu);
+    let vocab = model.config().vocab_size as u32;
+    let config = EngineConfig {
+        decode_ahead,
+        ..config(DecodeMode::Padded)
+    };
+    let mut engine = Engine::new(model, config, eos).unwrap();
+    for mut request in requests(vocab) {
+        request.params.ignore_eos = false;
+        engine.add_request(request, None).unwrap();
+    }
+    let late = Request::new(6, vec![5, 9, 2, 7, 11], SamplingParams::greedy(12));
+    let mut tokens = vec![Vec::new(); 7];
+    let mut steps = 0;
+    while engine.has_unfinished() {
+        steps += 1;
+        if steps == 12 {
+            engine.add_request(late.clone(), None).unwrap();
+        }
+        if steps == 20 {
+            assert!(engine.cancel(3), "request 3 still runs after 20 steps");
+        }
+        for event in engine.step() {
+            if let TokenEvent::Token { id, token } = event {
+                tokens[id as usize].push(token);
+            }
+        }
+    }
+    (tokens, engine.stats())
+}
+
 #[test]
 fn padded_decode_steps_on_the_real_model() {
     let loaded =
@@ -189,6 +286,8 @@ fn cuda_graph_decode_steps_give_the_eager_tokens() {
         // A few batch buckets (8, 4, 2, 1) times two context buckets.
         let captured = engine.graphs_captured();
         assert!((2..=10).contains(&captured), "{captured} graphs");
+        // With real graphs the steps queued ahead overlap the host's work.
+        assert!(engine.stats().steps_ahead_used > 10, "{:?}", engine.stats());
     } else {
         assert_eq!(
             engine.decode_mode(),

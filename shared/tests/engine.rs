@@ -34,6 +34,7 @@ fn config(num_blocks: usize, budget: usize) -> EngineConfig {
         cudnn_attention: false,
         fused_kernels: true,
         matvec_max_batch: 4,
+        decode_ahead: true,
     }
 }
 

@@ -39,6 +39,11 @@ pub enum CudaGraphError {
         stage: &'static str,
         message: String,
     },
+    #[error("copy between host and GPU ({stage}) failed: {message}")]
+    HostCopy {
+        stage: &'static str,
+        message: String,
+    },
 }
 
 /// A memory pool shared by several graphs. Graphs captured into the same

@@ -46,6 +46,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::cuda_graph::{CudaGraph, CudaGraphError, GraphPool};
+use super::host_copy::copy_to_device;
 use super::runner::{ChunkInput, PagedAttention};
 use crate::kernels::DecodeKernels;
 use crate::kv::pool::KvPool;
@@ -211,8 +212,9 @@ impl DecodeGraphs {
     /// its outputs for those rows, or `None` when the batch is too large for
     /// a bucket (the caller runs it eagerly).
     ///
-    /// The outputs are views of the bucket's buffers: read them before the
-    /// next call.
+    /// The step is queued on the device, not waited for. The outputs are
+    /// views of the bucket's buffers: read them before the bucket's next
+    /// step runs.
     pub fn forward(
         &mut self,
         model: &Llama,
@@ -225,25 +227,62 @@ impl DecodeGraphs {
             return Ok(None);
         }
         let key = bucket(pool, chunks);
-        self.clock += 1;
         self.ensure_step(model, pool, key)?;
-        let kernels = self.kernels.as_deref();
-        let step = self.steps.get_mut(&key).expect("inserted above");
-        step.last_used = self.clock;
+        self.launch(model, pool, chunks, key, None).map(Some)
+    }
 
-        let host = pack_inputs(pool, chunks, key);
-        step.inputs.copy_(&Tensor::from_slice(&host));
+    /// Queues the decode step after one that is still running, for the
+    /// same sequences one position further on. The host does not know
+    /// their tokens yet: each row's token is copied on the device from
+    /// `tokens`, the greedy tokens of the step before (`rows` give the
+    /// block tables and the new positions; their own tokens are not read).
+    ///
+    /// Returns `None` when that step's bucket is not prepared, since
+    /// preparing one (a capture) waits for the device, which is what
+    /// queueing ahead is meant to avoid.
+    pub fn forward_after(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        rows: &[ChunkInput<'_>],
+        tokens: &Tensor,
+    ) -> Result<Option<DecodeOutput>, CudaGraphError> {
+        let key = bucket(pool, rows);
+        if rows.is_empty() || rows.len() > MAX_BATCH || !self.steps.contains_key(&key) {
+            return Ok(None);
+        }
+        self.launch(model, pool, rows, key, Some(tokens)).map(Some)
+    }
+
+    /// Writes the inputs of a prepared bucket and runs (replays) its step.
+    fn launch(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        chunks: &[ChunkInput<'_>],
+        key: (usize, usize),
+        tokens_on_device: Option<&Tensor>,
+    ) -> Result<DecodeOutput, CudaGraphError> {
+        self.clock += 1;
+        let kernels = self.kernels.as_deref();
+        let step = self.steps.get_mut(&key).expect("the bucket is prepared");
+        step.last_used = self.clock;
+        let rows = chunks.len() as i64;
+        // Without waiting for the steps already queued (see `host_copy`).
+        copy_to_device(&mut step.inputs, &pack_inputs(pool, chunks, key))?;
+        if let Some(tokens) = tokens_on_device {
+            step.inputs.narrow(0, 0, rows).copy_(tokens);
+        }
         match &step.graph {
             Some(graph) => graph.replay()?,
             None => {
                 (step.logits, step.greedy) = static_step(model, pool, &step.inputs, key, kernels)
             }
         }
-        let rows = batch as i64;
-        Ok(Some(DecodeOutput {
+        Ok(DecodeOutput {
             logits: step.logits.narrow(0, 0, rows),
             greedy: step.greedy.narrow(0, 0, rows),
-        }))
+        })
     }
 
     /// Prepares (with graphs: captures) every bucket that decode steps of
@@ -327,16 +366,21 @@ impl DecodeGraphs {
         if self.steps.contains_key(&key) {
             return Ok(false);
         }
-        self.make_room();
+        self.make_room(model.device());
         let step = self.prepare(model, pool, key)?;
         self.steps.insert(key, step);
         Ok(true)
     }
 
     /// Drops the least recently used step when the table is full.
-    fn make_room(&mut self) {
+    fn make_room(&mut self, device: Device) {
         if self.steps.len() < MAX_GRAPHS {
             return;
+        }
+        // A step queued ahead and then not used may still be running on
+        // that graph's buffers; they must not be freed under it.
+        if let Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
         }
         let oldest = self
             .steps

@@ -79,4 +79,10 @@ pub struct EngineStats {
     pub prefix_cache_hit_rate: f64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Decode steps queued ahead, before the previous step's tokens were
+    /// read, and then used (see `EngineConfig::decode_ahead`).
+    pub steps_ahead_used: u64,
+    /// Decode steps queued ahead and then not used: a sequence stopped, or
+    /// the next step's batch turned out different.
+    pub steps_ahead_dropped: u64,
 }

@@ -6,6 +6,8 @@
 //! * [`runner`] — paged attention and batched forward passes;
 //! * [`decode_graph`] and [`cuda_graph`] — decode steps padded to fixed
 //!   shapes and replayed as CUDA graphs;
+//! * [`host_copy`] — reading a step's tokens without waiting for the step
+//!   queued after it;
 //! * [`core`] — the [`Engine`]: scheduler + runner + paged KV pool, plus the
 //!   `prefill` / `decode_from` halves that disaggregation splits apart;
 //! * [`handle`] — the engine on its own thread, with token streams;
@@ -16,6 +18,7 @@ pub mod cuda_graph;
 pub mod decode_graph;
 pub mod generate;
 pub mod handle;
+pub mod host_copy;
 pub mod metrics;
 pub mod request;
 pub mod runner;
