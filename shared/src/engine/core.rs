@@ -171,11 +171,12 @@ struct AheadStep {
 }
 
 impl AheadStep {
-    /// True when `plan` is this step: the same sequences, in the same
-    /// order, each decoding the token at the position it was queued for.
-    fn is_plan(&self, plan: &[ScheduledChunk], running: &[Sequence]) -> bool {
-        plan.len() == self.rows.len()
-            && plan.iter().zip(&self.rows).all(|(chunk, &(id, start))| {
+    /// True when `decodes`, a plan's one-token chunks, are this step: the
+    /// same sequences, in the same order, each decoding the token at the
+    /// position it was queued for.
+    fn is_step_of(&self, decodes: &[ScheduledChunk], running: &[Sequence]) -> bool {
+        decodes.len() == self.rows.len()
+            && decodes.iter().zip(&self.rows).all(|(chunk, &(id, start))| {
                 let seq = &running[chunk.index];
                 chunk.len == 1 && seq.id == id && seq.num_computed == start
             })
@@ -495,8 +496,9 @@ impl Engine {
     /// same sequences one token further (all decoding greedily, none
     /// at its length limit, nothing waiting), it is queued *before* this
     /// step's tokens are read, its tokens copied on the device from this
-    /// step's. The next call uses it if the plan is indeed that step; if
-    /// not (a sequence drew its end token, a request arrived), the queued
+    /// step's. The next call uses it if the plan's decodes are indeed that
+    /// step (a request that arrived meanwhile is prefilled beside it); if
+    /// not (a sequence drew its end token or was cancelled), the queued
     /// step is dropped, once the device is done with it. Either way the
     /// tokens are the same; only their timing changes.
     pub fn step(&mut self) -> Vec<StepOutput> {
@@ -622,9 +624,13 @@ impl Engine {
     /// Runs the planned chunks; returns a sampled token for each chunk that
     /// reached the end of its sequence's pending tokens.
     fn run(&mut self, plan: &[ScheduledChunk]) -> Vec<Option<u32>> {
-        // The step queued ahead last time is used if this plan is that step.
+        // All single-token chunks (the decodes) run as one batched step...
+        let singles: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].len == 1).collect();
+        // ... which may be the one queued ahead last time. A prompt that
+        // arrived since is prefilled beside it, below.
+        let decodes: Vec<ScheduledChunk> = singles.iter().map(|&i| plan[i]).collect();
         let queued = match self.ahead.take() {
-            Some(ahead) if ahead.is_plan(plan, &self.scheduler.running) => {
+            Some(ahead) if ahead.is_step_of(&decodes, &self.scheduler.running) => {
                 self.steps_ahead_used += 1;
                 Some(ahead.output)
             }
@@ -652,8 +658,6 @@ impl Engine {
         let mut row_of: Vec<(usize, i64)> = vec![(0, 0); plan.len()];
         // Each decode row's greedy token, where the decode step chose them.
         let mut step_greedy: Option<Tensor> = None;
-        // One batched forward for all single-token chunks (the decodes)...
-        let singles: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].len == 1).collect();
         if !singles.is_empty() {
             let inputs: Vec<ChunkInput> = singles.iter().map(|&i| input(&plan[i])).collect();
             let launched = match queued {
@@ -961,7 +965,7 @@ mod tests {
     }
 
     #[test]
-    fn a_plan_is_the_step_queued_ahead_only_with_its_rows_at_their_positions() {
+    fn decodes_are_the_step_queued_ahead_only_with_its_rows_at_their_positions() {
         let ahead = AheadStep {
             rows: vec![(1, 5), (2, 9)],
             output: DecodeOutput {
@@ -970,16 +974,16 @@ mod tests {
             },
         };
         let running = [decoding(1, 5), decoding(2, 9), decoding(3, 9)];
-        assert!(ahead.is_plan(&plan(&[(0, 1), (1, 1)]), &running));
+        assert!(ahead.is_step_of(&plan(&[(0, 1), (1, 1)]), &running));
         // Another sequence in a row's seat, or the rows in another order.
-        assert!(!ahead.is_plan(&plan(&[(0, 1), (2, 1)]), &running));
-        assert!(!ahead.is_plan(&plan(&[(1, 1), (0, 1)]), &running));
-        // A row more, a row less, a row that prefills.
-        assert!(!ahead.is_plan(&plan(&[(0, 1), (1, 1), (2, 1)]), &running));
-        assert!(!ahead.is_plan(&plan(&[(0, 1)]), &running));
-        assert!(!ahead.is_plan(&plan(&[(0, 1), (1, 2)]), &running));
+        assert!(!ahead.is_step_of(&plan(&[(0, 1), (2, 1)]), &running));
+        assert!(!ahead.is_step_of(&plan(&[(1, 1), (0, 1)]), &running));
+        // A row more, a row less, a row that is not a decode.
+        assert!(!ahead.is_step_of(&plan(&[(0, 1), (1, 1), (2, 1)]), &running));
+        assert!(!ahead.is_step_of(&plan(&[(0, 1)]), &running));
+        assert!(!ahead.is_step_of(&plan(&[(0, 1), (1, 2)]), &running));
         // A row at another position (its sequence was recomputed).
         let moved = [decoding(1, 5), decoding(2, 3)];
-        assert!(!ahead.is_plan(&plan(&[(0, 1), (1, 1)]), &moved));
+        assert!(!ahead.is_step_of(&plan(&[(0, 1), (1, 1)]), &moved));
     }
 }
