@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use module01_baseline::bench::{self, BenchConfig};
 use module01_baseline::peer::{self, PeerModel};
-use module01_baseline::report::{self, BenchReport, Memory, Roofline, Setup};
+use module01_baseline::report::{self, BenchReport, EngineSteps, Memory, Roofline, Setup};
 use shared::cli::ModelArgs;
 use shared::device;
 use shared::engine::generate::generate;
@@ -361,6 +361,13 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         result
     });
 
+    let stats = engine.stats();
+    let engine_steps = EngineSteps {
+        steps: stats.steps,
+        queued_ahead_used: stats.steps_ahead_used,
+        queued_ahead_dropped: stats.steps_ahead_dropped,
+    };
+
     let peers = if args.peer.is_empty() {
         Vec::new()
     } else {
@@ -416,6 +423,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             },
             kv_pool_mb: engine.pool().bytes() as f64 / 1e6,
         },
+        engine_steps: Some(engine_steps),
         roofline,
         peers,
         legacy_peer: None,

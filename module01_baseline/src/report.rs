@@ -73,6 +73,18 @@ pub struct Memory {
     pub kv_pool_mb: f64,
 }
 
+/// How the engine's steps went over the whole run, warm-up included.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineSteps {
+    /// Engine steps: prefill chunks, decodes, or both.
+    pub steps: u64,
+    /// Decode steps queued before the previous step's tokens were read, and
+    /// used (see `shared::engine::Engine::step`).
+    pub queued_ahead_used: u64,
+    /// Decode steps queued ahead and then dropped: their sequence stopped.
+    pub queued_ahead_dropped: u64,
+}
+
 /// Everything one `bench` run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
@@ -82,6 +94,9 @@ pub struct BenchReport {
     pub batches: Vec<BatchResult>,
     pub load: Option<LoadResult>,
     pub memory: Memory,
+    /// Absent in results from before decode steps were queued ahead.
+    #[serde(default)]
+    pub engine_steps: Option<EngineSteps>,
     pub roofline: Option<Roofline>,
     /// Other implementations on the same workload, in the order asked for.
     #[serde(default)]
@@ -273,6 +288,18 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
         m.gpu_used_mb.map_or("n/a".into(), |g| num(g, 0, redact)),
         num(m.kv_pool_mb, 0, redact),
     );
+    if let Some(e) = report
+        .engine_steps
+        .as_ref()
+        .filter(|_| report.setup.decode_ahead)
+    {
+        out += &format!(
+            "engine steps: {}; decode steps queued ahead: {} used, {} dropped\n",
+            num(e.steps as f64, 0, redact),
+            num(e.queued_ahead_used as f64, 0, redact),
+            num(e.queued_ahead_dropped as f64, 0, redact),
+        );
+    }
     if let Some(r) = &report.roofline {
         out += &format!(
             "roofline: batch-1 decode reads {} MB of weights; at {} GB/s the floor is {} ms; measured {} ms = {}x the floor\n",

@@ -2,7 +2,9 @@
 //! greedy output on the real model stays what it was.
 
 use module01_baseline::bench::{self, BenchConfig};
-use module01_baseline::report::{render_table, BenchReport, Memory, PeerResult, Setup};
+use module01_baseline::report::{
+    render_table, BenchReport, EngineSteps, Memory, PeerResult, Setup,
+};
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{Engine, EngineConfig, Request};
 use shared::model::config::LlamaConfig;
@@ -88,6 +90,7 @@ fn report(with_peer: bool) -> BenchReport {
             gpu_used_mb: None,
             kv_pool_mb: 1.0,
         },
+        engine_steps: None,
         roofline: None,
         peers,
         legacy_peer: None,
@@ -200,4 +203,23 @@ fn table_names_the_matrix_vector_limit() {
     assert!(!first(&report).contains("fused"));
     report.setup.decode_ahead = true;
     assert!(first(&report).ends_with("decode steps, queued ahead"));
+}
+
+/// With decode steps queued ahead, the table says how many were used and
+/// how many dropped.
+#[test]
+fn table_counts_the_steps_queued_ahead() {
+    let mut report = report(false);
+    report.engine_steps = Some(EngineSteps {
+        steps: 40,
+        queued_ahead_used: 31,
+        queued_ahead_dropped: 2,
+    });
+    let line = "engine steps: 40; decode steps queued ahead: 31 used, 2 dropped";
+    assert!(
+        !render_table(&report, false).contains(line),
+        "not queued ahead"
+    );
+    report.setup.decode_ahead = true;
+    assert!(render_table(&report, false).contains(line));
 }
