@@ -629,17 +629,13 @@ impl Engine {
         // ... which may be the one queued ahead last time. A prompt that
         // arrived since is prefilled beside it, below.
         let decodes: Vec<ScheduledChunk> = singles.iter().map(|&i| plan[i]).collect();
-        let queued = match self.ahead.take() {
-            Some(ahead) if ahead.is_step_of(&decodes, &self.scheduler.running) => {
-                self.steps_ahead_used += 1;
-                Some(ahead.output)
-            }
-            Some(ahead) => {
-                self.ahead = Some(ahead);
-                self.drop_ahead();
-                None
-            }
-            None => None,
+        let is_queued = |a: &AheadStep| a.is_step_of(&decodes, &self.scheduler.running);
+        let queued = if self.ahead.as_ref().is_some_and(is_queued) {
+            self.steps_ahead_used += 1;
+            self.ahead.take().map(|ahead| ahead.output)
+        } else {
+            self.drop_ahead();
+            None
         };
         let running = &self.scheduler.running;
         let input = |c: &ScheduledChunk| {
