@@ -706,6 +706,7 @@ impl Engine {
         // Greedy decode rows: the decode step took their arg-max already, so
         // the host needs only the token ids (one small copy, no kernel).
         if let Some(ids) = step_greedy.filter(|_| singles.iter().any(|&i| wanted(i) && greedy(i))) {
+            // ANCHOR: decode_ahead
             let copy = HostCopy::start(&ids)
                 .unwrap_or_else(|err| panic!("copying a decode step's tokens: {err}"));
             // The next step goes into the queue before this one's tokens
@@ -739,6 +740,7 @@ impl Engine {
                 .wait()
                 .unwrap_or_else(|err| panic!("waiting for a decode step's tokens: {err}"));
             let ids = Vec::<i64>::try_from(&ids).expect("arg-max gives int64");
+            // ANCHOR_END: decode_ahead
             for (row, &i) in singles.iter().enumerate() {
                 if wanted(i) && greedy(i) {
                     tokens[i] = Some(ids[row] as u32);
