@@ -24,6 +24,8 @@
 //   LAYER_TILE_ROWS   weight rows per tile, at most
 //   LAYER_BULK_COPY_ALLOWED  1: fill the ring with bulk copies on sm_90 and
 //                  later, 0: with cp.async everywhere
+//   ATTENTION_MMA_ALLOWED  1: attention_partial on the tensor cores where
+//                  it can be (16-bit types, sm_80 and later), 0: never
 //
 // NVRTC compiles without the CUDA toolkit's headers, so 16-bit floats are
 // handled as raw bits and converted by hand: the rounding is
@@ -31,6 +33,7 @@
 
 typedef unsigned short u16;
 typedef long long i64;
+typedef unsigned long long u64;
 
 #if SCALAR_KIND == 0
 typedef float scalar_t;
@@ -349,16 +352,6 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                  const i64* block_tables, const i64* positions, int kv_heads, int block_size,
-                  int max_blocks, float scale, float* part_acc, float* part_max, float* part_sum) {
-  __shared__ AttentionShared<GQA_GROUP> shared;
-  attention_part<GQA_GROUP>(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size,
-                            max_blocks, scale, part_acc, part_max, part_sum, blockIdx.x, 0,
-                            blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x, 0, shared);
-}
-
 // Dimension `d` of row `row` (= seq · heads + head): the softmax states of
 // all its partitions merged and normalised. The states are read
 // COMBINE_AHEAD partitions at a time, every load issued before any is
@@ -411,6 +404,361 @@ extern "C" __global__ void attention_combine(const float* part_acc, const float*
       from_float(combine_partitions(part_acc, part_max, part_sum, partitions, row, threadIdx.x));
 }
 // ANCHOR_END: paged_attention
+
+// ANCHOR: paged_attention_mma
+// The same partial attention on the tensor cores, for batched decode
+// (sm_80 and later, 16-bit models).
+//
+// `attention_part` does its dot products one multiply-add at a time, and
+// each lane keeps the queries and accumulators of all GQA_GROUP heads in
+// registers: about 200 of them for TinyLlama's group of 8, so that only
+// two blocks fit on a multiprocessor. At batch 32 it took 48 µs a layer on
+// the H100, where reading the layer's 19 MB of keys and values needs 6.
+// The query heads that share a key/value head form a small matrix, though:
+// Q is [group, HEAD_DIM], the partition's keys K are [PARTITION, HEAD_DIM],
+// and S = Q · Kᵀ and O = softmax(S) · V are two matrix products, which the
+// tensor cores take 16 × 8 × 16 at a time (FlashInfer's decode kernels do
+// the same for grouped-query models). The group is padded with zero rows
+// to the instruction's 16.
+//
+// A block of four warps copies the partition's key and value rows into
+// shared memory with asynchronous copies (through the block table; zeros
+// past the context), the values while the scores are being computed. Each
+// warp then takes a quarter of the tokens: its scores, their softmax and
+// its share of O, all in registers. The warps' results are merged through
+// shared memory and written as `attention_part` writes them, so
+// `attention_combine` is the same for both.
+#if ATTENTION_MMA_ALLOWED && __CUDA_ARCH__ >= 800 && SCALAR_KIND != 0 && HEAD_DIM % 16 == 0 && \
+    GQA_GROUP <= 16 && (PARTITION / (THREADS / 32) == 8 || PARTITION / (THREADS / 32) % 16 == 0)
+#define ATTENTION_MMA 1
+#else
+#define ATTENTION_MMA 0
+#endif
+
+#if __CUDA_ARCH__ >= 800
+// The 32-bit shared-memory address of a generic pointer into shared memory,
+// as the PTX instructions below take it.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  u64 address;
+  asm("cvta.to.shared.u64 %0, %1;" : "=l"(address) : "l"(p));
+  return static_cast<unsigned>(address);
+}
+#endif
+
+#if __CUDA_ARCH__ >= 800 && SCALAR_KIND != 0
+// d += a · b for a 16×16 tile of a (rows: inputs, columns: k) and a 16×8
+// tile of b (k by tile rows), on the tensor cores: one instruction for the
+// whole warp. Each lane holds a share of a, b and d as the instruction
+// defines it: with g = lane / 4 and t = lane % 4, a0 is a's row g, k = 2t
+// and 2t + 1, a1 row g + 8, a2 row g, k = 2t + 8 and 2t + 9, a3 row
+// g + 8; b0 is k = 2t and 2t + 1 of b's column g, b1 k = 2t + 8 and
+// 2t + 9; d0 and d1 are row g, columns 2t and 2t + 1 (d2 and d3 row g + 8).
+__device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                            unsigned a3, unsigned b0, unsigned b1) {
+#if SCALAR_KIND == 1
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#endif
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
+
+#if ATTENTION_MMA
+#define WARP_TOKENS (PARTITION / (THREADS / 32))  // tokens per warp
+#define SCORE_TILES (WARP_TOKENS / 8)              // its 8-token tiles of scores
+#define ROW_PIECES (HEAD_DIM / VEC)                // 16-byte pieces of a key row
+#define COPIES (PARTITION * ROW_PIECES / THREADS)  // pieces per thread, keys and values each
+// A shared row is padded by 16 bytes, so that the eight rows one ldmatrix
+// reads start in eight different groups of four banks: no conflicts.
+#define ROW_PITCH (HEAD_DIM + 8)
+static_assert(PARTITION * ROW_PIECES % THREADS == 0, "threads copy whole pieces");
+
+// Shared memory of one block: first the partition's rows, then (once
+// every warp is done with them) the warps' results.
+union __align__(16) AttentionMmaShared {
+  struct {
+    scalar_t k[PARTITION][ROW_PITCH], v[PARTITION][ROW_PITCH];
+  } rows;
+  struct {
+    float o[THREADS / 32][GQA_GROUP][ROW_PITCH];
+    float m[THREADS / 32][GQA_GROUP], l[THREADS / 32][GQA_GROUP];
+  } warps;
+};
+
+// 16 bytes from global to shared memory, or 16 zero bytes when `valid` is
+// false (the source is then not read).
+__device__ __forceinline__ void copy_async_16_or_zeros(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's groups of copies are in flight.
+template <int N>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// ldmatrix: a warp reads 8×8 tiles of 16-bit elements from shared memory,
+// lanes 0-7 giving the addresses of the first tile's rows, 8-15 the
+// second's. Each lane gets, of every tile, row lane / 4, elements 2 ·
+// (lane % 4) and the next: the layout of an mma operand. With .trans it
+// gets the tile's transpose instead.
+__device__ __forceinline__ void load_tiles_x2(unsigned& r0, unsigned& r1, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r0), "=r"(r1)
+               : "r"(shared_address(row))
+               : "memory");
+}
+__device__ __forceinline__ void load_tiles_x2_trans(unsigned& r0, unsigned& r1, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r0), "=r"(r1)
+               : "r"(shared_address(row))
+               : "memory");
+}
+__device__ __forceinline__ void load_tile_trans(unsigned& r0, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];"
+               : "=r"(r0)
+               : "r"(shared_address(row))
+               : "memory");
+}
+
+// Two floats as a pair of 16-bit elements, the first in the low half.
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+  return (unsigned)from_float(lo) | ((unsigned)from_float(hi) << 16);
+}
+
+// attention_part's work (same arguments, same results) for all GQA_GROUP
+// query heads of key/value head `kv_head`, by the whole block.
+__device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scalar_t* k_cache,
+                                                   const scalar_t* v_cache, const i64* block_tables,
+                                                   const i64* positions, int kv_heads, int block_size,
+                                                   int max_blocks, float scale, float* part_acc,
+                                                   float* part_max, float* part_sum, int kv_head,
+                                                   int seq, int partition, int partitions,
+                                                   AttentionMmaShared& shared) {
+  const int heads = kv_heads * GQA_GROUP;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;  // the mma fragments' row and column pair
+  const int context = (int)positions[seq] + 1;
+  const int first = partition * PARTITION;
+  const i64 head_row = (i64)seq * heads + kv_head * GQA_GROUP;  // the group's first query row
+
+  // A partition past the context (the grid covers the longest sequence)
+  // is empty: a zero result that weighs nothing.
+  if (first >= context) {
+    for (int i = tid; i < GQA_GROUP * HEAD_DIM; i += THREADS) {
+      const int r = i / HEAD_DIM, d = i % HEAD_DIM;
+      const i64 out = (head_row + r) * partitions + partition;
+      part_acc[out * HEAD_DIM + d] = 0.f;
+      if (d == 0) {
+        part_max[out] = NEG_INF;
+        part_sum[out] = 0.f;
+      }
+    }
+    return;
+  }
+
+  // 1. Start copying the keys, then the values (two groups of copies).
+  // The block table is read first, so that its loads overlap.
+  i64 offsets[COPIES];
+  bool valid[COPIES];
+#pragma unroll
+  for (int i = 0; i < COPIES; i++) {
+    const int piece = tid + i * THREADS, pos = first + piece / ROW_PIECES;
+    valid[i] = pos < context;
+    offsets[i] = 0;
+    if (valid[i]) {
+      const i64 block = block_tables[(i64)seq * max_blocks + pos / block_size];
+      offsets[i] = ((block * block_size + pos % block_size) * kv_heads + kv_head) * HEAD_DIM +
+                   piece % ROW_PIECES * VEC;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < COPIES; i++) {
+    const int piece = tid + i * THREADS;
+    copy_async_16_or_zeros(&shared.rows.k[piece / ROW_PIECES][piece % ROW_PIECES * VEC],
+                           k_cache + offsets[i], valid[i]);
+  }
+  copy_async_commit();
+#pragma unroll
+  for (int i = 0; i < COPIES; i++) {
+    const int piece = tid + i * THREADS;
+    copy_async_16_or_zeros(&shared.rows.v[piece / ROW_PIECES][piece % ROW_PIECES * VEC],
+                           v_cache + offsets[i], valid[i]);
+  }
+  copy_async_commit();
+
+  // 2. The queries as the mma's a operand, straight from global memory
+  // while the copies fly: rows g and g + 8 of each 16-column step.
+  unsigned qa[HEAD_DIM / 16][4];
+#pragma unroll
+  for (int s = 0; s < HEAD_DIM / 16; s++) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int row = g + (i % 2) * 8, column = 16 * s + (i / 2) * 8 + 2 * t;
+      qa[s][i] = row < GQA_GROUP
+                     ? *reinterpret_cast<const unsigned*>(q + (head_row + row) * HEAD_DIM + column)
+                     : 0u;
+    }
+  }
+
+  // 3. Scores of this warp's tokens: S = Q · Kᵀ, scaled, -inf past the
+  // context. Tile j holds tokens j·8 .. j·8 + 7 of the warp's share.
+  copy_async_wait<1>();  // this thread's keys have landed ...
+  __syncthreads();       // ... and everyone else's
+  const int token0 = warp * WARP_TOKENS;
+  float p[SCORE_TILES][4];
+#pragma unroll
+  for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) p[j][i] = 0.f;
+#pragma unroll
+    for (int s = 0; s < HEAD_DIM / 16; s++) {
+      unsigned b0, b1;
+      load_tiles_x2(b0, b1, &shared.rows.k[token0 + j * 8 + lane % 8][16 * s + (lane / 8) % 2 * 8]);
+      mma_16x8x16(p[j], qa[s][0], qa[s][1], qa[s][2], qa[s][3], b0, b1);
+    }
+  }
+
+  // 4. Softmax without normalising: rows g and g + 8 (the lane's halves
+  // of each tile), max and sum over the four lanes that share a row.
+  float m_lo = NEG_INF, m_hi = NEG_INF;
+#pragma unroll
+  for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const bool in = first + token0 + j * 8 + 2 * t + e < context;
+      p[j][e] = in ? p[j][e] * scale : NEG_INF;
+      p[j][2 + e] = in ? p[j][2 + e] * scale : NEG_INF;
+      m_lo = fmaxf(m_lo, p[j][e]);
+      m_hi = fmaxf(m_hi, p[j][2 + e]);
+    }
+  }
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    m_lo = fmaxf(m_lo, __shfl_xor_sync(0xffffffffu, m_lo, offset));
+    m_hi = fmaxf(m_hi, __shfl_xor_sync(0xffffffffu, m_hi, offset));
+  }
+  float l_lo = 0.f, l_hi = 0.f;
+#pragma unroll
+  for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      // A warp whose tokens are all past the context has m = -inf.
+      p[j][e] = m_lo == NEG_INF ? 0.f : __expf(p[j][e] - m_lo);
+      p[j][2 + e] = m_hi == NEG_INF ? 0.f : __expf(p[j][2 + e] - m_hi);
+      l_lo += p[j][e];
+      l_hi += p[j][2 + e];
+    }
+  }
+#pragma unroll
+  for (int offset = 1; offset < 4; offset *= 2) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
+  }
+
+  // 5. O = P · V, 16 tokens per step. The scores' layout in registers is
+  // already that of the a operand: tiles 2c and 2c + 1 are its two halves
+  // of k. V's rows are tokens, so ldmatrix transposes them into b.
+  copy_async_wait<0>();
+  __syncthreads();
+  float o[HEAD_DIM / 8][4];
+#pragma unroll
+  for (int d = 0; d < HEAD_DIM / 8; d++) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) o[d][i] = 0.f;
+  }
+#if SCORE_TILES == 1
+  // Eight tokens per warp: the upper half of k is zero.
+  {
+    const unsigned a0 = pack_pair(p[0][0], p[0][1]), a1 = pack_pair(p[0][2], p[0][3]);
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d++) {
+      unsigned b0;
+      load_tile_trans(b0, &shared.rows.v[token0 + lane % 8][8 * d]);
+      mma_16x8x16(o[d], a0, a1, 0u, 0u, b0, 0u);
+    }
+  }
+#else
+#pragma unroll
+  for (int c = 0; c < SCORE_TILES / 2; c++) {
+    const unsigned a0 = pack_pair(p[2 * c][0], p[2 * c][1]);
+    const unsigned a1 = pack_pair(p[2 * c][2], p[2 * c][3]);
+    const unsigned a2 = pack_pair(p[2 * c + 1][0], p[2 * c + 1][1]);
+    const unsigned a3 = pack_pair(p[2 * c + 1][2], p[2 * c + 1][3]);
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d++) {
+      unsigned b0, b1;
+      load_tiles_x2_trans(b0, b1, &shared.rows.v[token0 + 16 * c + lane % 16][8 * d]);
+      mma_16x8x16(o[d], a0, a1, a2, a3, b0, b1);
+    }
+  }
+#endif
+
+  // 6. Merge the four warps. The rows' memory is reused, so everyone must
+  // be done reading it first. Rows past the group are padding: dropped.
+  __syncthreads();
+#pragma unroll
+  for (int half = 0; half < 2; half++) {
+    const int row = g + half * 8;
+    if (row < GQA_GROUP) {
+#pragma unroll
+      for (int d = 0; d < HEAD_DIM / 8; d++)
+        *reinterpret_cast<float2*>(&shared.warps.o[warp][row][8 * d + 2 * t]) =
+            make_float2(o[d][2 * half], o[d][2 * half + 1]);
+      if (t == 0) {
+        shared.warps.m[warp][row] = half ? m_hi : m_lo;
+        shared.warps.l[warp][row] = half ? l_hi : l_lo;
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < GQA_GROUP * HEAD_DIM; i += THREADS) {
+    const int r = i / HEAD_DIM, d = i % HEAD_DIM;
+    float top = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; w++) top = fmaxf(top, shared.warps.m[w][r]);
+    float acc = 0.f, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; w++) {
+      const float m = shared.warps.m[w][r];
+      const float weight = m == NEG_INF ? 0.f : __expf(m - top);
+      acc += shared.warps.o[w][r][d] * weight;
+      sum += shared.warps.l[w][r] * weight;
+    }
+    const i64 out = (head_row + r) * partitions + partition;
+    part_acc[out * HEAD_DIM + d] = acc;
+    if (d == 0) {
+      part_max[out] = top;
+      part_sum[out] = sum;
+    }
+  }
+}
+#endif  // ATTENTION_MMA
+
+// One block per (key/value head, sequence, partition).
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                  const i64* block_tables, const i64* positions, int kv_heads, int block_size,
+                  int max_blocks, float scale, float* part_acc, float* part_max, float* part_sum) {
+#if ATTENTION_MMA
+  __shared__ AttentionMmaShared shared;
+  attention_part_mma(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size, max_blocks,
+                     scale, part_acc, part_max, part_sum, blockIdx.x, blockIdx.y, blockIdx.z,
+                     gridDim.z, shared);
+#else
+  __shared__ AttentionShared<GQA_GROUP> shared;
+  attention_part<GQA_GROUP>(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size,
+                            max_blocks, scale, part_acc, part_max, part_sum, blockIdx.x, 0,
+                            blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x, 0, shared);
+#endif
+}
+// ANCHOR_END: paged_attention_mma
 
 
 // ANCHOR: matvec
@@ -669,8 +1017,6 @@ static_assert(GQA_GROUP % LAYER_HEADS == 0, "a query-head chunk divides the grou
 static_assert(LAYER_GROUP_WARPS == 1 || LAYER_SYNC + LAYER_GROUPS < 16, "named barriers are 0..15");
 static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 
-typedef unsigned long long u64;
-
 struct LayerParams {
   scalar_t* x;  // the residual stream [rows, hidden], updated in place
   const scalar_t* input_norm;
@@ -709,12 +1055,6 @@ struct LayerParams {
 #if __CUDA_ARCH__ >= 800
 
 // --- mbarriers and asynchronous copies (PTX; sm_80, bulk copies sm_90) ---
-
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-  u64 address;
-  asm("cvta.to.shared.u64 %0, %1;" : "=l"(address) : "l"(p));
-  return static_cast<unsigned>(address);
-}
 
 __device__ __forceinline__ void mbarrier_init(u64* bar, unsigned count) {
   asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count)
@@ -916,26 +1256,6 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
 // H100 where dot_tile takes 5 800.
 #define MMA_MIN_ROWS 4
 static_assert(LAYER_TILE_ROWS <= 8 && MATVEC_ROWS <= 8, "one mma takes 8 tile rows and 8 input rows");
-
-// d += a · b for a 16×16 tile of a (rows: inputs, columns: k) and a 16×8
-// tile of b (k by tile rows), on the tensor cores: one instruction for the
-// whole warp. Each lane holds a share of a, b and d as the instruction
-// defines it: with g = lane / 4 and t = lane % 4, a0 is a's row g, k = 2t
-// and 2t + 1, a1 row g + 8, a2 row g, k = 2t + 8 and 2t + 9, a3 row
-// g + 8; b0 is k = 2t and 2t + 1 of b's column g, b1 k = 2t + 8 and
-// 2t + 9; d0 and d1 are row g, columns 2t and 2t + 1 (d2 and d3 row g + 8).
-__device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, unsigned a2,
-                                            unsigned a3, unsigned b0, unsigned b1) {
-#if SCALAR_KIND == 1
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-#else
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-#endif
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // The dot products of a tile's `n` weight rows (shared memory, rows `pitch`
 // bytes apart) with each staged row of xs, by one warp of a group: its

@@ -132,6 +132,15 @@ fn layer_bulk_copy_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether `attention_partial` (batched decode, and batch 1 without the
+/// layer kernel) runs on the tensor cores where it can: 16-bit models on
+/// sm_80 and later (the default). `SPARK_DISAGG_ATTENTION_MMA=0` keeps it
+/// on the CUDA cores, the way `decode_layer` does its own attention, so the
+/// two can be compared.
+fn attention_mma_allowed() -> bool {
+    std::env::var("SPARK_DISAGG_ATTENTION_MMA").map_or(true, |v| v.trim() != "0")
+}
+
 /// Whether, on a Hopper or later, each layer's `decode_layer` is launched
 /// with programmatic dependent launch (the default): the next layer's grid
 /// is launched while this one runs, so that its blocks start about half a
@@ -187,6 +196,9 @@ pub struct KernelShape {
     pub layer_slot_bytes: usize,
     /// Whether `decode_layer` may use bulk copies (where the GPU has them).
     pub layer_bulk_copy: bool,
+    /// Whether `attention_partial` may use the tensor cores (where the GPU
+    /// and the dtype allow them).
+    pub attention_mma: bool,
 }
 
 impl KernelShape {
@@ -206,6 +218,7 @@ impl KernelShape {
             matvec_rows: 0,
             layer_slot_bytes: 0,
             layer_bulk_copy: layer_bulk_copy_allowed(),
+            attention_mma: attention_mma_allowed(),
         };
         let elt = kind.elt_size_in_bytes();
         shape.layer_slot_bytes = (layer_slot_floor() + LAYER_TILE_ROWS * TILE_ROW_PAD_MAX)
@@ -305,6 +318,7 @@ impl KernelShape {
             format!("-DLAYER_TILE_ROWS={LAYER_TILE_ROWS}"),
             format!("-DLAYER_GROUP_WARPS={LAYER_GROUP_WARPS}"),
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
+            format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
         ]
     }
 }
@@ -629,10 +643,18 @@ impl DecodeKernels {
         kind: Kind,
         device: Device,
     ) -> Result<Arc<DecodeKernels>, KernelError> {
+        Self::for_shape(KernelShape::of(config, kind)?, device)
+    }
+
+    /// The kernels compiled for `shape` (as `get` does for the shape of a
+    /// model), so that a test can ask for a variant of it.
+    pub fn for_shape(
+        shape: KernelShape,
+        device: Device,
+    ) -> Result<Arc<DecodeKernels>, KernelError> {
         let Device::Cuda(index) = device else {
             return Err(KernelError::NotCuda(device));
         };
-        let shape = KernelShape::of(config, kind)?;
         static CACHE: Mutex<Vec<(usize, KernelShape, Arc<DecodeKernels>)>> = Mutex::new(Vec::new());
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, _, k)) = cache.iter().find(|(d, s, _)| *d == index && *s == shape) {
@@ -871,6 +893,8 @@ impl DecodeKernels {
     /// `block_tables` (`[batch, max_blocks]`) lists sequence `b`'s blocks,
     /// and `positions[b]` is its new token's position (it attends to
     /// positions `0..=positions[b]`). Returns `[batch, heads, head_dim]`.
+    /// Neither the pool's slots past a sequence's context nor its block
+    /// table's entries past it are read: they may hold anything.
     pub fn paged_attention(
         &self,
         q: &Tensor,
@@ -1710,6 +1734,7 @@ mod tests {
             "LAYER_TILE_ROWS",
             "LAYER_BULK_COPY_ALLOWED",
             "LAYER_GROUP_WARPS",
+            "ATTENTION_MMA_ALLOWED",
         ] {
             assert!(SOURCE.contains(name), "{name} is not in decode.cu");
             assert!(
