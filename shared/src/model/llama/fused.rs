@@ -298,16 +298,10 @@ mod tests {
     /// of `attention_partial`'s paths (CUDA cores for f32, tensor cores for
     /// 16-bit types on sm_80 and later): query heads per KV head of 8
     /// (TinyLlama), 3 (SmolLM2), 4 and 1, heads of 64 and 128 elements.
-    /// Pool slots past each context hold NaN and the block table's entries
-    /// past it point nowhere: the kernel must read neither.
     #[test]
     fn paged_attention_matches_sdpa() {
         let Some(device) = gpu() else { return };
         let _no_grad = tch::no_grad_guard();
-        let block_size = 16usize;
-        let positions = [0i64, 15, 16, 63, 64, 130, 699];
-        let max_blocks = 700usize.div_ceil(block_size);
-        let batch = positions.len() as i64;
         for (heads, kv_heads, head_dim) in
             [(8, 2, 64), (32, 4, 64), (9, 3, 64), (4, 4, 64), (8, 2, 128)]
         {
@@ -317,7 +311,6 @@ mod tests {
                 num_key_value_heads: Some(kv_heads),
                 ..config()
             };
-            let (heads, kv_heads, head_dim) = (heads as i64, kv_heads as i64, head_dim as i64);
             // f32 runs on the CUDA cores only; 16-bit types on both.
             let variants = [
                 (Kind::Float, false),
@@ -335,72 +328,83 @@ mod tests {
                     ..KernelShape::of(&config, kind).unwrap()
                 };
                 let kernels = DecodeKernels::for_shape(shape, device).unwrap();
-                let num_blocks = positions.len() * max_blocks + 1;
-                let slots = (num_blocks * block_size) as i64;
-                // Every sequence gets max_blocks distinct blocks, in a scrambled order.
-                let order = Tensor::randperm(num_blocks as i64 - 1, (Kind::Int64, Device::Cpu));
-                let tables = order
-                    .narrow(0, 0, (positions.len() * max_blocks) as i64)
-                    .reshape([batch, max_blocks as i64]);
-                let offsets = Tensor::arange(block_size as i64, (Kind::Int64, Device::Cpu));
-                let context_slots: Vec<Tensor> = positions
-                    .iter()
-                    .enumerate()
-                    .map(|(b, &p)| {
-                        (tables.get(b as i64).unsqueeze(1) * block_size as i64
-                            + offsets.unsqueeze(0))
-                        .reshape([-1])
-                        .narrow(0, 0, p + 1)
-                        .to_device(device)
-                    })
-                    .collect();
-                let live = Tensor::zeros([slots], (Kind::Bool, device));
-                for s in &context_slots {
-                    let _ = live.shallow_clone().index_fill_(0, s, 1);
-                }
-                let dead = live.logical_not().view([slots, 1, 1]);
-                let pool = || {
-                    Tensor::randn([slots, kv_heads, head_dim], (kind, device))
-                        .masked_fill(&dead, f64::NAN)
-                };
-                let (k_cache, v_cache) = (pool(), pool());
-                let garbage = tables.copy();
-                for (b, &p) in positions.iter().enumerate() {
-                    let used = (p as usize + 1).div_ceil(block_size) as i64;
-                    let _ = garbage
-                        .get(b as i64)
-                        .narrow(0, used, max_blocks as i64 - used)
-                        .fill_(i64::MAX / 2);
-                }
-                let q = Tensor::randn([batch, heads, head_dim], (kind, device));
-                let pos = Tensor::from_slice(&positions).to_device(device);
-                let out = kernels.paged_attention(
-                    &q,
-                    &k_cache,
-                    &v_cache,
-                    &garbage.to_device(device),
-                    &pos,
-                    block_size,
-                );
-                for (b, (&p, slots)) in positions.iter().zip(&context_slots).enumerate() {
-                    let gather =
-                        |cache: &Tensor| cache.index_select(0, slots).transpose(0, 1).unsqueeze(0);
-                    let reference = causal_attention(
-                        &q.get(b as i64).unsqueeze(0).unsqueeze(2),
-                        &gather(&k_cache),
-                        &gather(&v_cache),
-                    )
-                    .squeeze_dim(2)
-                    .squeeze_dim(0);
-                    let diff = max_diff(&out.get(b as i64), &reference);
-                    let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
-                    assert!(
-                        diff <= tol,
-                        "{kind:?} (tensor cores allowed: {mma}), {heads} heads / {kv_heads} \
-                         KV heads of {head_dim}, position {p}: max difference {diff}"
-                    );
-                }
+                check_paged_attention(&kernels, &config, kind, device);
             }
+        }
+    }
+
+    /// One case of `paged_attention_matches_sdpa`. Pool slots past each
+    /// context hold NaN and the block table's entries past it point
+    /// nowhere: the kernel must read neither.
+    fn check_paged_attention(
+        kernels: &DecodeKernels,
+        config: &LlamaConfig,
+        kind: Kind,
+        device: Device,
+    ) {
+        let block_size = 16usize;
+        let positions = [0i64, 15, 16, 63, 64, 130, 699];
+        let max_blocks = 700usize.div_ceil(block_size);
+        let batch = positions.len() as i64;
+        let heads = config.num_attention_heads as i64;
+        let kv_heads = config.num_kv_heads() as i64;
+        let head_dim = config.head_dim() as i64;
+        let num_blocks = positions.len() * max_blocks + 1;
+        let slots = (num_blocks * block_size) as i64;
+        // Every sequence gets max_blocks distinct blocks, in a scrambled order.
+        let order = Tensor::randperm(num_blocks as i64 - 1, (Kind::Int64, Device::Cpu));
+        let tables = order
+            .narrow(0, 0, (positions.len() * max_blocks) as i64)
+            .reshape([batch, max_blocks as i64]);
+        let offsets = Tensor::arange(block_size as i64, (Kind::Int64, Device::Cpu));
+        let context_slots: Vec<Tensor> = positions
+            .iter()
+            .enumerate()
+            .map(|(b, &p)| {
+                (tables.get(b as i64).unsqueeze(1) * block_size as i64 + offsets.unsqueeze(0))
+                    .reshape([-1])
+                    .narrow(0, 0, p + 1)
+                    .to_device(device)
+            })
+            .collect();
+        let live = Tensor::zeros([slots], (Kind::Bool, device));
+        for s in &context_slots {
+            let _ = live.shallow_clone().index_fill_(0, s, 1);
+        }
+        let dead = live.logical_not().view([slots, 1, 1]);
+        let pool = || {
+            Tensor::randn([slots, kv_heads, head_dim], (kind, device)).masked_fill(&dead, f64::NAN)
+        };
+        let (k_cache, v_cache) = (pool(), pool());
+        let garbage = tables.copy();
+        for (b, &p) in positions.iter().enumerate() {
+            let used = (p as usize + 1).div_ceil(block_size) as i64;
+            let _ = garbage
+                .get(b as i64)
+                .narrow(0, used, max_blocks as i64 - used)
+                .fill_(i64::MAX / 2);
+        }
+        let q = Tensor::randn([batch, heads, head_dim], (kind, device));
+        let pos = Tensor::from_slice(&positions).to_device(device);
+        let tables = garbage.to_device(device);
+        let out = kernels.paged_attention(&q, &k_cache, &v_cache, &tables, &pos, block_size);
+        let mma = kernels.shape().attention_mma;
+        for (b, (&p, slots)) in positions.iter().zip(&context_slots).enumerate() {
+            let gather = |cache: &Tensor| cache.index_select(0, slots).transpose(0, 1).unsqueeze(0);
+            let reference = causal_attention(
+                &q.get(b as i64).unsqueeze(0).unsqueeze(2),
+                &gather(&k_cache),
+                &gather(&v_cache),
+            )
+            .squeeze_dim(2)
+            .squeeze_dim(0);
+            let diff = max_diff(&out.get(b as i64), &reference);
+            let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
+            assert!(
+                diff <= tol,
+                "{kind:?} (tensor cores allowed: {mma}), {heads} heads / {kv_heads} KV heads \
+                 of {head_dim}, position {p}: max difference {diff}"
+            );
         }
     }
 
