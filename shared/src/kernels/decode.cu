@@ -527,6 +527,19 @@ __device__ __forceinline__ void load_tile_trans(unsigned& r0, const void* row) {
                : "memory");
 }
 
+// This thread's pieces of the partition's rows of `cache` (at `offsets`;
+// zeros where not `valid`) into `rows`, as one group of copies.
+__device__ __forceinline__ void copy_rows_async(scalar_t (*rows)[ROW_PITCH], const scalar_t* cache,
+                                                const i64* offsets, const bool* valid, int tid) {
+#pragma unroll
+  for (int i = 0; i < COPIES; i++) {
+    const int piece = tid + i * THREADS;
+    copy_async_16_or_zeros(&rows[piece / ROW_PIECES][piece % ROW_PIECES * VEC], cache + offsets[i],
+                           valid[i]);
+  }
+  copy_async_commit();
+}
+
 // Two floats as a pair of 16-bit elements, the first in the low half.
 __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
   return (unsigned)from_float(lo) | ((unsigned)from_float(hi) << 16);
@@ -578,20 +591,8 @@ __device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scal
                    piece % ROW_PIECES * VEC;
     }
   }
-#pragma unroll
-  for (int i = 0; i < COPIES; i++) {
-    const int piece = tid + i * THREADS;
-    copy_async_16_or_zeros(&shared.rows.k[piece / ROW_PIECES][piece % ROW_PIECES * VEC],
-                           k_cache + offsets[i], valid[i]);
-  }
-  copy_async_commit();
-#pragma unroll
-  for (int i = 0; i < COPIES; i++) {
-    const int piece = tid + i * THREADS;
-    copy_async_16_or_zeros(&shared.rows.v[piece / ROW_PIECES][piece % ROW_PIECES * VEC],
-                           v_cache + offsets[i], valid[i]);
-  }
-  copy_async_commit();
+  copy_rows_async(shared.rows.k, k_cache, offsets, valid, tid);
+  copy_rows_async(shared.rows.v, v_cache, offsets, valid, tid);
 
   // 2. The queries as the mma's a operand, straight from global memory
   // while the copies fly: rows g and g + 8 of each 16-column step.
