@@ -51,8 +51,10 @@ pub struct EngineConfig {
     /// it either way. The switch is global to the process.
     pub cudnn_attention: bool,
     /// Run padded decode steps (CUDA graphs) on the custom kernels of
-    /// [`crate::kernels`] when the device is a GPU and they compile; off,
-    /// the graphs replay the PyTorch-operations step. On by default.
+    /// [`crate::kernels`] when the device is a GPU and they compile, and
+    /// prefill forwards too (`SPARK_DISAGG_PREFILL_KERNELS=0` keeps those
+    /// on PyTorch's operations); off, the graphs replay the
+    /// PyTorch-operations step. On by default.
     pub fused_kernels: bool,
     /// With the custom kernels: decode batches of at most this many
     /// sequences run their matrix products on the matrix-vector kernel
@@ -155,6 +157,9 @@ pub struct Engine {
     pending_events: Vec<TokenEvent>,
     /// Padded decode steps (CUDA graphs on a GPU); `None` runs them eagerly.
     decode_graphs: Option<DecodeGraphs>,
+    /// The custom kernels prefill forwards run on (`None`: PyTorch
+    /// operations); see [`prefill_kernels_enabled`].
+    prefill_kernels: Option<Arc<DecodeKernels>>,
     /// See [`EngineConfig::decode_ahead`].
     decode_ahead: bool,
     /// The decode step queued before the last step's tokens were read.
@@ -181,6 +186,13 @@ impl AheadStep {
                 chunk.len == 1 && seq.id == id && seq.num_computed == start
             })
     }
+}
+
+/// Whether prefill forwards run on the custom kernels when the engine has
+/// them (the default); `SPARK_DISAGG_PREFILL_KERNELS=0` keeps them on
+/// PyTorch's operations, so that the two can be compared.
+fn prefill_kernels_enabled() -> bool {
+    std::env::var("SPARK_DISAGG_PREFILL_KERNELS").map_or(true, |v| v.trim() != "0")
 }
 
 /// The token of a row queued ahead, which the host does not know yet (the
@@ -223,6 +235,7 @@ impl Engine {
                     .ok()
             })
             .map(|kernels| Arc::new(kernels.with_matvec_limit(config.matvec_max_batch)));
+        let prefill_kernels = kernels.clone().filter(|_| prefill_kernels_enabled());
         let decode_graphs = DecodeGraphs::new(config.decode, model.device(), kernels)
             .unwrap_or_else(|err| {
                 tracing::warn!("decode steps run eagerly: {err}");
@@ -237,6 +250,7 @@ impl Engine {
             prefilled: HashMap::new(),
             pending_events: Vec::new(),
             decode_graphs,
+            prefill_kernels,
             decode_ahead: config.decode_ahead,
             ahead: None,
             steps_ahead_used: 0,
@@ -285,6 +299,11 @@ impl Engine {
     /// [`Engine::step`]): configured so, and the steps are padded ones.
     pub fn decode_ahead(&self) -> bool {
         self.decode_ahead && self.decode_graphs.is_some()
+    }
+
+    /// The custom kernels prefill forwards run on, if any.
+    fn kernels(&self) -> Option<&DecodeKernels> {
+        self.prefill_kernels.as_deref()
     }
 
     /// True when padded decode steps run on the fused kernels of [`crate::kernels`].
@@ -677,23 +696,22 @@ impl Engine {
                     step_greedy = Some(output.greedy);
                     output.logits
                 }
-                None => forward_chunks(&self.model, &self.pool, &inputs),
+                None => forward_chunks(&self.model, &self.pool, &inputs, self.kernels()),
             };
             for (row, &i) in singles.iter().enumerate() {
                 row_of[i] = (outputs.len(), row as i64);
             }
             outputs.push(batch);
         }
-        // ... and one forward per length of longer (prefill) chunks: prompts
-        // of the same length run as one batch `[n, len]`.
-        let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, chunk) in plan.iter().enumerate().filter(|(_, c)| c.len > 1) {
-            by_length.entry(chunk.len).or_default().push(i);
-        }
-        for group in by_length.into_values() {
-            let inputs: Vec<ChunkInput> = group.iter().map(|&i| input(&plan[i])).collect();
-            let out = forward_chunks(&self.model, &self.pool, &inputs);
-            for (row, &i) in group.iter().enumerate() {
+        // ... and one forward for all longer (prefill) chunks, shortest
+        // first: chunks of one length are next to each other, one group of
+        // the packed forward (see `runner`).
+        let mut longer: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].len > 1).collect();
+        longer.sort_by_key(|&i| plan[i].len);
+        if !longer.is_empty() {
+            let inputs: Vec<ChunkInput> = longer.iter().map(|&i| input(&plan[i])).collect();
+            let out = forward_chunks(&self.model, &self.pool, &inputs, self.kernels());
+            for (row, &i) in longer.iter().enumerate() {
                 row_of[i] = (outputs.len(), row as i64);
             }
             outputs.push(out);

@@ -511,9 +511,7 @@ fn step_logits(
     let write_slots = inputs.narrow(0, 2 * b, b);
     let tables = inputs.narrow(0, 3 * b, b * (c / bs)).reshape([b, c / bs]);
     if let Some(kernels) = kernels {
-        let layers: Vec<(Tensor, Tensor)> = (0..model.config().num_hidden_layers)
-            .map(|layer| (pool.layer(layer, 0), pool.layer(layer, 1)))
-            .collect();
+        let layers = pool.layers();
         let step = PagedDecode {
             tokens: &tokens,
             positions: &positions,

@@ -1665,6 +1665,22 @@ mod imp {
     }
 }
 
+/// The GPU the kernels' tests run on: `None` (and a line saying why) on a
+/// machine without one or in a build without the CUDA bridge, where those
+/// tests check nothing.
+#[cfg(test)]
+pub(crate) fn test_gpu() -> Option<Device> {
+    if crate::device::load_cuda_runtime().is_err() || !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: the fused kernels are not checked here");
+        return None;
+    }
+    if !DecodeKernels::compiled() {
+        eprintln!("this build has no CUDA bridge: the fused kernels are not checked");
+        return None;
+    }
+    Some(Device::Cuda(0))
+}
+
 #[cfg(test)]
 mod tests {
     //! What can be checked without a GPU: the shapes the source is compiled

@@ -103,6 +103,13 @@ impl KvPool {
         self.kv.get(layer as i64).get(which)
     }
 
+    /// Every layer's `(K, V)` views, as the custom kernels take them.
+    pub fn layers(&self) -> Vec<(Tensor, Tensor)> {
+        (0..self.kv.size()[0] as usize)
+            .map(|layer| (self.layer(layer, 0), self.layer(layer, 1)))
+            .collect()
+    }
+
     /// The K and V of a sequence's first `len` tokens, as one plain tensor
     /// `[layers, 2, len, kv_heads, head_dim]` — what travels between workers.
     pub fn export(&self, table: &BlockTable, len: usize) -> Tensor {

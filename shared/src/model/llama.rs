@@ -29,7 +29,7 @@ use super::config::LlamaConfig;
 
 mod fused;
 use super::load::{check_tensors, layer_tensor_names, LoadError, NamedTensors};
-pub use fused::PagedDecode;
+pub use fused::{PagedDecode, PagedPrefill};
 
 /// Where attention gets its past keys and values from, and puts new ones.
 pub trait AttentionCache {

@@ -24,6 +24,13 @@
 //!
 //! The engine replays it inside a CUDA graph (`engine::decode_graph`);
 //! `tests` check it against the reference forward on a GPU.
+//!
+//! Prefill runs the same layers ([`Llama::prefill_fused`]) on many tokens
+//! per sequence: the products are cuBLAS's, RoPE and the KV-cache write
+//! are one kernel instead of nine PyTorch operations, the activation one
+//! instead of two, and the residual additions happen inside the products.
+//! Only attention differs: the engine's runner gathers each sequence's
+//! context and calls SDPA (`engine::runner`).
 
 use tch::Tensor;
 
@@ -45,6 +52,26 @@ pub struct PagedDecode<'a> {
     pub layers: &'a [(Tensor, Tensor)],
 }
 
+/// A prefill forward's inputs on the custom kernels: the chunks of one
+/// step laid end to end, one row per token.
+pub struct PagedPrefill<'a> {
+    /// `[rows]` int64: the tokens.
+    pub tokens: &'a Tensor,
+    /// `[rows]` int64: each token's position in its sequence.
+    pub positions: &'a Tensor,
+    /// `[rows]` int64: the pool slot its K and V go to.
+    pub write_slots: &'a Tensor,
+    /// `[chunks]` int64: the rows whose logits are wanted (each chunk's last).
+    pub last_rows: &'a Tensor,
+    /// Layer `i`'s K and V, each `[slots, kv_heads, head_dim]` (views of the pool).
+    pub layers: &'a [(Tensor, Tensor)],
+}
+
+/// Attention of one layer: from the layer's index, the rotated queries
+/// `[rows, heads, head_dim]` and its pool `(K, V)` (this step's keys and
+/// values already written) to `[rows, heads, head_dim]`.
+pub type LayerAttention<'a> = dyn FnMut(usize, &Tensor, &Tensor, &Tensor) -> Tensor + 'a;
+
 impl Llama {
     /// Runs one decode step and returns the logits `[batch, vocab]` (f32).
     /// Keys and values of the new tokens are written into `step.layers` on
@@ -60,11 +87,64 @@ impl Llama {
             self.decode_layers(kernels, step, &x);
             return kernels.norm_logits(&x, &self.norm, eps, &self.lm_head);
         }
-        for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(step.layers).enumerate() {
+        let mut attention = |_layer: usize, q: &Tensor, k_cache: &Tensor, v_cache: &Tensor| {
+            kernels.paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                step.block_tables,
+                step.positions,
+                step.block_size,
+            )
+        };
+        let rows = (step.positions, step.write_slots);
+        self.layers_on_kernels(kernels, &x, rows, step.layers, &mut attention);
+        kernels.norm_logits(&x, &self.norm, eps, &self.lm_head)
+    }
+    // ANCHOR_END: decode_fused
+
+    /// Runs the prefill of chunks laid end to end on the custom kernels and
+    /// returns the logits of `step.last_rows`, `[chunks, vocab]` (f32). The
+    /// layers are those of [`Llama::decode_fused`] at large batch; only
+    /// attention differs (many new tokens per sequence): `attend` does it.
+    pub fn prefill_fused(
+        &self,
+        kernels: &DecodeKernels,
+        step: &PagedPrefill,
+        attend: &mut dyn FnMut(usize, &Tensor) -> Tensor,
+    ) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let x = self.embed_tokens.index_select(0, step.tokens);
+        let mut attention = |layer: usize, q: &Tensor, _: &Tensor, _: &Tensor| attend(layer, q);
+        let rows = (step.positions, step.write_slots);
+        self.layers_on_kernels(kernels, &x, rows, step.layers, &mut attention);
+        let last = x.index_select(0, step.last_rows);
+        kernels.norm_logits(&last, &self.norm, self.config.rms_norm_eps, &self.lm_head)
+    }
+
+    /// The decoder layers on the custom kernels, for the token rows of `x`
+    /// (`[rows, hidden]`, updated in place) at `positions`, their keys and
+    /// values written to `write_slots` of `pool`:
+    ///
+    /// ```text
+    /// rms_norm ─► qkv product ─► rope_store_kv ─► attention ─► o product (+= x)
+    ///          ─► rms_norm ─► gate/up product ─► silu_mul ─► down product (+= x)
+    /// ```
+    // ANCHOR: layers_on_kernels
+    fn layers_on_kernels(
+        &self,
+        kernels: &DecodeKernels,
+        x: &Tensor,
+        (positions, write_slots): (&Tensor, &Tensor),
+        pool: &[(Tensor, Tensor)],
+        attention: &mut LayerAttention,
+    ) {
+        let eps = self.config.rms_norm_eps;
+        for (i, (layer, (k_cache, v_cache))) in self.layers.iter().zip(pool).enumerate() {
             // Each product names the weight read after it, for L2 prefetch.
             let next_qkv = self.weight_after_layer(i);
             let qkv = kernels.norm_linear(
-                &x,
+                x,
                 &layer.input_norm,
                 eps,
                 &layer.qkv_proj,
@@ -72,40 +152,32 @@ impl Llama {
             );
             let q = kernels.rope_store_kv(
                 &qkv,
-                step.positions,
-                step.write_slots,
+                positions,
+                write_slots,
                 &self.rope.cos,
                 &self.rope.sin,
                 k_cache,
                 v_cache,
             );
-            let attn = kernels.paged_attention(
-                &q,
-                k_cache,
-                v_cache,
-                step.block_tables,
-                step.positions,
-                step.block_size,
-            );
+            let attn = attention(i, &q, k_cache, v_cache);
             kernels.linear_add(
                 &attn.flatten(1, 2),
                 &layer.o_proj,
-                &x,
+                x,
                 Some(&layer.gate_up_proj),
             );
 
             let gate_up = kernels.norm_linear(
-                &x,
+                x,
                 &layer.post_norm,
                 eps,
                 &layer.gate_up_proj,
                 Some(&layer.down_proj),
             );
-            kernels.silu_linear_add(&gate_up, &layer.down_proj, &x, Some(next_qkv));
+            kernels.silu_linear_add(&gate_up, &layer.down_proj, x, Some(next_qkv));
         }
-        kernels.norm_logits(&x, &self.norm, eps, &self.lm_head)
     }
-    // ANCHOR_END: decode_fused
+    // ANCHOR_END: layers_on_kernels
 
     /// The weight a decode step reads after layer `i`: the next layer's
     /// qkv projection, or after the last layer the logits' (for L2 prefetch).
@@ -169,21 +241,9 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::kernels::KernelShape;
+    use crate::kernels::{test_gpu as gpu, KernelShape};
     use crate::model::config::LlamaConfig;
     use crate::model::llama::{causal_attention, AttentionCache};
-
-    fn gpu() -> Option<Device> {
-        if crate::device::load_cuda_runtime().is_err() || !tch::Cuda::is_available() {
-            eprintln!("no CUDA device: the fused decode kernels are not checked here");
-            return None;
-        }
-        if !DecodeKernels::compiled() {
-            eprintln!("this build has no CUDA bridge: the fused decode kernels are not checked");
-            return None;
-        }
-        Some(Device::Cuda(0))
-    }
 
     /// A small model with real attention shapes: head_dim 64, 4 query heads per KV head.
     fn config() -> LlamaConfig {
