@@ -64,6 +64,24 @@ __device__ __forceinline__ u16 from_float(float f) {
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+#define VEC (16 / (int)sizeof(scalar_t))  // elements per 16-byte load
+
+// The VEC elements of one 16-byte load, as floats.
+__device__ __forceinline__ void unpack(uint4 raw, float* out) {
+  const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; i++) out[i] = to_float(e[i]);
+}
+
+// VEC floats as the elements of one 16-byte store.
+__device__ __forceinline__ uint4 pack(const float* in) {
+  uint4 raw;
+  scalar_t* e = reinterpret_cast<scalar_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; i++) e[i] = from_float(in[i]);
+  return raw;
+}
+
 // ANCHOR: rms_norm
 // RMSNorm, one block per row: out = x / sqrt(mean(x²) + eps) · weight.
 // The sum of squares is accumulated in f32, per thread, then across the
@@ -81,10 +99,32 @@ __device__ float block_sum(float v) {
 }
 
 extern "C" __global__ void rms_norm(const scalar_t* x, const scalar_t* weight, scalar_t* out,
-                                   int hidden, float eps) {
+                                   int hidden, float eps, int vectorized) {
   const scalar_t* row = x + (i64)blockIdx.x * hidden;
   scalar_t* dst = out + (i64)blockIdx.x * hidden;
   float squares = 0.f;
+  if (vectorized) {
+    // 16 bytes a load where rows split into such pieces (and the Rust side
+    // found the tensors aligned): a row of TinyLlama is one load a thread.
+    const uint4* row16 = reinterpret_cast<const uint4*>(row);
+    const uint4* weight16 = reinterpret_cast<const uint4*>(weight);
+    for (int i = threadIdx.x; i < hidden / VEC; i += blockDim.x) {
+      float v[VEC];
+      unpack(row16[i], v);
+#pragma unroll
+      for (int e = 0; e < VEC; e++) squares += v[e] * v[e];
+    }
+    float inv_rms = rsqrtf(block_sum(squares) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden / VEC; i += blockDim.x) {
+      float v[VEC], w[VEC];
+      unpack(row16[i], v);
+      unpack(weight16[i], w);
+#pragma unroll
+      for (int e = 0; e < VEC; e++) v[e] = v[e] * inv_rms * w[e];
+      reinterpret_cast<uint4*>(dst)[i] = pack(v);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float v = to_float(row[i]);
     squares += v * v;
@@ -98,14 +138,28 @@ extern "C" __global__ void rms_norm(const scalar_t* x, const scalar_t* weight, s
 // ANCHOR: silu_mul
 // SwiGLU's activation: out[t, j] = silu(gate[t, j]) · up[t, j], where each
 // row of `gate_up` is [gate (inter) | up (inter)], as the fused projection
-// writes it. One thread per output element.
-extern "C" __global__ void silu_mul(const scalar_t* gate_up, scalar_t* out, int inter, i64 total) {
-  i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+// writes it. One thread per VEC output elements (one 16-byte load of gate,
+// one of up, one store) where `vectorized`, else per element.
+__device__ __forceinline__ float silu_times(float gate, float up) { return gate / (1.f + __expf(-gate)) * up; }
+
+extern "C" __global__ void silu_mul(const scalar_t* gate_up, scalar_t* out, int inter, i64 total,
+                                    int vectorized) {
+  const int per_thread = vectorized ? VEC : 1;
+  i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * per_thread;
   if (i >= total) return;
   i64 row = i / inter, j = i % inter;
-  float gate = to_float(gate_up[row * 2 * inter + j]);
-  float up = to_float(gate_up[row * 2 * inter + inter + j]);
-  out[i] = from_float(gate / (1.f + __expf(-gate)) * up);
+  const scalar_t* gate = gate_up + row * 2 * inter + j;
+  const scalar_t* up = gate + inter;
+  if (vectorized) {
+    float g[VEC], u[VEC];
+    unpack(*reinterpret_cast<const uint4*>(gate), g);
+    unpack(*reinterpret_cast<const uint4*>(up), u);
+#pragma unroll
+    for (int e = 0; e < VEC; e++) g[e] = silu_times(g[e], u[e]);
+    *reinterpret_cast<uint4*>(out + i) = pack(g);
+  } else {
+    out[i] = from_float(silu_times(to_float(*gate), to_float(*up)));
+  }
 }
 // ANCHOR_END: silu_mul
 
@@ -166,7 +220,6 @@ extern "C" __global__ void rope_store_kv(const scalar_t* qkv, const i64* positio
 // The work of one block is a device function, `attention_part`, so that
 // the persistent layer kernel below can run it too, on 128 of its threads.
 #define THREADS 128
-#define VEC (16 / (int)sizeof(scalar_t))  // elements per 16-byte load
 #define LANES (HEAD_DIM / VEC)             // lanes per token row
 #define GROUPS (THREADS / LANES)           // tokens in flight per block
 #define TOKENS_PER_GROUP (PARTITION / GROUPS)
@@ -204,13 +257,6 @@ __device__ __forceinline__ scalar_t load_cg_scalar(const scalar_t* p) {
 // one __syncthreads uses: the whole block).
 __device__ __forceinline__ void sync_threads(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-
-// The VEC elements of one 16-byte load, as floats.
-__device__ __forceinline__ void unpack(uint4 raw, float* out) {
-  const scalar_t* e = reinterpret_cast<const scalar_t*>(&raw);
-#pragma unroll
-  for (int i = 0; i < VEC; i++) out[i] = to_float(e[i]);
 }
 
 // Merges softmax state (m2, l2, acc2) into (m, l, acc): the result is what

@@ -805,17 +805,23 @@ impl DecodeKernels {
     pub fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
         self.expect("x", x, self.shape.kind);
         self.expect("weight", weight, self.shape.kind);
-        let hidden = *x.size().last().expect("x has a last dimension");
+        let hidden = *x.size().last().expect("x has a last dimension") as usize;
         let out = x.empty_like();
-        let rows = x.numel() / hidden as usize;
+        let rows = x.numel() / hidden;
+        let vec = self.shape.vec();
+        let vectorized = hidden % vec == 0 && [x, weight, &out].into_iter().all(aligned_16);
+        // A thread per 16-byte piece of a row (or per element), up to 256.
+        let pieces = if vectorized { hidden / vec } else { hidden };
+        let threads = pieces.next_multiple_of(32).clamp(32, 256);
         let args = [
             Arg::tensor(x),
             Arg::tensor(weight),
             Arg::tensor(&out),
             Arg::I32(hidden as i32),
             Arg::F32(eps as f32),
+            Arg::I32(vectorized as i32),
         ];
-        self.launch(self.rms_norm, [rows, 1, 1], 256, &args);
+        self.launch(self.rms_norm, [rows, 1, 1], threads, &args);
         out
     }
 
@@ -827,13 +833,18 @@ impl DecodeKernels {
         *size.last_mut().expect("checked") = inter;
         let out = Tensor::empty(&size, (self.shape.kind, gate_up.device()));
         let total = out.numel();
+        let vec = self.shape.vec();
+        let vectorized = inter as usize % vec == 0 && aligned_16(gate_up) && aligned_16(&out);
+        let per_thread = if vectorized { vec } else { 1 };
         let args = [
             Arg::tensor(gate_up),
             Arg::tensor(&out),
             Arg::I32(inter as i32),
             Arg::I64(total as i64),
+            Arg::I32(vectorized as i32),
         ];
-        self.launch(self.silu_mul, [total.div_ceil(256), 1, 1], 256, &args);
+        let blocks = total.div_ceil(256 * per_thread);
+        self.launch(self.silu_mul, [blocks, 1, 1], 256, &args);
         out
     }
 

@@ -277,22 +277,29 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16] {
             let kernels = DecodeKernels::get(&config(), kind, device).unwrap();
             let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-            let x = Tensor::randn([5, 512], (kind, device));
-            let w = Tensor::randn([512], (kind, device));
-            let reference = x.rms_norm([512], Some(&w), 1e-5);
-            let diff = max_diff(&kernels.rms_norm(&x, &w, 1e-5), &reference);
-            assert!(
-                diff <= tol * max_abs(&reference),
-                "rms_norm {kind:?}: {diff}"
-            );
-
-            let gate_up = Tensor::randn([5, 2048], (kind, device));
-            let reference = gate_up.narrow(1, 0, 1024).silu() * gate_up.narrow(1, 1024, 1024);
-            let diff = max_diff(&kernels.silu_mul(&gate_up), &reference);
-            assert!(
-                diff <= tol * max_abs(&reference),
-                "silu_mul {kind:?}: {diff}"
-            );
+            // Rows of 16-byte pieces (the vectorised paths), rows that are
+            // not (element by element), and rows longer than a block's
+            // threads take in one pass.
+            for hidden in [512, 510, 4096] {
+                let x = Tensor::randn([5, hidden], (kind, device));
+                let w = Tensor::randn([hidden], (kind, device));
+                let reference = x.rms_norm([hidden], Some(&w), 1e-5);
+                let diff = max_diff(&kernels.rms_norm(&x, &w, 1e-5), &reference);
+                assert!(
+                    diff <= tol * max_abs(&reference),
+                    "rms_norm {kind:?} of {hidden}: {diff}"
+                );
+            }
+            for inter in [1024, 1001, 3] {
+                let gate_up = Tensor::randn([5, 2 * inter], (kind, device));
+                let reference =
+                    gate_up.narrow(1, 0, inter).silu() * gate_up.narrow(1, inter, inter);
+                let diff = max_diff(&kernels.silu_mul(&gate_up), &reference);
+                assert!(
+                    diff <= tol * max_abs(&reference),
+                    "silu_mul {kind:?} of {inter}: {diff}"
+                );
+            }
         }
     }
 
