@@ -710,7 +710,15 @@ impl Engine {
         longer.sort_by_key(|&i| plan[i].len);
         if !longer.is_empty() {
             let inputs: Vec<ChunkInput> = longer.iter().map(|&i| input(&plan[i])).collect();
+            let queuing = Instant::now();
             let out = forward_chunks(&self.model, &self.pool, &inputs, self.kernels());
+            // How long the host took to queue the forward's work: near the
+            // step's time when the host, not the device, sets the pace.
+            tracing::debug!(
+                chunks = inputs.len(),
+                ms = queuing.elapsed().as_secs_f64() * 1e3,
+                "prefill forward queued"
+            );
             for (row, &i) in longer.iter().enumerate() {
                 row_of[i] = (outputs.len(), row as i64);
             }

@@ -28,7 +28,7 @@
 //!
 //! [`Engine`]: super::Engine
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::cuda_graph::{CudaGraph, CudaGraphError};
 
@@ -41,6 +41,21 @@ pub fn copy_to_device(dst: &mut Tensor, values: &[i64]) -> Result<(), CudaGraphE
     }
     dst.copy_(&Tensor::from_slice(values));
     Ok(())
+}
+
+/// `values` as an int64 tensor on `device`, copied there without waiting
+/// for the work queued on it (through [`copy_to_device`]); the waiting
+/// way where that cannot be done. A forward's indices (tokens, positions,
+/// slots) go up this way, so that a forward queued behind a decode step
+/// does not first wait for it.
+pub fn upload(values: &[i64], device: Device) -> Tensor {
+    if device.is_cuda() && CudaGraph::compiled() {
+        let mut dst = Tensor::empty([values.len() as i64], (Kind::Int64, device));
+        if copy_to_device(&mut dst, values).is_ok() {
+            return dst;
+        }
+    }
+    Tensor::from_slice(values).to_device(device)
 }
 
 /// A copy to the host that may still be in flight.

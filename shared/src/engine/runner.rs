@@ -32,6 +32,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::host_copy::upload;
 use crate::kernels::DecodeKernels;
 use crate::kv::block::BlockTable;
 use crate::kv::pool::KvPool;
@@ -90,9 +91,7 @@ impl ChunkGroup {
         let mask = (!plain_causal).then(|| {
             let device = pool.device();
             let starts: Vec<i64> = chunks.iter().map(|c| c.start as i64).collect();
-            let starts = Tensor::from_slice(&starts)
-                .to_device(device)
-                .reshape([-1, 1, 1, 1]);
+            let starts = upload(&starts, device).reshape([-1, 1, 1, 1]);
             let rows = Tensor::arange(len as i64, (Kind::Int64, device)).reshape([1, 1, -1, 1]);
             let cols = Tensor::arange(context as i64, (Kind::Int64, device)).reshape([1, 1, 1, -1]);
             cols.le_tensor(&(starts + rows))
@@ -182,16 +181,41 @@ impl<'a> PagedAttention<'a> {
 
     /// Attention of one group's queries `[chunks, heads, len, head_dim]`
     /// over its sequences' cached keys and values (this step's included).
+    ///
+    /// Under a mask, each key/value head is repeated for its query heads
+    /// here rather than by SDPA (`enable_gqa`): SDPA's memory-efficient
+    /// kernel, the one of its GPU kernels that takes a mask, does not group
+    /// heads, and with `enable_gqa` SDPA falls back to its plain-math path,
+    /// which writes the whole score matrix out and reads it back.
+    /// One-token chunks (decode steps) keep SDPA's grouping: inside a CUDA
+    /// graph they run on cuDNN's kernel, which reads each head once.
     fn group_attention(&self, layer: usize, group: &ChunkGroup, q: &Tensor) -> Tensor {
+        let heads = q.size()[1];
         let [keys, values] = [0, 1].map(|which| {
             let store = self.pool.layer(layer, which);
             let (_, kv_heads, head_dim) = store.size3().expect("a layer's pool is 3-d");
-            store
+            let x = store
                 .index_select(0, &group.read_slots)
                 .reshape([group.chunks, group.context, kv_heads, head_dim])
-                .transpose(1, 2)
+                .transpose(1, 2);
+            if group.mask.is_none() || kv_heads == heads || group.len == 1 {
+                return x;
+            }
+            let shape = [
+                group.chunks,
+                kv_heads,
+                heads / kv_heads,
+                group.context,
+                head_dim,
+            ];
+            x.unsqueeze(2).expand(shape, false).reshape([
+                group.chunks,
+                heads,
+                group.context,
+                head_dim,
+            ])
         });
-        let gqa = q.size()[1] != keys.size()[1];
+        let gqa = heads != keys.size()[1];
         let causal = group.mask.is_none() && group.len > 1;
         Tensor::scaled_dot_product_attention(
             q,
@@ -279,11 +303,10 @@ pub fn forward_chunks(
         })
         .collect();
     let device = model.device();
-    let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
     let (tokens, positions, last_rows) = (
-        on_device(&tokens),
-        on_device(&positions),
-        on_device(&last_rows),
+        upload(&tokens, device),
+        upload(&positions, device),
+        upload(&last_rows, device),
     );
     let mut attention = PagedAttention::new(pool, chunks);
     if let Some(kernels) = kernels {

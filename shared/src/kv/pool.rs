@@ -140,6 +140,6 @@ impl KvPool {
 
     /// Slot indices as an int64 tensor on the pool's device.
     pub fn slot_tensor(&self, slots: &[i64]) -> Tensor {
-        Tensor::from_slice(slots).to_device(self.kv.device())
+        crate::engine::host_copy::upload(slots, self.kv.device())
     }
 }
