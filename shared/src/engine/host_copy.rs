@@ -51,8 +51,9 @@ pub fn copy_to_device(dst: &mut Tensor, values: &[i64]) -> Result<(), CudaGraphE
 pub fn upload(values: &[i64], device: Device) -> Tensor {
     if device.is_cuda() && CudaGraph::compiled() {
         let mut dst = Tensor::empty([values.len() as i64], (Kind::Int64, device));
-        if copy_to_device(&mut dst, values).is_ok() {
-            return dst;
+        match copy_to_device(&mut dst, values) {
+            Ok(()) => return dst,
+            Err(err) => tracing::warn!("an upload waits for the stream instead: {err}"),
         }
     }
     Tensor::from_slice(values).to_device(device)

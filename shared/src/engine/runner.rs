@@ -318,7 +318,7 @@ pub fn forward_chunks(
             last_rows: &last_rows,
             layers: &layers,
         };
-        return model.prefill_fused(kernels, &step, &mut |layer, q| {
+        return model.prefill_fused(kernels, &step, &mut |layer, q, _, _| {
             attention.attend_rows(layer, q)
         });
     }
@@ -342,25 +342,9 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::kernels::test_gpu;
+    use crate::kernels::{test_config as config, test_gpu};
     use crate::kv::block::BlockId;
-    use crate::model::config::LlamaConfig;
     use crate::model::llama::DenseKvCache;
-
-    /// A small model with the custom kernels' shapes: head_dim 64, 4 query
-    /// heads per KV head.
-    fn config() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 256,
-            hidden_size: 512,
-            intermediate_size: 1024,
-            num_hidden_layers: 3,
-            num_attention_heads: 8,
-            num_key_value_heads: Some(2),
-            max_position_embeddings: 256,
-            ..LlamaConfig::smollm2_135m()
-        }
-    }
 
     /// A sequence with `past` tokens already in the pool, whose remaining
     /// tokens are this step's chunk.

@@ -1679,6 +1679,22 @@ mod imp {
 /// The GPU the kernels' tests run on: `None` (and a line saying why) on a
 /// machine without one or in a build without the CUDA bridge, where those
 /// tests check nothing.
+/// A small model with real attention shapes for the kernels' tests: heads
+/// of 64, 4 query heads per KV head, 3 layers.
+#[cfg(test)]
+pub(crate) fn test_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 256,
+        hidden_size: 512,
+        intermediate_size: 1024,
+        num_hidden_layers: 3,
+        num_attention_heads: 8,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 1024,
+        ..LlamaConfig::smollm2_135m()
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn test_gpu() -> Option<Device> {
     if crate::device::load_cuda_runtime().is_err() || !tch::Cuda::is_available() {

@@ -106,18 +106,17 @@ impl Llama {
     /// Runs the prefill of chunks laid end to end on the custom kernels and
     /// returns the logits of `step.last_rows`, `[chunks, vocab]` (f32). The
     /// layers are those of [`Llama::decode_fused`] at large batch; only
-    /// attention differs (many new tokens per sequence): `attend` does it.
+    /// attention differs (many new tokens per sequence): `attention` does it.
     pub fn prefill_fused(
         &self,
         kernels: &DecodeKernels,
         step: &PagedPrefill,
-        attend: &mut dyn FnMut(usize, &Tensor) -> Tensor,
+        attention: &mut LayerAttention,
     ) -> Tensor {
         let _no_grad = tch::no_grad_guard();
         let x = self.embed_tokens.index_select(0, step.tokens);
-        let mut attention = |layer: usize, q: &Tensor, _: &Tensor, _: &Tensor| attend(layer, q);
         let rows = (step.positions, step.write_slots);
-        self.layers_on_kernels(kernels, &x, rows, step.layers, &mut attention);
+        self.layers_on_kernels(kernels, &x, rows, step.layers, attention);
         let last = x.index_select(0, step.last_rows);
         kernels.norm_logits(&last, &self.norm, self.config.rms_norm_eps, &self.lm_head)
     }
@@ -241,23 +240,9 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::kernels::{test_gpu as gpu, KernelShape};
+    use crate::kernels::{test_config as config, test_gpu as gpu, KernelShape};
     use crate::model::config::LlamaConfig;
     use crate::model::llama::{causal_attention, AttentionCache};
-
-    /// A small model with real attention shapes: head_dim 64, 4 query heads per KV head.
-    fn config() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 256,
-            hidden_size: 512,
-            intermediate_size: 1024,
-            num_hidden_layers: 3,
-            num_attention_heads: 8,
-            num_key_value_heads: Some(2),
-            max_position_embeddings: 1024,
-            ..LlamaConfig::smollm2_135m()
-        }
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
