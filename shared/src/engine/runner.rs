@@ -53,9 +53,6 @@ pub struct PagedAttention<'a> {
     write_slots: Tensor,
     /// Consecutive chunks of equal length, in order.
     groups: Vec<ChunkGroup>,
-    /// True when the forward's tokens are laid end to end, `[1, tokens]`;
-    /// false when its batch is the one group's chunks, `[chunks, len]`.
-    packed: bool,
 }
 
 /// Chunks of the same length, next to each other in the forward: one
@@ -137,7 +134,6 @@ impl<'a> PagedAttention<'a> {
         PagedAttention {
             pool,
             write_slots: pool.slot_tensor(&write),
-            packed: groups.len() > 1,
             groups,
         }
     }
@@ -164,14 +160,14 @@ impl<'a> PagedAttention<'a> {
             pool,
             write_slots,
             groups: vec![group],
-            packed: false,
         }
     }
 
     /// True when the forward must lay its tokens end to end (`[1, tokens]`):
-    /// the chunks have more than one length.
+    /// the chunks have more than one length. Otherwise its batch is the one
+    /// group's chunks, `[chunks, len]`.
     pub fn packed(&self) -> bool {
-        self.packed
+        self.groups.len() > 1
     }
 
     /// Where each new token's K and V go, `[tokens]`.
@@ -267,7 +263,7 @@ impl AttentionCache for PagedAttention<'_> {
                 .layer(layer, which)
                 .index_copy_(0, &self.write_slots, &rows);
         }
-        if !self.packed {
+        if !self.packed() {
             return self.group_attention(layer, &self.groups[0], q);
         }
         // [1, heads, tokens, head_dim] -> [tokens, heads, head_dim] and back.
