@@ -1676,9 +1676,6 @@ mod imp {
     }
 }
 
-/// The GPU the kernels' tests run on: `None` (and a line saying why) on a
-/// machine without one or in a build without the CUDA bridge, where those
-/// tests check nothing.
 /// A small model with real attention shapes for the kernels' tests: heads
 /// of 64, 4 query heads per KV head, 3 layers.
 #[cfg(test)]
@@ -1695,6 +1692,9 @@ pub(crate) fn test_config() -> LlamaConfig {
     }
 }
 
+/// The GPU the kernels' tests run on: `None` (and a line saying why) on a
+/// machine without one or in a build without the CUDA bridge, where those
+/// tests check nothing.
 #[cfg(test)]
 pub(crate) fn test_gpu() -> Option<Device> {
     if crate::device::load_cuda_runtime().is_err() || !tch::Cuda::is_available() {
