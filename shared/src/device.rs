@@ -140,6 +140,18 @@ pub fn cuda_device_count() -> usize {
     tch::Cuda::device_count().max(0) as usize
 }
 
+/// The first GPU where there is one, else the CPU: tch's
+/// `Device::cuda_if_available` after [`load_cuda_runtime`], which must
+/// come before any CUDA query (a query made first settles on "no CUDA" for
+/// the life of the process).
+pub fn cuda_if_available() -> Device {
+    if cuda_device_count() > 0 {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
 /// A human-readable sentence on why CUDA is or is not usable.
 pub fn cuda_status() -> &'static str {
     match load_cuda_runtime() {

@@ -15,7 +15,7 @@ use shared::model::llama::Llama;
 use tch::{Device, Kind, Tensor};
 
 fn device() -> Device {
-    Device::cuda_if_available()
+    shared::device::cuda_if_available()
 }
 
 /// A small random model whose weights are large enough (std 0.3, not the

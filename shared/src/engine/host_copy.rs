@@ -216,7 +216,7 @@ mod tests {
 
     #[test]
     fn a_host_copy_holds_the_values_at_its_start() {
-        let device = Device::cuda_if_available();
+        let device = crate::device::cuda_if_available();
         let mut src = Tensor::arange(5, (Kind::Int64, device));
         let copy = HostCopy::start(&src).unwrap();
         // Queued after the copy: must not show in it.
@@ -228,7 +228,7 @@ mod tests {
 
     #[test]
     fn a_copy_to_the_device_lands_before_the_work_queued_after_it() {
-        let device = Device::cuda_if_available();
+        let device = crate::device::cuda_if_available();
         let mut dst = Tensor::zeros([4], (Kind::Int64, device));
         let mut values = vec![3, 1, 4, 1];
         copy_to_device(&mut dst, &values).unwrap();
