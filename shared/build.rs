@@ -1,11 +1,13 @@
 //! Compiles the C++ bridge to the CUDA side of libtorch — `csrc/cuda_graph.cpp`
 //! (CUDA graphs), `csrc/cuda_ipc.cpp` (GPU memory shared between
-//! processes), `csrc/kernels.cpp` (kernels compiled at run time) and
-//! `csrc/host_copy.cpp` (copies that do not wait for the stream) — when the
-//! libtorch we build against has CUDA (`libtorch_cuda.so` and the CUDA
-//! runtime headers are found). It then sets
-//! `cfg(cuda_bridge)`; without it the engine runs every decode step eagerly,
-//! as on a CPU, and the CUDA IPC transfer backend reports that it is missing.
+//! processes), `csrc/kernels.cpp` (kernels compiled at run time),
+//! `csrc/host_copy.cpp` (copies that do not wait for the stream) and
+//! `csrc/varlen_attention.cpp` (FlashAttention over packed sequences) —
+//! when the libtorch we build against has CUDA (`libtorch_cuda.so` and the
+//! CUDA runtime headers are found). It then sets `cfg(cuda_bridge)`;
+//! without it the engine runs every decode step eagerly, as on a CPU, the
+//! prefill's attention runs per group of chunks, and the CUDA IPC transfer
+//! backend reports that it is missing.
 //!
 //! The headers come from libtorch's `include/` and from CUDA's runtime
 //! headers: those of the `nvidia-cuda-runtime` and `nvidia-cuda-crt` wheels
@@ -21,6 +23,7 @@ fn main() {
     println!("cargo::rerun-if-changed=csrc/cuda_ipc.cpp");
     println!("cargo::rerun-if-changed=csrc/kernels.cpp");
     println!("cargo::rerun-if-changed=csrc/host_copy.cpp");
+    println!("cargo::rerun-if-changed=csrc/varlen_attention.cpp");
     println!("cargo::rerun-if-changed=csrc/guarded.h");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=SPARK_DISAGG_NO_CUDA_BRIDGE");
@@ -48,6 +51,7 @@ fn main() {
         .file("csrc/cuda_ipc.cpp")
         .file("csrc/kernels.cpp")
         .file("csrc/host_copy.cpp")
+        .file("csrc/varlen_attention.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .include(cuda_include)

@@ -4,6 +4,7 @@
 //! * [`generate`] — the reference loop for one prompt, with a dense cache;
 //! * [`scheduler`] — continuous batching with chunked prefill and preemption;
 //! * [`runner`] — paged attention and batched forward passes;
+//! * [`varlen_attention`] — one FlashAttention call for a packed prefill;
 //! * [`decode_graph`] and [`cuda_graph`] — decode steps padded to fixed
 //!   shapes and replayed as CUDA graphs;
 //! * [`host_copy`] — reading a step's tokens without waiting for the step
@@ -24,6 +25,7 @@ pub mod request;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod varlen_attention;
 
 pub use self::core::{Engine, EngineConfig, EngineError, PrefillOutput};
 pub use self::decode_graph::DecodeMode;

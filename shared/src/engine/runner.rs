@@ -24,15 +24,20 @@
 //! future. This is paged attention built from stock PyTorch operations
 //! (`index_copy_`, `index_select`, SDPA) instead of a custom kernel.
 //!
+//! On a GPU that has it (bf16 or f16), attention needs no groups: every
+//! chunk's context is gathered end to end and one FlashAttention call with
+//! the sequences' lengths covers the whole row ([`varlen_attention`]).
+//!
 //! On a GPU with the engine's custom kernels, the prefill forward runs on
 //! them instead ([`Llama::prefill_fused`]): RoPE and the KV-cache write in
 //! one kernel, the activation in another, residual additions inside the
-//! matrix products. Attention stays the gather and SDPA of this file
-//! ([`PagedAttention::attend_rows`]).
+//! matrix products. Attention stays the gather and SDPA (or FlashAttention)
+//! of this file ([`PagedAttention::attend_rows`]).
 
 use tch::{Kind, Tensor};
 
 use super::host_copy::upload;
+use super::varlen_attention::{self, PackedSequences};
 use crate::kernels::DecodeKernels;
 use crate::kv::block::BlockTable;
 use crate::kv::pool::KvPool;
@@ -51,8 +56,55 @@ pub struct PagedAttention<'a> {
     pool: &'a KvPool,
     /// Where each new token's K/V goes: `[tokens]`, chunk after chunk.
     write_slots: Tensor,
-    /// Consecutive chunks of equal length, in order.
-    groups: Vec<ChunkGroup>,
+    /// How the chunks' contexts are read back.
+    contexts: Contexts,
+    /// The chunks have more than one length (see [`PagedAttention::packed`]).
+    packed: bool,
+}
+
+/// How attention reads the chunks' contexts.
+enum Contexts {
+    /// Per group of equally long chunks: padded gathers and SDPA.
+    Groups(Vec<ChunkGroup>),
+    /// All chunks at once: one gather, one FlashAttention call.
+    Packed(PackedContexts),
+}
+
+/// Every chunk's whole context (past and new tokens), end to end, for one
+/// [`varlen_attention::attention`] call.
+struct PackedContexts {
+    /// `[total context]`: each sequence's slots in order, no padding.
+    read_slots: Tensor,
+    sequences: PackedSequences,
+}
+
+impl PackedContexts {
+    fn new(pool: &KvPool, chunks: &[ChunkInput<'_>]) -> PackedContexts {
+        let bs = pool.block_size();
+        let read: Vec<i64> = chunks
+            .iter()
+            .flat_map(|c| (0..c.start + c.tokens.len()).map(|p| c.table.slot(p, bs)))
+            .collect();
+        let lengths: Vec<(usize, usize)> = chunks
+            .iter()
+            .map(|c| (c.tokens.len(), c.start + c.tokens.len()))
+            .collect();
+        PackedContexts {
+            read_slots: pool.slot_tensor(&read),
+            sequences: PackedSequences::new(&lengths, pool.device()),
+        }
+    }
+}
+
+/// Which way a forward's attention reads its contexts.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ContextReads {
+    /// FlashAttention over packed sequences where [`varlen_attention::usable`]
+    /// says it runs, groups elsewhere.
+    Best,
+    /// Always groups (the tests compare the two).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Groups,
 }
 
 /// Chunks of the same length, next to each other in the forward: one
@@ -109,15 +161,40 @@ impl ChunkGroup {
 }
 
 impl<'a> PagedAttention<'a> {
-    /// Prepares slots and masks for `chunks`. Chunks of equal length that
-    /// are next to each other share a group: order them by length to have
-    /// as few groups as lengths.
+    /// Prepares slots (and masks) for `chunks`. Where attention runs per
+    /// group, chunks of equal length that are next to each other share a
+    /// group: order them by length to have as few groups as lengths.
     pub fn new(pool: &'a KvPool, chunks: &[ChunkInput<'_>]) -> Self {
+        Self::reading(pool, chunks, ContextReads::Best)
+    }
+
+    fn reading(pool: &'a KvPool, chunks: &[ChunkInput<'_>], reads: ContextReads) -> Self {
         let bs = pool.block_size();
         let write: Vec<i64> = chunks
             .iter()
             .flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| c.table.slot(p, bs)))
             .collect();
+        let packed = chunks
+            .windows(2)
+            .any(|w| w[0].tokens.len() != w[1].tokens.len());
+        let head_dim = pool.layer(0, 0).size().last().copied().unwrap_or(0);
+        let flash = reads == ContextReads::Best
+            && varlen_attention::usable(pool.device(), pool.kind(), head_dim);
+        let contexts = if flash {
+            Contexts::Packed(PackedContexts::new(pool, chunks))
+        } else {
+            Contexts::Groups(Self::groups(pool, chunks))
+        };
+        PagedAttention {
+            pool,
+            write_slots: pool.slot_tensor(&write),
+            contexts,
+            packed,
+        }
+    }
+
+    /// Consecutive chunks of equal length, one group each.
+    fn groups(pool: &KvPool, chunks: &[ChunkInput<'_>]) -> Vec<ChunkGroup> {
         let mut groups = Vec::new();
         let (mut first_chunk, mut first_row) = (0, 0);
         for (i, c) in chunks.iter().enumerate() {
@@ -131,11 +208,7 @@ impl<'a> PagedAttention<'a> {
                 groups.push(group);
             }
         }
-        PagedAttention {
-            pool,
-            write_slots: pool.slot_tensor(&write),
-            groups,
-        }
+        groups
     }
 
     /// Attention from slots and a mask already on the device (what a
@@ -159,15 +232,16 @@ impl<'a> PagedAttention<'a> {
         PagedAttention {
             pool,
             write_slots,
-            groups: vec![group],
+            contexts: Contexts::Groups(vec![group]),
+            packed: false,
         }
     }
 
     /// True when the forward must lay its tokens end to end (`[1, tokens]`):
-    /// the chunks have more than one length. Otherwise its batch is the one
-    /// group's chunks, `[chunks, len]`.
+    /// the chunks have more than one length. Otherwise its batch is the
+    /// chunks themselves, `[chunks, len]`.
     pub fn packed(&self) -> bool {
-        self.groups.len() > 1
+        self.packed
     }
 
     /// Where each new token's K and V go, `[tokens]`.
@@ -229,9 +303,20 @@ impl<'a> PagedAttention<'a> {
     /// layout of the custom RoPE kernel's output), whose keys and values are
     /// already in the pool. Returns `[tokens, heads, head_dim]`.
     pub fn attend_rows(&self, layer: usize, q: &Tensor) -> Tensor {
+        let groups = match &self.contexts {
+            Contexts::Groups(groups) => groups,
+            Contexts::Packed(packed) => {
+                let [keys, values] = [0, 1].map(|which| {
+                    self.pool
+                        .layer(layer, which)
+                        .index_select(0, &packed.read_slots)
+                });
+                return varlen_attention::attention(q, &keys, &values, &packed.sequences)
+                    .unwrap_or_else(|err| panic!("layer {layer}: {err}"));
+            }
+        };
         let (_, heads, head_dim) = q.size3().expect("q is [tokens, heads, head_dim]");
-        let outs: Vec<Tensor> = self
-            .groups
+        let outs: Vec<Tensor> = groups
             .iter()
             .map(|g| {
                 let q = q
@@ -263,12 +348,18 @@ impl AttentionCache for PagedAttention<'_> {
                 .layer(layer, which)
                 .index_copy_(0, &self.write_slots, &rows);
         }
-        if !self.packed() {
-            return self.group_attention(layer, &self.groups[0], q);
+        if let Contexts::Groups(groups) = &self.contexts {
+            if let [group] = groups.as_slice() {
+                return self.group_attention(layer, group, q);
+            }
         }
-        // [1, heads, tokens, head_dim] -> [tokens, heads, head_dim] and back.
-        let rows = q.squeeze_dim(0).transpose(0, 1).contiguous();
-        self.attend_rows(layer, &rows).transpose(0, 1).unsqueeze(0)
+        // [batch, heads, len, head_dim] -> [batch · len, heads, head_dim]
+        // and back (a packed forward's batch is 1).
+        let (batch, heads, len, head_dim) = q.size4().expect("q is [batch, heads, len, head_dim]");
+        let rows = q.transpose(1, 2).reshape([batch * len, heads, head_dim]);
+        self.attend_rows(layer, &rows)
+            .view([batch, len, heads, head_dim])
+            .transpose(1, 2)
     }
 }
 
@@ -281,6 +372,16 @@ pub fn forward_chunks(
     pool: &KvPool,
     chunks: &[ChunkInput<'_>],
     kernels: Option<&DecodeKernels>,
+) -> Tensor {
+    forward_chunks_reading(model, pool, chunks, kernels, ContextReads::Best)
+}
+
+fn forward_chunks_reading(
+    model: &Llama,
+    pool: &KvPool,
+    chunks: &[ChunkInput<'_>],
+    kernels: Option<&DecodeKernels>,
+    reads: ContextReads,
 ) -> Tensor {
     let tokens: Vec<i64> = chunks
         .iter()
@@ -304,7 +405,7 @@ pub fn forward_chunks(
         upload(&positions, device),
         upload(&last_rows, device),
     );
-    let mut attention = PagedAttention::new(pool, chunks);
+    let mut attention = PagedAttention::reading(pool, chunks, reads);
     if let Some(kernels) = kernels {
         let layers = pool.layers();
         let step = PagedPrefill {
@@ -385,7 +486,12 @@ mod tests {
     /// forward of each whole sequence; then the pool's keys and values
     /// against the reference's cache. `tolerance` is relative to the
     /// largest value compared.
-    fn check_packed_prefill(model: &Llama, kernels: Option<&DecodeKernels>, tolerance: f64) {
+    fn check_packed_prefill(
+        model: &Llama,
+        kernels: Option<&DecodeKernels>,
+        reads: ContextReads,
+        tolerance: f64,
+    ) {
         let _no_grad = tch::no_grad_guard();
         let sequences = sequences();
         let pool = KvPool::new(model.config(), 16, 4, model.device(), model.kind());
@@ -395,12 +501,16 @@ mod tests {
                 start: 0,
                 tokens: &s.tokens[..s.past],
             };
-            let _ = forward_chunks(model, &pool, &[past], kernels);
+            let _ = forward_chunks_reading(model, &pool, &[past], kernels, reads);
         }
         let chunks: Vec<ChunkInput> = sequences.iter().map(Sequence::chunk).collect();
-        let attention = PagedAttention::new(&pool, &chunks);
-        assert!(attention.packed() && attention.groups.len() == 2);
-        let logits = forward_chunks(model, &pool, &chunks, kernels);
+        let attention = PagedAttention::reading(&pool, &chunks, reads);
+        assert!(attention.packed());
+        match &attention.contexts {
+            Contexts::Groups(groups) => assert_eq!(groups.len(), 2),
+            Contexts::Packed(_) => assert_eq!(reads, ContextReads::Best),
+        }
+        let logits = forward_chunks_reading(model, &pool, &chunks, kernels, reads);
 
         let close = |name: String, got: &Tensor, want: &Tensor| {
             let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
@@ -408,7 +518,7 @@ mod tests {
             let largest = want.abs().max().double_value(&[]);
             assert!(
                 diff <= tolerance * largest,
-                "{name} differs by {diff} (largest {largest}; kernels: {})",
+                "{name} differs by {diff} (largest {largest}; kernels: {}, {reads:?})",
                 kernels.is_some()
             );
         };
@@ -444,20 +554,29 @@ mod tests {
     #[test]
     fn packed_chunks_match_the_dense_reference() {
         let model = Llama::random(config(), 5, Device::Cpu, Kind::Float);
-        check_packed_prefill(&model, None, 1e-4);
+        check_packed_prefill(&model, None, ContextReads::Best, 1e-4);
     }
 
     /// The prefill forward on the custom kernels (RoPE and the KV write in
     /// one kernel, the activation in another, additions in the products),
-    /// in f32 and bf16, against the same reference; and PyTorch's on the GPU.
+    /// in f32 and bf16, against the same reference; and PyTorch's on the
+    /// GPU. In bf16 attention runs both ways: one FlashAttention call over
+    /// the packed contexts (where the GPU has it) and per group.
     #[test]
     fn packed_chunks_on_the_kernels_match_the_dense_reference() {
         let Some(device) = test_gpu() else { return };
         for (kind, tolerance) in [(Kind::Float, 1e-3), (Kind::BFloat16, 0.05)] {
             let model = Llama::random(config(), 5, device, kind);
             let kernels = DecodeKernels::get(model.config(), kind, device).unwrap();
-            check_packed_prefill(&model, Some(&kernels), tolerance);
-            check_packed_prefill(&model, None, tolerance);
+            for reads in [ContextReads::Best, ContextReads::Groups] {
+                check_packed_prefill(&model, Some(&kernels), reads, tolerance);
+                check_packed_prefill(&model, None, reads, tolerance);
+            }
         }
+        let head_dim = config().head_dim() as i64;
+        eprintln!(
+            "FlashAttention over packed sequences here: {}",
+            varlen_attention::usable(device, Kind::BFloat16, head_dim)
+        );
     }
 }
