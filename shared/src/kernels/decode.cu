@@ -282,22 +282,24 @@ struct AttentionShared {
 // q [batch, heads, HEAD_DIM]; k_cache, v_cache [slots, kv_heads, HEAD_DIM];
 // block_tables [batch, max_blocks]; positions [batch] (the new token's
 // position: it sees positions 0..=p). For query heads head0 .. head0 + HG
-// of key/value head `kv_head`, writes partition `partition` of part_acc
-// [batch, heads, partitions, HEAD_DIM] and part_max, part_sum [batch,
-// heads, partitions]. `tid` is the thread's index among the THREADS that
-// run it; they meet at named barrier `barrier`.
+// of key/value head `kv_head`, attends over `span` partitions of the
+// context from partition `partition` · `span` on, and writes the result as
+// part `partition` of part_acc [batch, heads, partitions, HEAD_DIM] and
+// part_max, part_sum [batch, heads, partitions]; or, where `out` is not
+// null (the block covers the whole context), the normalised result into
+// `out` [batch, heads, HEAD_DIM]. `tid` is the thread's index among the
+// THREADS that run it; they meet at named barrier `barrier`.
 template <int HG>
 __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                                const i64* block_tables, const i64* positions, int kv_heads,
                                int block_size, int max_blocks, float scale, float* part_acc,
                                float* part_max, float* part_sum, int kv_head, int head0, int seq,
-                               int partition, int partitions, int tid, int barrier,
-                               AttentionShared<HG>& shared) {
+                               int partition, int partitions, int span, scalar_t* out,
+                               int tid, int barrier, AttentionShared<HG>& shared) {
   const int heads = kv_heads * GQA_GROUP;
   const int warp = tid / 32, lane = tid % 32;
   const int group = tid / LANES, sub = tid % LANES;
   const int context = (int)positions[seq] + 1;
-  const int first = partition * PARTITION;
 
   // This lane's slice of each of the HG query heads, pre-scaled.
   float qs[HG][VEC];
@@ -309,21 +311,8 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
     for (int i = 0; i < VEC; i++) qs[h][i] *= scale;
   }
 
-  // Load every key and value row this lane will use (zeros past the context).
-  uint4 keys[TOKENS_PER_GROUP], values[TOKENS_PER_GROUP];
-#pragma unroll
-  for (int t = 0; t < TOKENS_PER_GROUP; t++) {
-    int pos = first + t * GROUPS + group;
-    keys[t] = values[t] = make_uint4(0, 0, 0, 0);
-    if (pos < context) {
-      i64 block = block_tables[(i64)seq * max_blocks + pos / block_size];
-      i64 offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * HEAD_DIM + sub * VEC;
-      keys[t] = load_cg(k_cache + offset);
-      values[t] = load_cg(v_cache + offset);
-    }
-  }
-
-  // Online softmax over this lane group's tokens, for each query head.
+  // Online softmax over this lane group's tokens, for each query head,
+  // one partition after another.
   float m[HG], l[HG], acc[HG][VEC];
 #pragma unroll
   for (int h = 0; h < HG; h++) {
@@ -332,28 +321,44 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
 #pragma unroll
     for (int i = 0; i < VEC; i++) acc[h][i] = 0.f;
   }
+  for (int first = partition * span * PARTITION, end = min(first + span * PARTITION, context);
+       first < end; first += PARTITION) {
+    // Load every key and value row this lane will use (zeros past the context).
+    uint4 keys[TOKENS_PER_GROUP], values[TOKENS_PER_GROUP];
 #pragma unroll
-  for (int t = 0; t < TOKENS_PER_GROUP; t++) {
-    bool valid = first + t * GROUPS + group < context;
-    float key[VEC], value[VEC];
-    unpack(keys[t], key);
-    unpack(values[t], value);
+    for (int t = 0; t < TOKENS_PER_GROUP; t++) {
+      int pos = first + t * GROUPS + group;
+      keys[t] = values[t] = make_uint4(0, 0, 0, 0);
+      if (pos < context) {
+        i64 block = block_tables[(i64)seq * max_blocks + pos / block_size];
+        i64 offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * HEAD_DIM + sub * VEC;
+        keys[t] = load_cg(k_cache + offset);
+        values[t] = load_cg(v_cache + offset);
+      }
+    }
 #pragma unroll
-    for (int h = 0; h < HG; h++) {
-      float dot = 0.f;
+    for (int t = 0; t < TOKENS_PER_GROUP; t++) {
+      bool valid = first + t * GROUPS + group < context;
+      float key[VEC], value[VEC];
+      unpack(keys[t], key);
+      unpack(values[t], value);
 #pragma unroll
-      for (int i = 0; i < VEC; i++) dot += qs[h][i] * key[i];
-      // Every lane of the warp takes part in the shuffles, valid or not.
+      for (int h = 0; h < HG; h++) {
+        float dot = 0.f;
 #pragma unroll
-      for (int offset = LANES / 2; offset > 0; offset /= 2)
-        dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-      if (valid) {
-        float top = fmaxf(m[h], dot);
-        float correction = __expf(m[h] - top), p = __expf(dot - top);
-        l[h] = l[h] * correction + p;
+        for (int i = 0; i < VEC; i++) dot += qs[h][i] * key[i];
+        // Every lane of the warp takes part in the shuffles, valid or not.
 #pragma unroll
-        for (int i = 0; i < VEC; i++) acc[h][i] = acc[h][i] * correction + p * value[i];
-        m[h] = top;
+        for (int offset = LANES / 2; offset > 0; offset /= 2)
+          dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        if (valid) {
+          float top = fmaxf(m[h], dot);
+          float correction = __expf(m[h] - top), p = __expf(dot - top);
+          l[h] = l[h] * correction + p;
+#pragma unroll
+          for (int i = 0; i < VEC; i++) acc[h][i] = acc[h][i] * correction + p * value[i];
+          m[h] = top;
+        }
       }
     }
   }
@@ -387,12 +392,18 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
     for (int h = 0; h < HG; h++) {
       for (int w = 1; w < THREADS / 32; w++)
         merge(m[h], l[h], acc[h], shared.m[w][h], shared.l[w][h], &shared.acc[w][h][sub * VEC]);
-      i64 out = ((i64)seq * heads + kv_head * GQA_GROUP + head0 + h) * partitions + partition;
+      const i64 row = (i64)seq * heads + kv_head * GQA_GROUP + head0 + h;
+      if (out != nullptr) {
 #pragma unroll
-      for (int i = 0; i < VEC; i++) part_acc[out * HEAD_DIM + sub * VEC + i] = acc[h][i];
+        for (int i = 0; i < VEC; i++) out[row * HEAD_DIM + sub * VEC + i] = from_float(acc[h][i] / l[h]);
+        continue;
+      }
+      const i64 part = row * partitions + partition;
+#pragma unroll
+      for (int i = 0; i < VEC; i++) part_acc[part * HEAD_DIM + sub * VEC + i] = acc[h][i];
       if (sub == 0) {
-        part_max[out] = m[h];
-        part_sum[out] = l[h];
+        part_max[part] = m[h];
+        part_sum[part] = l[h];
       }
     }
   }
@@ -523,12 +534,13 @@ __device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, 
 #define ROW_PITCH (HEAD_DIM + 8)
 static_assert(PARTITION * ROW_PIECES % THREADS == 0, "threads copy whole pieces");
 
-// Shared memory of one block: first the partition's rows, then (once
-// every warp is done with them) the warps' results.
+// Shared memory of one block: first the rows of two partitions (one being
+// read while the next one's copies land), then (once every warp is done
+// with them) the warps' results.
 union __align__(16) AttentionMmaShared {
   struct {
     scalar_t k[PARTITION][ROW_PITCH], v[PARTITION][ROW_PITCH];
-  } rows;
+  } rows[2];
   struct {
     float o[THREADS / 32][GQA_GROUP][ROW_PITCH];
     float m[THREADS / 32][GQA_GROUP], l[THREADS / 32][GQA_GROUP];
@@ -591,39 +603,14 @@ __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
   return (unsigned)from_float(lo) | ((unsigned)from_float(hi) << 16);
 }
 
-// attention_part's work (same arguments, same results) for all GQA_GROUP
-// query heads of key/value head `kv_head`, by the whole block.
-__device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scalar_t* k_cache,
-                                                   const scalar_t* v_cache, const i64* block_tables,
-                                                   const i64* positions, int kv_heads, int block_size,
-                                                   int max_blocks, float scale, float* part_acc,
-                                                   float* part_max, float* part_sum, int kv_head,
-                                                   int seq, int partition, int partitions,
-                                                   AttentionMmaShared& shared) {
-  const int heads = kv_heads * GQA_GROUP;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;  // the mma fragments' row and column pair
-  const int context = (int)positions[seq] + 1;
-  const int first = partition * PARTITION;
-  const i64 head_row = (i64)seq * heads + kv_head * GQA_GROUP;  // the group's first query row
-
-  // A partition past the context (the grid covers the longest sequence)
-  // is empty: a zero result that weighs nothing.
-  if (first >= context) {
-    for (int i = tid; i < GQA_GROUP * HEAD_DIM; i += THREADS) {
-      const int r = i / HEAD_DIM, d = i % HEAD_DIM;
-      const i64 out = (head_row + r) * partitions + partition;
-      part_acc[out * HEAD_DIM + d] = 0.f;
-      if (d == 0) {
-        part_max[out] = NEG_INF;
-        part_sum[out] = 0.f;
-      }
-    }
-    return;
-  }
-
-  // 1. Start copying the keys, then the values (two groups of copies).
-  // The block table is read first, so that its loads overlap.
+// Starts copying the key and value rows of the partition whose first token
+// is `first` into `rows` (zeros past the context): two groups of copies,
+// keys first. The block table is read first, so that its loads overlap.
+__device__ __forceinline__ void copy_partition_async(AttentionMmaShared& shared, int buffer,
+                                                     const scalar_t* k_cache, const scalar_t* v_cache,
+                                                     const i64* block_tables, int kv_heads,
+                                                     int block_size, int max_blocks, int kv_head,
+                                                     int seq, int first, int context, int tid) {
   i64 offsets[COPIES];
   bool valid[COPIES];
 #pragma unroll
@@ -637,8 +624,48 @@ __device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scal
                    piece % ROW_PIECES * VEC;
     }
   }
-  copy_rows_async(shared.rows.k, k_cache, offsets, valid, tid);
-  copy_rows_async(shared.rows.v, v_cache, offsets, valid, tid);
+  copy_rows_async(shared.rows[buffer].k, k_cache, offsets, valid, tid);
+  copy_rows_async(shared.rows[buffer].v, v_cache, offsets, valid, tid);
+}
+
+// attention_part's work (same arguments, same results) for all GQA_GROUP
+// query heads of key/value head `kv_head`, by the whole block. The block's
+// `span` partitions are read one after another, each one's copies issued
+// while the one before is computed; each warp keeps its running softmax
+// state (maximum, sum, output) across them, as one longer partition would.
+__device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scalar_t* k_cache,
+                                                   const scalar_t* v_cache, const i64* block_tables,
+                                                   const i64* positions, int kv_heads, int block_size,
+                                                   int max_blocks, float scale, float* part_acc,
+                                                   float* part_max, float* part_sum, int kv_head,
+                                                   int seq, int partition, int partitions, int span,
+                                                   scalar_t* out, AttentionMmaShared& shared) {
+  const int heads = kv_heads * GQA_GROUP;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;  // the mma fragments' row and column pair
+  const int context = (int)positions[seq] + 1;
+  const int begin = partition * span * PARTITION;
+  const int end = min(begin + span * PARTITION, context);
+  const i64 head_row = (i64)seq * heads + kv_head * GQA_GROUP;  // the group's first query row
+
+  // Partitions past the context (the grid covers the longest sequence)
+  // are empty: a zero result that weighs nothing.
+  if (begin >= context) {
+    for (int i = tid; i < GQA_GROUP * HEAD_DIM; i += THREADS) {
+      const int r = i / HEAD_DIM, d = i % HEAD_DIM;
+      const i64 out = (head_row + r) * partitions + partition;
+      part_acc[out * HEAD_DIM + d] = 0.f;
+      if (d == 0) {
+        part_max[out] = NEG_INF;
+        part_sum[out] = 0.f;
+      }
+    }
+    return;
+  }
+
+  // 1. Start copying the first partition's keys, then its values.
+  copy_partition_async(shared, 0, k_cache, v_cache, block_tables, kv_heads, block_size, max_blocks,
+                       kv_head, seq, begin, context, tid);
 
   // 2. The queries as the mma's a operand, straight from global memory
   // while the copies fly: rows g and g + 8 of each 16-column step.
@@ -654,102 +681,137 @@ __device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scal
     }
   }
 
-  // 3. Scores of this warp's tokens: S = Q · Kᵀ, scaled, -inf past the
-  // context. Tile j holds tokens j·8 .. j·8 + 7 of the warp's share.
-  copy_async_wait<1>();  // this thread's keys have landed ...
-  __syncthreads();       // ... and everyone else's
-  const int token0 = warp * WARP_TOKENS;
-  float p[SCORE_TILES][4];
-#pragma unroll
-  for (int j = 0; j < SCORE_TILES; j++) {
-#pragma unroll
-    for (int i = 0; i < 4; i++) p[j][i] = 0.f;
-#pragma unroll
-    for (int s = 0; s < HEAD_DIM / 16; s++) {
-      unsigned b0, b1;
-      load_tiles_x2(b0, b1, &shared.rows.k[token0 + j * 8 + lane % 8][16 * s + (lane / 8) % 2 * 8]);
-      mma_16x8x16(p[j], qa[s][0], qa[s][1], qa[s][2], qa[s][3], b0, b1);
-    }
-  }
-
-  // 4. Softmax without normalising: rows g and g + 8 (the lane's halves
-  // of each tile), max and sum over the four lanes that share a row.
-  float m_lo = NEG_INF, m_hi = NEG_INF;
-#pragma unroll
-  for (int j = 0; j < SCORE_TILES; j++) {
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const bool in = first + token0 + j * 8 + 2 * t + e < context;
-      p[j][e] = in ? p[j][e] * scale : NEG_INF;
-      p[j][2 + e] = in ? p[j][2 + e] * scale : NEG_INF;
-      m_lo = fmaxf(m_lo, p[j][e]);
-      m_hi = fmaxf(m_hi, p[j][2 + e]);
-    }
-  }
-#pragma unroll
-  for (int offset = 1; offset < 4; offset *= 2) {
-    m_lo = fmaxf(m_lo, __shfl_xor_sync(0xffffffffu, m_lo, offset));
-    m_hi = fmaxf(m_hi, __shfl_xor_sync(0xffffffffu, m_hi, offset));
-  }
-  float l_lo = 0.f, l_hi = 0.f;
-#pragma unroll
-  for (int j = 0; j < SCORE_TILES; j++) {
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      // A warp whose tokens are all past the context has m = -inf.
-      p[j][e] = m_lo == NEG_INF ? 0.f : __expf(p[j][e] - m_lo);
-      p[j][2 + e] = m_hi == NEG_INF ? 0.f : __expf(p[j][2 + e] - m_hi);
-      l_lo += p[j][e];
-      l_hi += p[j][2 + e];
-    }
-  }
-#pragma unroll
-  for (int offset = 1; offset < 4; offset *= 2) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, offset);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, offset);
-  }
-
-  // 5. O = P · V, 16 tokens per step. The scores' layout in registers is
-  // already that of the a operand: tiles 2c and 2c + 1 are its two halves
-  // of k. V's rows are tokens, so ldmatrix transposes them into b.
-  copy_async_wait<0>();
-  __syncthreads();
+  // The warp's running state for rows g ("lo") and g + 8 ("hi").
+  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;
   float o[HEAD_DIM / 8][4];
 #pragma unroll
   for (int d = 0; d < HEAD_DIM / 8; d++) {
 #pragma unroll
     for (int i = 0; i < 4; i++) o[d][i] = 0.f;
   }
-#if SCORE_TILES == 1
-  // Eight tokens per warp: the upper half of k is zero.
-  {
-    const unsigned a0 = pack_pair(p[0][0], p[0][1]), a1 = pack_pair(p[0][2], p[0][3]);
+  const int token0 = warp * WARP_TOKENS;
+
+  for (int first = begin, buffer = 0; first < end; first += PARTITION, buffer ^= 1) {
+    const auto& rows = shared.rows[buffer];
+    // The next partition's copies go into the other buffer, which every
+    // warp finished reading at the end of the previous round.
+    const bool ahead = first + PARTITION < end;
+    if (ahead)
+      copy_partition_async(shared, buffer ^ 1, k_cache, v_cache, block_tables, kv_heads,
+                           block_size, max_blocks, kv_head, seq, first + PARTITION, context, tid);
+
+    // 3. Scores of this warp's tokens: S = Q · Kᵀ, scaled, -inf past the
+    // context. Tile j holds tokens j·8 .. j·8 + 7 of the warp's share.
+    if (ahead)
+      copy_async_wait<3>();  // this thread's keys have landed (the values and the next two groups may fly) ...
+    else
+      copy_async_wait<1>();
+    __syncthreads();  // ... and everyone else's
+    float p[SCORE_TILES][4];
+#pragma unroll
+    for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+      for (int i = 0; i < 4; i++) p[j][i] = 0.f;
+#pragma unroll
+      for (int s = 0; s < HEAD_DIM / 16; s++) {
+        unsigned b0, b1;
+        load_tiles_x2(b0, b1, &rows.k[token0 + j * 8 + lane % 8][16 * s + (lane / 8) % 2 * 8]);
+        mma_16x8x16(p[j], qa[s][0], qa[s][1], qa[s][2], qa[s][3], b0, b1);
+      }
+    }
+
+    // 4. Online softmax without normalising: rows g and g + 8 (the lane's
+    // halves of each tile), max and sum over the four lanes that share a
+    // row; what was accumulated before is rescaled to the new maximum.
+    float top_lo = m_lo, top_hi = m_hi;
+#pragma unroll
+    for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const bool in = first + token0 + j * 8 + 2 * t + e < context;
+        p[j][e] = in ? p[j][e] * scale : NEG_INF;
+        p[j][2 + e] = in ? p[j][2 + e] * scale : NEG_INF;
+        top_lo = fmaxf(top_lo, p[j][e]);
+        top_hi = fmaxf(top_hi, p[j][2 + e]);
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      top_lo = fmaxf(top_lo, __shfl_xor_sync(0xffffffffu, top_lo, offset));
+      top_hi = fmaxf(top_hi, __shfl_xor_sync(0xffffffffu, top_hi, offset));
+    }
+    // Nothing seen yet (m = -inf) weighs nothing; nor does a row whose
+    // tokens so far are all past the context (top = -inf).
+    const float scale_lo = m_lo == NEG_INF ? 0.f : __expf(m_lo - top_lo);
+    const float scale_hi = m_hi == NEG_INF ? 0.f : __expf(m_hi - top_hi);
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < SCORE_TILES; j++) {
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        p[j][e] = top_lo == NEG_INF ? 0.f : __expf(p[j][e] - top_lo);
+        p[j][2 + e] = top_hi == NEG_INF ? 0.f : __expf(p[j][2 + e] - top_hi);
+        sum_lo += p[j][e];
+        sum_hi += p[j][2 + e];
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, offset);
+      sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, offset);
+    }
+    l_lo = l_lo * scale_lo + sum_lo;
+    l_hi = l_hi * scale_hi + sum_hi;
+    m_lo = top_lo;
+    m_hi = top_hi;
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; d++) {
-      unsigned b0;
-      load_tile_trans(b0, &shared.rows.v[token0 + lane % 8][8 * d]);
-      mma_16x8x16(o[d], a0, a1, 0u, 0u, b0, 0u);
+      o[d][0] *= scale_lo;
+      o[d][1] *= scale_lo;
+      o[d][2] *= scale_hi;
+      o[d][3] *= scale_hi;
     }
-  }
+
+    // 5. O += P · V, 16 tokens per step. The scores' layout in registers
+    // is already that of the a operand: tiles 2c and 2c + 1 are its two
+    // halves of k. V's rows are tokens, so ldmatrix transposes them into b.
+    if (ahead)
+      copy_async_wait<2>();
+    else
+      copy_async_wait<0>();
+    __syncthreads();
+#if SCORE_TILES == 1
+    // Eight tokens per warp: the upper half of k is zero.
+    {
+      const unsigned a0 = pack_pair(p[0][0], p[0][1]), a1 = pack_pair(p[0][2], p[0][3]);
+#pragma unroll
+      for (int d = 0; d < HEAD_DIM / 8; d++) {
+        unsigned b0;
+        load_tile_trans(b0, &rows.v[token0 + lane % 8][8 * d]);
+        mma_16x8x16(o[d], a0, a1, 0u, 0u, b0, 0u);
+      }
+    }
 #else
 #pragma unroll
-  for (int c = 0; c < SCORE_TILES / 2; c++) {
-    const unsigned a0 = pack_pair(p[2 * c][0], p[2 * c][1]);
-    const unsigned a1 = pack_pair(p[2 * c][2], p[2 * c][3]);
-    const unsigned a2 = pack_pair(p[2 * c + 1][0], p[2 * c + 1][1]);
-    const unsigned a3 = pack_pair(p[2 * c + 1][2], p[2 * c + 1][3]);
+    for (int c = 0; c < SCORE_TILES / 2; c++) {
+      const unsigned a0 = pack_pair(p[2 * c][0], p[2 * c][1]);
+      const unsigned a1 = pack_pair(p[2 * c][2], p[2 * c][3]);
+      const unsigned a2 = pack_pair(p[2 * c + 1][0], p[2 * c + 1][1]);
+      const unsigned a3 = pack_pair(p[2 * c + 1][2], p[2 * c + 1][3]);
 #pragma unroll
-    for (int d = 0; d < HEAD_DIM / 8; d++) {
-      unsigned b0, b1;
-      load_tiles_x2_trans(b0, b1, &shared.rows.v[token0 + 16 * c + lane % 16][8 * d]);
-      mma_16x8x16(o[d], a0, a1, a2, a3, b0, b1);
+      for (int d = 0; d < HEAD_DIM / 8; d++) {
+        unsigned b0, b1;
+        load_tiles_x2_trans(b0, b1, &rows.v[token0 + 16 * c + lane % 16][8 * d]);
+        mma_16x8x16(o[d], a0, a1, a2, a3, b0, b1);
+      }
     }
-  }
 #endif
+    // Everyone is done with this buffer before the next round refills it
+    // (and, after the last round, before the results reuse the memory).
+    __syncthreads();
+  }
 
-  // 6. Merge the four warps. The rows' memory is reused, so everyone must
-  // be done reading it first. Rows past the group are padding: dropped.
-  __syncthreads();
+  // 6. Merge the four warps. Rows past the group are padding: dropped.
 #pragma unroll
   for (int half = 0; half < 2; half++) {
     const int row = g + half * 8;
@@ -778,31 +840,38 @@ __device__ __forceinline__ void attention_part_mma(const scalar_t* q, const scal
       acc += shared.warps.o[w][r][d] * weight;
       sum += shared.warps.l[w][r] * weight;
     }
-    const i64 out = (head_row + r) * partitions + partition;
-    part_acc[out * HEAD_DIM + d] = acc;
+    if (out != nullptr) {
+      out[(head_row + r) * HEAD_DIM + d] = from_float(acc / sum);
+      continue;
+    }
+    const i64 part = (head_row + r) * partitions + partition;
+    part_acc[part * HEAD_DIM + d] = acc;
     if (d == 0) {
-      part_max[out] = top;
-      part_sum[out] = sum;
+      part_max[part] = top;
+      part_sum[part] = sum;
     }
   }
 }
 #endif  // ATTENTION_MMA
 
-// One block per (key/value head, sequence, partition).
+// One block per (key/value head, sequence, span of `span` partitions).
+// With one span per sequence (gridDim.z == 1) the host passes `out` and
+// no partial results: there is nothing for attention_combine to merge.
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                   const i64* block_tables, const i64* positions, int kv_heads, int block_size,
-                  int max_blocks, float scale, float* part_acc, float* part_max, float* part_sum) {
+                  int max_blocks, int span, float scale, float* part_acc, float* part_max,
+                  float* part_sum, scalar_t* out) {
 #if ATTENTION_MMA
   __shared__ AttentionMmaShared shared;
   attention_part_mma(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size, max_blocks,
                      scale, part_acc, part_max, part_sum, blockIdx.x, blockIdx.y, blockIdx.z,
-                     gridDim.z, shared);
+                     gridDim.z, span, out, shared);
 #else
   __shared__ AttentionShared<GQA_GROUP> shared;
   attention_part<GQA_GROUP>(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size,
                             max_blocks, scale, part_acc, part_max, part_sum, blockIdx.x, 0,
-                            blockIdx.y, blockIdx.z, gridDim.z, threadIdx.x, 0, shared);
+                            blockIdx.y, blockIdx.z, gridDim.z, span, out, threadIdx.x, 0, shared);
 #endif
 }
 // ANCHOR_END: paged_attention_mma
@@ -1613,7 +1682,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       attention_part<LAYER_HEADS>(p.q, p.k_cache, p.v_cache, p.block_tables, p.positions,
                                   p.kv_heads, p.block_size, p.max_blocks, p.scale, p.part_acc,
                                   p.part_max, p.part_sum, kv_head, head_chunk * LAYER_HEADS, seq,
-                                  partition, p.partitions, tid, barrier, shared[part]);
+                                  partition, p.partitions, 1, nullptr, tid, barrier,
+                                  shared[part]);
       // The last partition of this (sequence, KV head, chunk) to finish
       // merges them all, so no stage (and no barrier) is needed for it.
       sync_threads(barrier, THREADS);

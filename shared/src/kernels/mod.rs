@@ -132,6 +132,12 @@ fn layer_bulk_copy_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
+/// Blocks per multiprocessor that `attention_partial`'s grid aims for (see
+/// [`attention_span`]): as many as fit on an H100's multiprocessor at once
+/// (its registers allow four). Two ran as fast at batch 128 and slower at
+/// batch 32; eight slower at both.
+const ATTENTION_BLOCKS_PER_SM: usize = 4;
+
 /// Whether `attention_partial` (batched decode, and batch 1 without the
 /// layer kernel) runs on the tensor cores where it can: 16-bit models on
 /// sm_80 and later (the default). `SPARK_DISAGG_ATTENTION_MMA=0` keeps it
@@ -550,6 +556,27 @@ fn layer_blocks(
     }
 }
 
+// ANCHOR: attention_span
+/// Partitions per `attention_partial` block, for `pairs` (sequence,
+/// key/value head) pairs over contexts of `partitions` partitions, on a
+/// GPU where the grid should have `blocks` blocks.
+///
+/// At batch 1 a layer has as few pairs as key/value heads (4 for
+/// TinyLlama), so the context is split as finely as the partitions go
+/// (the "flash-decoding" split) to give every multiprocessor work. At
+/// batch 128 there are 512 pairs, already about four blocks per
+/// multiprocessor of an H100: splitting further only adds partial results
+/// to write and merge (with ten splits, the merge took 9 of the 49 µs a
+/// layer spent on attention at batch 128). So each block reads the fewest
+/// partitions that still make at most `blocks` blocks in all (when there
+/// are fewer pairs than that), so that the grid runs in one wave.
+fn attention_span(blocks: usize, pairs: usize, partitions: usize) -> usize {
+    let partitions = partitions.max(1);
+    let splits = (blocks / pairs.max(1)).clamp(1, partitions);
+    partitions.div_ceil(splits)
+}
+// ANCHOR_END: attention_span
+
 /// True when `t`'s data can be read in 16-byte loads.
 fn aligned_16(t: &Tensor) -> bool {
     t.data_ptr() as usize % 16 == 0
@@ -614,6 +641,8 @@ pub struct DecodeKernels {
     layer_blocks: usize,
     /// `decode_layer`'s weight ring (None: the kernel cannot run here).
     layer_ring: Option<LayerRing>,
+    /// What `attention_partial`'s grid aims for (see [`ATTENTION_BLOCKS_PER_SM`]).
+    attention_blocks: usize,
     /// Compute capability 9.0 or later: a kernel can be launched before the
     /// one ahead of it ends (programmatic dependent launch).
     hopper: bool,
@@ -687,6 +716,7 @@ impl DecodeKernels {
                 layer_kernel_enabled(),
             ),
             layer_ring,
+            attention_blocks: multiprocessors * ATTENTION_BLOCKS_PER_SM,
             hopper,
             layer_overlap: hopper && layer_overlap_enabled(),
             rms_norm: get("rms_norm")?,
@@ -915,6 +945,34 @@ impl DecodeKernels {
         positions: &Tensor,
         block_size: usize,
     ) -> Tensor {
+        let pairs = q.size()[0] as usize * k_cache.size()[1] as usize;
+        let partitions =
+            (block_tables.size()[1] as usize * block_size).div_ceil(self.shape.partition());
+        let span = attention_span(self.attention_blocks, pairs, partitions);
+        self.paged_attention_in_spans(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            positions,
+            block_size,
+            span,
+        )
+    }
+
+    /// [`paged_attention`](Self::paged_attention) with each block reading
+    /// `span` partitions of the context (the tests try several).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn paged_attention_in_spans(
+        &self,
+        q: &Tensor,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        block_tables: &Tensor,
+        positions: &Tensor,
+        block_size: usize,
+        span: usize,
+    ) -> Tensor {
         let kind = self.shape.kind;
         for (name, t, k) in [
             ("q", q, kind),
@@ -929,12 +987,28 @@ impl DecodeKernels {
         let (batch, heads, head_dim) = q.size3().expect("q is [batch, heads, head_dim]");
         let kv_heads = k_cache.size()[1];
         let max_blocks = block_tables.size()[1];
-        let partitions = (max_blocks as usize * block_size).div_ceil(self.shape.partition());
+        let partitions = (max_blocks as usize * block_size)
+            .div_ceil(self.shape.partition())
+            .div_ceil(span.max(1));
         let device = q.device();
-        let f32_on = (Kind::Float, device);
-        let part_acc = Tensor::empty([batch, heads, partitions as i64, head_dim], f32_on);
-        let part_max = Tensor::empty([batch, heads, partitions as i64], f32_on);
-        let part_sum = Tensor::empty([batch, heads, partitions as i64], f32_on);
+        let out = Tensor::empty([batch, heads, head_dim], (kind, device));
+        // Partial results to merge, unless each (sequence, key/value head)
+        // has one block: that block normalises its result and writes it to
+        // `out` itself.
+        let parts = (partitions > 1).then(|| {
+            let f32_on = (Kind::Float, device);
+            let p = partitions as i64;
+            (
+                Tensor::empty([batch, heads, p, head_dim], f32_on),
+                Tensor::empty([batch, heads, p], f32_on),
+                Tensor::empty([batch, heads, p], f32_on),
+            )
+        });
+        let null = || Arg::Ptr(std::ptr::null_mut());
+        let [part_acc, part_max, part_sum, direct] = match &parts {
+            Some((acc, max, sum)) => [Arg::tensor(acc), Arg::tensor(max), Arg::tensor(sum), null()],
+            None => [null(), null(), null(), Arg::tensor(&out)],
+        };
         let scale = 1.0 / (head_dim as f32).sqrt();
         let args = [
             Arg::tensor(q),
@@ -945,15 +1019,19 @@ impl DecodeKernels {
             Arg::I32(kv_heads as i32),
             Arg::I32(block_size as i32),
             Arg::I32(max_blocks as i32),
+            Arg::I32(span.max(1) as i32),
             Arg::F32(scale),
-            Arg::tensor(&part_acc),
-            Arg::tensor(&part_max),
-            Arg::tensor(&part_sum),
+            part_acc,
+            part_max,
+            part_sum,
+            direct,
         ];
         let grid = [kv_heads as usize, batch as usize, partitions];
         self.launch(self.attention_partial, grid, ATTENTION_THREADS, &args);
+        let Some((part_acc, part_max, part_sum)) = parts else {
+            return out;
+        };
 
-        let out = Tensor::empty([batch, heads, head_dim], (kind, device));
         let args = [
             Arg::tensor(&part_acc),
             Arg::tensor(&part_max),
@@ -1714,6 +1792,23 @@ mod tests {
     //! for. The kernels themselves are checked on a GPU in `model::llama::fused`.
 
     use super::*;
+
+    #[test]
+    fn attention_splits_the_context_only_until_the_grid_is_full() {
+        // An H100 (132 multiprocessors, four blocks each), TinyLlama's four
+        // key/value heads, a context of ten partitions.
+        let blocks = 132 * 4;
+        let span = |pairs| attention_span(blocks, pairs, 10);
+        assert_eq!(span(4), 1, "batch 1: split as finely as it goes");
+        assert_eq!(
+            span(32 * 4),
+            3,
+            "batch 32: four splits (spans of 3, 3, 3, 1)"
+        );
+        assert_eq!(span(128 * 4), 10, "batch 128: no split, 512 blocks");
+        assert_eq!(span(1024 * 4), 10, "more pairs than blocks: no split");
+        assert_eq!(attention_span(blocks, 3, 0), 1, "an empty context");
+    }
 
     #[test]
     fn tile_rows_are_padded_to_64_past_a_multiple_of_128() {

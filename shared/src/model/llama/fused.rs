@@ -439,7 +439,21 @@ mod tests {
         let q = Tensor::randn([batch, heads, head_dim], (kind, device));
         let pos = Tensor::from_slice(&positions).to_device(device);
         let tables = garbage.to_device(device);
-        let out = kernels.paged_attention(&q, &k_cache, &v_cache, &tables, &pos, block_size);
+        // Each block reads one partition (of 32 or 64 tokens), two, three
+        // (a short last span), or all of them; and as `paged_attention`
+        // chooses.
+        let all = (max_blocks * block_size).div_ceil(kernels.shape().partition());
+        let mut outs: Vec<(String, Tensor)> = [1, 2, 3, all]
+            .into_iter()
+            .map(|span| {
+                let out = kernels.paged_attention_in_spans(
+                    &q, &k_cache, &v_cache, &tables, &pos, block_size, span,
+                );
+                (format!("spans of {span}"), out)
+            })
+            .collect();
+        let chosen = kernels.paged_attention(&q, &k_cache, &v_cache, &tables, &pos, block_size);
+        outs.push(("spans as chosen".into(), chosen));
         let mma = kernels.shape().attention_mma;
         for (b, (&p, slots)) in positions.iter().zip(&context_slots).enumerate() {
             let gather = |cache: &Tensor| cache.index_select(0, slots).transpose(0, 1).unsqueeze(0);
@@ -450,13 +464,15 @@ mod tests {
             )
             .squeeze_dim(2)
             .squeeze_dim(0);
-            let diff = max_diff(&out.get(b as i64), &reference);
             let tol = if kind == Kind::Float { 1e-4 } else { 3e-2 };
-            assert!(
-                diff <= tol,
-                "{kind:?} (tensor cores allowed: {mma}), {heads} heads / {kv_heads} KV heads \
-                 of {head_dim}, position {p}: max difference {diff}"
-            );
+            for (spans, out) in &outs {
+                let diff = max_diff(&out.get(b as i64), &reference);
+                assert!(
+                    diff <= tol,
+                    "{kind:?} (tensor cores allowed: {mma}), {heads} heads / {kv_heads} KV heads \
+                     of {head_dim}, position {p}, {spans}: max difference {diff}"
+                );
+            }
         }
     }
 
