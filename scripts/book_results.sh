@@ -26,7 +26,7 @@ for run in loopback netns_10gbit netns_1gbit; do
     cargo run --release -q -p module03_tcp -- show "results/cpu/module03_$run.json" > /dev/null
 done
 cargo run --release -q -p module05_routing -- show-live results/cpu/module05_live.json > /dev/null
-for json in results/cpu/module06_bench.json results/h100/module06_bench_h100{,_mps,_fix14}.json; do
+for json in results/cpu/module06_bench.json results/h100/module06_bench_h100{,_mps,_fix14,_fix18,_fix18_again}.json; do
     cargo run --release -q -p module06_dynamo -- show "$json" > /dev/null
 done
 # Module 4's bench writes its own tables (results/{cpu,h100}/module04_bench*.txt).
