@@ -27,6 +27,8 @@
 //! On a GPU that has it (bf16 or f16), attention needs no groups: every
 //! chunk's context is gathered end to end and one FlashAttention call with
 //! the sequences' lengths covers the whole row ([`varlen_attention`]).
+//! Only equally long whole prompts, one plain causal rectangle, stay with
+//! SDPA.
 //!
 //! On a GPU with the engine's custom kernels, the prefill forward runs on
 //! them instead ([`Llama::prefill_fused`]): RoPE and the KV-cache write in

@@ -987,7 +987,9 @@ impl DecodeKernels {
         let (batch, heads, head_dim) = q.size3().expect("q is [batch, heads, head_dim]");
         let kv_heads = k_cache.size()[1];
         let max_blocks = block_tables.size()[1];
-        let partitions = (max_blocks as usize * block_size)
+        // One block per (key/value head, sequence, span of `span`
+        // partitions); each span leaves one partial result.
+        let spans = (max_blocks as usize * block_size)
             .div_ceil(self.shape.partition())
             .div_ceil(span.max(1));
         let device = q.device();
@@ -995,9 +997,9 @@ impl DecodeKernels {
         // Partial results to merge, unless each (sequence, key/value head)
         // has one block: that block normalises its result and writes it to
         // `out` itself.
-        let parts = (partitions > 1).then(|| {
+        let parts = (spans > 1).then(|| {
             let f32_on = (Kind::Float, device);
-            let p = partitions as i64;
+            let p = spans as i64;
             (
                 Tensor::empty([batch, heads, p, head_dim], f32_on),
                 Tensor::empty([batch, heads, p], f32_on),
@@ -1026,7 +1028,7 @@ impl DecodeKernels {
             part_sum,
             direct,
         ];
-        let grid = [kv_heads as usize, batch as usize, partitions];
+        let grid = [kv_heads as usize, batch as usize, spans];
         self.launch(self.attention_partial, grid, ATTENTION_THREADS, &args);
         let Some((part_acc, part_max, part_sum)) = parts else {
             return out;
@@ -1036,7 +1038,7 @@ impl DecodeKernels {
             Arg::tensor(&part_acc),
             Arg::tensor(&part_max),
             Arg::tensor(&part_sum),
-            Arg::I32(partitions as i32),
+            Arg::I32(spans as i32),
             Arg::tensor(&out),
         ];
         let grid = [heads as usize, batch as usize, 1];
