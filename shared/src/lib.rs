@@ -33,3 +33,17 @@ pub mod results;
 pub mod stats;
 pub mod wire;
 pub mod worker_client;
+
+/// Loads libtorch's CUDA side before any unit test runs. libtorch asks
+/// "is there CUDA?" once per process and keeps the answer, and even a CPU
+/// test asks (`tch::manual_seed` seeds the GPU generators too). Asked before
+/// `libtorch_cuda.so` is loaded ([`device::load_cuda_runtime`]), the answer
+/// is no, and every GPU test that runs after it checks nothing. The
+/// binaries load it first (through [`device`]); this test binary has no
+/// first step of its own, so it gets one before `main`.
+#[cfg(test)]
+#[ctor::ctor(unsafe)]
+fn load_cuda_before_the_tests() {
+    // A CPU-only libtorch is fine: the GPU tests say so and return.
+    let _ = device::load_cuda_runtime();
+}
