@@ -185,10 +185,9 @@ impl<'a> PagedAttention<'a> {
         // an H100 a 512-token prompt prefilled in 3.2-3.4 ms that way and in
         // 3.6-3.9 through the packed call.
         let rectangle = !packed && chunks.iter().all(|c| c.start == 0);
-        let head_dim = pool.layer(0, 0).size().last().copied().unwrap_or(0);
         let flash = reads == ContextReads::Best
             && !rectangle
-            && varlen_attention::usable(pool.device(), pool.kind(), head_dim);
+            && varlen_attention::usable(pool.device(), pool.kind(), pool.head_dim());
         let contexts = if flash {
             Contexts::Packed(PackedContexts::new(pool, chunks))
         } else {

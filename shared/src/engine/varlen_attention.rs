@@ -124,9 +124,12 @@ pub fn usable(device: Device, kind: Kind, head_dim: i64) -> bool {
     })
 }
 
-/// `SPARK_DISAGG_VARLEN_ATTENTION=0` turns the packed call off (to compare).
+/// `SPARK_DISAGG_VARLEN_ATTENTION=0` turns the packed call off (to compare);
+/// read once, not at every forward.
 fn enabled() -> bool {
-    std::env::var("SPARK_DISAGG_VARLEN_ATTENTION").map_or(true, |v| v != "0")
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED
+        .get_or_init(|| std::env::var("SPARK_DISAGG_VARLEN_ATTENTION").map_or(true, |v| v != "0"))
 }
 
 /// One tiny call: two sequences, two query heads on one key/value head.

@@ -132,6 +132,11 @@ impl KvPool {
         self.kv.shallow_clone()
     }
 
+    /// Elements of one key or value head.
+    pub fn head_dim(&self) -> i64 {
+        self.kv.size()[4]
+    }
+
     /// Bytes one slot (one token's K or V in one layer) occupies.
     pub fn slot_bytes(&self) -> usize {
         let s = self.kv.size();
