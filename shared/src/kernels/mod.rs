@@ -840,9 +840,10 @@ impl DecodeKernels {
         let rows = x.numel() / hidden;
         let vec = self.shape.vec();
         let vectorized = hidden % vec == 0 && [x, weight, &out].into_iter().all(aligned_16);
-        // A thread per 16-byte piece of a row (or per element), up to 256.
+        // A thread per 16-byte piece of a row (or per element), up to 1024:
+        // with a piece each, a thread loads once and keeps it (see the kernel).
         let pieces = if vectorized { hidden / vec } else { hidden };
-        let threads = pieces.next_multiple_of(32).clamp(32, 256);
+        let threads = pieces.next_multiple_of(32).clamp(32, 1024);
         let args = [
             Arg::tensor(x),
             Arg::tensor(weight),
@@ -911,6 +912,16 @@ impl DecodeKernels {
         let tokens = positions.numel() as i64;
         let heads = qkv.numel() as i64 / tokens / head_dim - 2 * kv_heads;
         let q = Tensor::empty([tokens, heads, head_dim], (kind, qkv.device()));
+        let vec = self.shape.vec() as i64;
+        let vectorized = (head_dim / 2) % vec == 0
+            && [qkv, cos, sin, &q, k_cache, v_cache]
+                .into_iter()
+                .all(aligned_16);
+        // A thread per item (see the kernel): half a head's pairs of a query
+        // or key head, or a value row, in 16-byte pieces where vectorized.
+        let per_item = if vectorized { vec } else { 1 };
+        let items = ((heads + kv_heads) * head_dim / 2 + kv_heads * head_dim) / per_item;
+        let threads = (items as usize).next_multiple_of(32).clamp(32, 1024);
         let args = [
             Arg::tensor(qkv),
             Arg::tensor(positions),
@@ -922,8 +933,9 @@ impl DecodeKernels {
             Arg::tensor(v_cache),
             Arg::I32(heads as i32),
             Arg::I32(kv_heads as i32),
+            Arg::I32(vectorized as i32),
         ];
-        self.launch(self.rope_store_kv, [tokens as usize, 1, 1], 128, &args);
+        self.launch(self.rope_store_kv, [tokens as usize, 1, 1], threads, &args);
         q
     }
 

@@ -242,7 +242,7 @@ mod tests {
     use super::*;
     use crate::kernels::{test_config as config, test_gpu as gpu, KernelShape};
     use crate::model::config::LlamaConfig;
-    use crate::model::llama::{causal_attention, AttentionCache};
+    use crate::model::llama::{causal_attention, rope_inv_freq, AttentionCache};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
@@ -262,10 +262,11 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16] {
             let kernels = DecodeKernels::get(&config(), kind, device).unwrap();
             let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-            // Rows of 16-byte pieces (the vectorised paths), rows that are
-            // not (element by element), and rows longer than a block's
-            // threads take in one pass.
-            for hidden in [512, 510, 4096] {
+            // Rows of 16-byte pieces (the vectorised paths: a piece a
+            // thread up to 1024 of them, 4096 being 512 or 1024), rows
+            // that are not (element by element), and rows of more pieces
+            // than a block has threads (each thread loops).
+            for hidden in [512, 510, 4096, 16384] {
                 let x = Tensor::randn([5, hidden], (kind, device));
                 let w = Tensor::randn([hidden], (kind, device));
                 let reference = x.rms_norm([hidden], Some(&w), 1e-5);
@@ -283,6 +284,76 @@ mod tests {
                 assert!(
                     diff <= tol * max_abs(&reference),
                     "silu_mul {kind:?} of {inter}: {diff}"
+                );
+            }
+        }
+    }
+
+    /// `rope_store_kv` against "rotate half" written with tensor
+    /// operations: the rotated queries it returns, and the rotated keys and
+    /// the values it leaves in the pool at each token's slot (and nowhere
+    /// else). Once with 16-byte aligned tensors (the vectorised path) and
+    /// once with `qkv` two bytes off (element by element).
+    #[test]
+    fn rope_store_kv_matches_rotate_half() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        let config = config();
+        let (heads, kv_heads, d) = (8i64, 2i64, config.head_dim() as i64);
+        let width = (heads + 2 * kv_heads) * d;
+        let (tokens, slots_in_pool) = (5i64, 40i64);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let kernels = DecodeKernels::get(&config, kind, device).unwrap();
+            let positions = Tensor::from_slice(&[0i64, 7, 8, 300, 1023]).to_device(device);
+            let slots = Tensor::from_slice(&[33i64, 2, 17, 0, 39]).to_device(device);
+            let inv_freq = Tensor::from_slice(&rope_inv_freq(&config)).to_device(device);
+            let angles =
+                Tensor::arange(1024, (Kind::Float, device)).unsqueeze(1) * inv_freq.unsqueeze(0);
+            let (cos, sin) = (angles.cos(), angles.sin());
+            for offset in [0i64, 1] {
+                let buffer = Tensor::randn([tokens * width + offset], (kind, device));
+                let qkv = buffer
+                    .narrow(0, offset, tokens * width)
+                    .view([tokens, width]);
+                let k_cache = Tensor::zeros([slots_in_pool, kv_heads, d], (kind, device));
+                let v_cache = k_cache.zeros_like();
+                let q =
+                    kernels.rope_store_kv(&qkv, &positions, &slots, &cos, &sin, &k_cache, &v_cache);
+
+                let x = qkv
+                    .view([tokens, heads + 2 * kv_heads, d])
+                    .to_kind(Kind::Float);
+                let pick = |t: &Tensor| t.index_select(0, &positions).unsqueeze(1);
+                let (c, s) = (pick(&cos), pick(&sin));
+                let (x1, x2) = (x.narrow(2, 0, d / 2), x.narrow(2, d / 2, d / 2));
+                let rotated = Tensor::cat(&[&x1 * &c - &x2 * &s, &x2 * &c + &x1 * &s], 2);
+                let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+                let check = |what: &str, got: &Tensor, want: &Tensor| {
+                    let diff = max_diff(got, want);
+                    assert!(
+                        diff <= tol * max_abs(want).max(1.0),
+                        "{what}, {kind:?}, qkv {offset} elements off: {diff}"
+                    );
+                };
+                check("queries", &q, &rotated.narrow(1, 0, heads));
+                check(
+                    "keys",
+                    &k_cache.index_select(0, &slots),
+                    &rotated.narrow(1, heads, kv_heads),
+                );
+                check(
+                    "values",
+                    &v_cache.index_select(0, &slots),
+                    &x.narrow(1, heads + kv_heads, kv_heads),
+                );
+                let written =
+                    k_cache
+                        .abs()
+                        .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float);
+                let slots_written = written.ne(0.0).sum(Kind::Int64).int64_value(&[]);
+                assert_eq!(
+                    slots_written, tokens,
+                    "only the tokens' slots get keys ({kind:?})"
                 );
             }
         }
