@@ -82,6 +82,25 @@ __device__ __forceinline__ uint4 pack(const float* in) {
   return raw;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with it is
+// launched once every block of the kernel before it on the stream has
+// executed launch_dependents (or exited), its blocks start as soon as they
+// fit, and it must wait before it reads what that kernel writes, or writes
+// what it reads (the wait returns once that kernel has finished and its
+// writes are visible). Without such a launch both are no-ops. The layer
+// kernel uses it between layers; rope_store_kv, attention_partial and
+// attention_combine between each other.
+__device__ __forceinline__ void grid_dependents_may_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependencies_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ANCHOR: rms_norm
 // RMSNorm, one block per row: out = x / sqrt(mean(x²) + eps) · weight.
 // The sum of squares is accumulated in f32, per thread, then across the
@@ -225,6 +244,9 @@ extern "C" __global__ void rope_store_kv(const scalar_t* __restrict__ qkv,
                                          scalar_t* __restrict__ k_cache,
                                          scalar_t* __restrict__ v_cache, int heads, int kv_heads,
                                          int vectorized) {
+  // attention_partial, next on the stream, may be launched now; its
+  // blocks wait for this kernel's end themselves.
+  grid_dependents_may_launch();
   const int half = HEAD_DIM / 2;
   const i64 token = blockIdx.x;
   const scalar_t* row = qkv + token * (heads + 2 * kv_heads) * HEAD_DIM;
@@ -540,6 +562,7 @@ __device__ __forceinline__ float combine_partitions(const float* part_acc, const
 // states of all partitions merged, normalised, written as [batch, heads, HEAD_DIM].
 extern "C" __global__ void attention_combine(const float* part_acc, const float* part_max,
                                             const float* part_sum, int partitions, scalar_t* out) {
+  grid_dependencies_wait();  // for attention_partial, where launched to overlap it
   const i64 row = (i64)blockIdx.y * gridDim.x + blockIdx.x;  // seq · heads + head
   out[row * HEAD_DIM + threadIdx.x] =
       from_float(combine_partitions(part_acc, part_max, part_sum, partitions, row, threadIdx.x));
@@ -946,6 +969,11 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
                   const i64* block_tables, const i64* positions, int kv_heads, int block_size,
                   int max_blocks, int span, float scale, float* part_acc, float* part_max,
                   float* part_sum, scalar_t* out) {
+  // Launched while rope_store_kv finishes (where the host asks for it): the
+  // block is scheduled already, and waits here for the queries and keys.
+  // attention_combine may be launched behind it in turn.
+  grid_dependents_may_launch();
+  grid_dependencies_wait();
 #if ATTENTION_MMA
   __shared__ AttentionMmaShared shared;
   attention_part_mma(q, k_cache, v_cache, block_tables, positions, kv_heads, block_size, max_blocks,
@@ -1629,22 +1657,6 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
-}
-
-// Programmatic dependent launch (sm_90): a kernel launched with it is
-// launched once every block of the kernel before it on the stream has
-// executed launch_dependents (or exited), its blocks start as soon as they
-// fit, and it must wait before it reads what that kernel writes, or writes
-// what it reads. Without such a launch both are no-ops.
-__device__ __forceinline__ void grid_dependents_may_launch() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void grid_dependencies_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // Every block's computing threads wait here until all have arrived; what

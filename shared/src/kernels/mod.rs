@@ -158,6 +158,17 @@ fn layer_overlap_enabled() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_OVERLAP").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether, on a Hopper or later, `attention_partial` is launched while
+/// `rope_store_kv` runs and `attention_combine` while `attention_partial`
+/// does (programmatic dependent launch, as between layer kernels): each
+/// waits for the one before inside the kernel, so its launch and the
+/// scheduling of its blocks are done by then. The default;
+/// `SPARK_DISAGG_ATTENTION_OVERLAP=0` launches each after the last has
+/// finished.
+fn attention_overlap_enabled() -> bool {
+    std::env::var("SPARK_DISAGG_ATTENTION_OVERLAP").map_or(true, |v| v.trim() != "0")
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KernelError {
     #[error(
@@ -649,6 +660,9 @@ pub struct DecodeKernels {
     /// Whether a layer's kernel is launched while the previous layer's
     /// runs (see `layer_overlap_enabled`).
     layer_overlap: bool,
+    /// Whether the attention kernels are launched to overlap the kernel
+    /// before them (see `attention_overlap_enabled`).
+    attention_overlap: bool,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -719,6 +733,7 @@ impl DecodeKernels {
             attention_blocks: multiprocessors * ATTENTION_BLOCKS_PER_SM,
             hopper,
             layer_overlap: hopper && layer_overlap_enabled(),
+            attention_overlap: hopper && attention_overlap_enabled(),
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -767,6 +782,16 @@ impl DecodeKernels {
         }
     }
 
+    /// The same kernels with the attention kernels launched while the
+    /// kernel before each runs, or after it (see
+    /// `SPARK_DISAGG_ATTENTION_OVERLAP`). Only timing changes.
+    pub fn with_attention_overlap(&self, on: bool) -> DecodeKernels {
+        DecodeKernels {
+            attention_overlap: on && self.hopper,
+            ..self.clone()
+        }
+    }
+
     /// The same kernels with the persistent layer kernel on or off (it is
     /// on unless `SPARK_DISAGG_LAYER_KERNEL=0`, where a block fits).
     pub fn with_layer_kernel(&self, on: bool) -> DecodeKernels {
@@ -792,6 +817,19 @@ impl DecodeKernels {
             LaunchMode::default(),
             &mut addresses,
         );
+    }
+
+    /// [`launch`](Self::launch), but free to start while the kernel before
+    /// it on the stream finishes, where `attention_overlap` is on: the
+    /// kernel must wait for that one itself (`grid_dependencies_wait` in
+    /// the source) before it touches memory.
+    fn launch_overlapping(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
+        let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
+        let mode = LaunchMode {
+            cooperative: false,
+            overlap_previous: self.attention_overlap,
+        };
+        self.launch_with(function, grid, block, 0, mode, &mut addresses);
     }
 
     fn launch_with(
@@ -1041,7 +1079,7 @@ impl DecodeKernels {
             direct,
         ];
         let grid = [kv_heads as usize, batch as usize, spans];
-        self.launch(self.attention_partial, grid, ATTENTION_THREADS, &args);
+        self.launch_overlapping(self.attention_partial, grid, ATTENTION_THREADS, &args);
         let Some((part_acc, part_max, part_sum)) = parts else {
             return out;
         };
@@ -1054,7 +1092,7 @@ impl DecodeKernels {
             Arg::tensor(&out),
         ];
         let grid = [heads as usize, batch as usize, 1];
-        self.launch(self.attention_combine, grid, head_dim as usize, &args);
+        self.launch_overlapping(self.attention_combine, grid, head_dim as usize, &args);
         out
     }
 

@@ -689,35 +689,50 @@ mod tests {
         }
     }
 
-    /// Launching each layer kernel while the one before it runs
-    /// (programmatic dependent launch, through `cuLaunchKernelEx`) changes
-    /// when it starts, never what it computes: the same logits and the same
-    /// pool as with plain launches, bit for bit (the kernels' sums run in a
-    /// fixed order).
+    /// Launching a kernel while the one before it runs (programmatic
+    /// dependent launch, through `cuLaunchKernelEx`) changes when it
+    /// starts, never what it computes: the same logits and the same pool as
+    /// with plain launches, bit for bit (the kernels' sums run in a fixed
+    /// order). Checked for the layer kernels of a step of 3 sequences, and
+    /// for the attention kernels (`rope_store_kv` -> `attention_partial` ->
+    /// `attention_combine`) of a step of 6, above the matrix-vector limit.
     #[test]
-    fn overlapping_layer_launches_change_no_result() {
+    fn overlapping_launches_change_no_result() {
         let Some(device) = gpu() else { return };
         let _no_grad = tch::no_grad_guard();
         let config = config();
         let kernels = DecodeKernels::get(&config, Kind::BFloat16, device).unwrap();
-        assert!(kernels.takes_layer_kernel(3));
+        assert!(kernels.takes_layer_kernel(3) && !kernels.takes_layer_kernel(6));
         let model = Llama::random(config.clone(), 3, device, Kind::BFloat16);
-        let inputs = StepInputs::new(&config, device, &[0, 39, 299]);
-        let [(overlapped, overlapped_pool), (serial, serial_pool)] = [true, false].map(|on| {
-            let pool = inputs.pool_copy();
-            let logits = model.decode_fused(&kernels.with_layer_overlap(on), &inputs.step(&pool));
-            (logits, pool)
-        });
-        assert!(
-            overlapped.equal(&serial),
-            "logits differ by {}",
-            max_diff(&overlapped, &serial)
-        );
-        for (layer, ((ok, ov), (sk, sv))) in overlapped_pool.iter().zip(&serial_pool).enumerate() {
+        type Overlap = fn(&DecodeKernels, bool) -> DecodeKernels;
+        let cases: [(&[i64], Overlap); 2] = [
+            (&[0, 39, 299], DecodeKernels::with_layer_overlap),
+            (
+                &[0, 5, 39, 100, 200, 299],
+                DecodeKernels::with_attention_overlap,
+            ),
+        ];
+        for (positions, overlap) in cases {
+            let inputs = StepInputs::new(&config, device, positions);
+            let [(overlapped, overlapped_pool), (serial, serial_pool)] = [true, false].map(|on| {
+                let pool = inputs.pool_copy();
+                let logits = model.decode_fused(&overlap(&kernels, on), &inputs.step(&pool));
+                (logits, pool)
+            });
+            let batch = positions.len();
             assert!(
-                ok.equal(sk) && ov.equal(sv),
-                "layer {layer}'s keys or values differ"
+                overlapped.equal(&serial),
+                "batch {batch}: logits differ by {}",
+                max_diff(&overlapped, &serial)
             );
+            for (layer, ((ok, ov), (sk, sv))) in
+                overlapped_pool.iter().zip(&serial_pool).enumerate()
+            {
+                assert!(
+                    ok.equal(sk) && ov.equal(sv),
+                    "batch {batch}: layer {layer}'s keys or values differ"
+                );
+            }
         }
     }
 
