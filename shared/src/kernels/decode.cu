@@ -117,7 +117,8 @@ __device__ float block_sum(float v) {
   return v;  // every thread of the block holds the total
 }
 
-extern "C" __global__ void rms_norm(const scalar_t* __restrict__ x,
+// Up to 1024 threads a block (the host gives one per 16-byte piece).
+extern "C" __global__ void __launch_bounds__(1024) rms_norm(const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ weight,
                                     scalar_t* __restrict__ out, int hidden, float eps,
                                     int vectorized) {
@@ -235,7 +236,7 @@ __device__ __forceinline__ void load_f32_piece(const float* __restrict__ p, floa
   }
 }
 
-extern "C" __global__ void rope_store_kv(const scalar_t* __restrict__ qkv,
+extern "C" __global__ void __launch_bounds__(1024) rope_store_kv(const scalar_t* __restrict__ qkv,
                                          const i64* __restrict__ positions,
                                          const i64* __restrict__ slots,
                                          const float* __restrict__ cos_table,

@@ -808,15 +808,7 @@ impl DecodeKernels {
     }
 
     fn launch(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
-        let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
-        self.launch_with(
-            function,
-            grid,
-            block,
-            0,
-            LaunchMode::default(),
-            &mut addresses,
-        );
+        self.launch_args(function, grid, block, LaunchMode::default(), args);
     }
 
     /// [`launch`](Self::launch), but free to start while the kernel before
@@ -824,11 +816,22 @@ impl DecodeKernels {
     /// kernel must wait for that one itself (`grid_dependencies_wait` in
     /// the source) before it touches memory.
     fn launch_overlapping(&self, function: Function, grid: [usize; 3], block: usize, args: &[Arg]) {
-        let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
         let mode = LaunchMode {
             cooperative: false,
             overlap_previous: self.attention_overlap,
         };
+        self.launch_args(function, grid, block, mode, args);
+    }
+
+    fn launch_args(
+        &self,
+        function: Function,
+        grid: [usize; 3],
+        block: usize,
+        mode: LaunchMode,
+        args: &[Arg],
+    ) {
+        let mut addresses: Vec<*mut c_void> = args.iter().map(Arg::address).collect();
         self.launch_with(function, grid, block, 0, mode, &mut addresses);
     }
 
