@@ -38,7 +38,8 @@ pub struct BenchConfig {
     pub seed: u64,
 }
 
-/// Nothing else running: the latency floor.
+/// Nothing else running: the latency floor. Each field is the median of
+/// [`single_runs`] requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SingleResult {
     pub prefill_ms: f64,
@@ -153,14 +154,45 @@ pub fn warm_up(engine: &mut Engine, config: &BenchConfig) {
     }
 }
 
+/// How many single requests [`single_request`] runs, one after another: 5
+/// on a GPU, 3 on a CPU (where each takes seconds). One request is too few:
+/// on an H100 the same build's 512-token prefill, timed once per run, read
+/// anywhere from 3.2 to 5.2 ms.
+pub fn single_runs(engine: &Engine) -> usize {
+    if engine.model().device().is_cuda() {
+        5
+    } else {
+        3
+    }
+}
+
+/// One request at a time, [`single_runs`] times: the medians of their
+/// prefill time, mean time per output token and end-to-end time.
 pub fn single_request(engine: &mut Engine, config: &BenchConfig) -> SingleResult {
     let vocab = engine.model().config().vocab_size;
-    let prompt = random_prompts(1, config.prompt_len, vocab, config.seed);
-    let timings = run_together(engine, &prompt, config.output_len, 2_000_000).remove(0);
+    // A prompt each, so that no run finds another's blocks in the prefix cache.
+    let prompts = random_prompts(single_runs(engine), config.prompt_len, vocab, config.seed);
+    let runs: Vec<SingleResult> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| {
+            let id = 2_000_000 + i as u64;
+            let timings =
+                run_together(engine, std::slice::from_ref(prompt), config.output_len, id).remove(0);
+            SingleResult {
+                prefill_ms: timings.prefill_time.map_or(0.0, ms),
+                decode_ms_per_token: mean(timings.inter_token.iter().map(|&d| ms(d))),
+                end_to_end_ms: ms(timings.end_to_end),
+            }
+        })
+        .collect();
+    let median_of = |field: fn(&SingleResult) -> f64| {
+        shared::stats::median(&runs.iter().map(field).collect::<Vec<_>>())
+    };
     SingleResult {
-        prefill_ms: timings.prefill_time.map_or(0.0, ms),
-        decode_ms_per_token: mean(timings.inter_token.iter().map(|&d| ms(d))),
-        end_to_end_ms: ms(timings.end_to_end),
+        prefill_ms: median_of(|r| r.prefill_ms),
+        decode_ms_per_token: median_of(|r| r.decode_ms_per_token),
+        end_to_end_ms: median_of(|r| r.end_to_end_ms),
     }
 }
 

@@ -223,3 +223,29 @@ fn table_counts_the_steps_queued_ahead() {
     report.setup.decode_ahead = true;
     assert!(render_table(&report, false).contains(line));
 }
+
+/// The single request runs several times, each with a prompt of its own: a
+/// prompt seen before would come from the prefix cache, and its prefill
+/// would time almost nothing. The medians are real times.
+#[test]
+fn single_request_runs_fresh_prompts() {
+    let mut engine = tiny_engine();
+    let config = BenchConfig {
+        prompt_len: 40,
+        output_len: 4,
+        batch_sizes: vec![1],
+        num_requests: 0,
+        request_rate: 0.0,
+        seed: 3,
+    };
+    assert_eq!(bench::single_runs(&engine), 3, "three runs on a CPU");
+    let single = bench::single_request(&mut engine, &config);
+    let stats = engine.stats();
+    assert_eq!(
+        stats.prefix_cache_hit_rate, 0.0,
+        "no run found another's prompt blocks in the prefix cache"
+    );
+    assert!(stats.steps >= 3 * 4, "three requests of four tokens ran");
+    assert!(single.prefill_ms > 0.0 && single.decode_ms_per_token > 0.0);
+    assert!(single.end_to_end_ms >= single.prefill_ms);
+}
