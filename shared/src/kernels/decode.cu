@@ -521,23 +521,16 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
 // COMBINE_AHEAD partitions at a time, every load issued before any is
 // used: each is a trip to L2, and one after another (as a plain loop
 // waits for them) they took 3.3 of the 10 µs of the layer kernel's
-// attention stage on the H100.
+// attention stage on the H100. One pass: the running maximum rises chunk
+// by chunk, and what is summed so far is rescaled when it does (the
+// online softmax again), so the maxima are not read in a pass of their own.
 #define COMBINE_AHEAD 8
 __device__ __forceinline__ float combine_partitions(const float* part_acc, const float* part_max,
                                     const float* part_sum, int partitions, i64 row, int d) {
   const float* maxes = part_max + row * partitions;
   const float* sums = part_sum + row * partitions;
   const float* accs = part_acc + row * partitions * HEAD_DIM + d;
-  float top = NEG_INF;
-  for (int p0 = 0; p0 < partitions; p0 += COMBINE_AHEAD) {
-    float m[COMBINE_AHEAD];
-#pragma unroll
-    for (int j = 0; j < COMBINE_AHEAD; j++)
-      m[j] = p0 + j < partitions ? load_cg_f32(maxes + p0 + j) : NEG_INF;
-#pragma unroll
-    for (int j = 0; j < COMBINE_AHEAD; j++) top = fmaxf(top, m[j]);
-  }
-  float total = 0.f, value = 0.f;
+  float top = NEG_INF, total = 0.f, value = 0.f;
   for (int p0 = 0; p0 < partitions; p0 += COMBINE_AHEAD) {
     float m[COMBINE_AHEAD], l[COMBINE_AHEAD], a[COMBINE_AHEAD];
 #pragma unroll
@@ -546,6 +539,15 @@ __device__ __forceinline__ float combine_partitions(const float* part_acc, const
       m[j] = in ? load_cg_f32(maxes + p0 + j) : NEG_INF;
       l[j] = in ? load_cg_f32(sums + p0 + j) : 0.f;
       a[j] = in ? load_cg_f32(accs + (i64)(p0 + j) * HEAD_DIM) : 0.f;
+    }
+    float chunk_top = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < COMBINE_AHEAD; j++) chunk_top = fmaxf(chunk_top, m[j]);
+    if (chunk_top > top) {
+      const float rescale = top == NEG_INF ? 0.f : __expf(top - chunk_top);
+      total *= rescale;
+      value *= rescale;
+      top = chunk_top;
     }
     // A partition past the sequence's context is empty: its maximum is
     // -inf, and it weighs nothing.
