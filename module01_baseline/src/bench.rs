@@ -157,7 +157,7 @@ pub fn warm_up(engine: &mut Engine, config: &BenchConfig) {
 /// How many single requests [`single_request`] runs, one after another: 5
 /// on a GPU, 3 on a CPU (where each takes seconds). One request is too few:
 /// on an H100 the same build's 512-token prefill, timed once per run, read
-/// anywhere from 3.2 to 5.2 ms.
+/// anywhere from 3.2 to 6.4 ms.
 pub fn single_runs(engine: &Engine) -> usize {
     if engine.model().device().is_cuda() {
         5

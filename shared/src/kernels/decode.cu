@@ -245,8 +245,8 @@ extern "C" __global__ void __launch_bounds__(1024) rope_store_kv(const scalar_t*
                                          scalar_t* __restrict__ k_cache,
                                          scalar_t* __restrict__ v_cache, int heads, int kv_heads,
                                          int vectorized) {
-  // attention_partial, next on the stream, may be launched now; its
-  // blocks wait for this kernel's end themselves.
+  // The kernel after it (attention_partial, in a decode step) may be
+  // launched now; its blocks wait for this kernel's end themselves.
   grid_dependents_may_launch();
   const int half = HEAD_DIM / 2;
   const i64 token = blockIdx.x;

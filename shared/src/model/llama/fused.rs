@@ -299,7 +299,8 @@ mod tests {
         let Some(device) = gpu() else { return };
         let _no_grad = tch::no_grad_guard();
         let config = config();
-        let (heads, kv_heads, d) = (8i64, 2i64, config.head_dim() as i64);
+        let heads = config.num_attention_heads as i64;
+        let (kv_heads, d) = (config.num_kv_heads() as i64, config.head_dim() as i64);
         let width = (heads + 2 * kv_heads) * d;
         let (tokens, slots_in_pool) = (5i64, 40i64);
         for kind in [Kind::Float, Kind::BFloat16] {
