@@ -122,6 +122,9 @@ extern "C" __global__ void __launch_bounds__(1024) rms_norm(const scalar_t* __re
                                     const scalar_t* __restrict__ weight,
                                     scalar_t* __restrict__ out, int hidden, float eps,
                                     int vectorized) {
+  // The product after the norm may be launched now: it copies its first
+  // weights while this kernel runs (it waits for its input itself).
+  grid_dependents_may_launch();
   const scalar_t* row = x + (i64)blockIdx.x * hidden;
   scalar_t* dst = out + (i64)blockIdx.x * hidden;
   float squares = 0.f;
@@ -565,7 +568,8 @@ __device__ __forceinline__ float combine_partitions(const float* part_acc, const
 // states of all partitions merged, normalised, written as [batch, heads, HEAD_DIM].
 extern "C" __global__ void attention_combine(const float* part_acc, const float* part_max,
                                             const float* part_sum, int partitions, scalar_t* out) {
-  grid_dependencies_wait();  // for attention_partial, where launched to overlap it
+  grid_dependents_may_launch();  // the o product after it, as after rms_norm
+  grid_dependencies_wait();      // for attention_partial, where launched to overlap it
   const i64 row = (i64)blockIdx.y * gridDim.x + blockIdx.x;  // seq · heads + head
   out[row * HEAD_DIM + threadIdx.x] =
       from_float(combine_partitions(part_acc, part_max, part_sum, partitions, row, threadIdx.x));
@@ -610,52 +614,6 @@ __device__ __forceinline__ unsigned shared_address(const void* p) {
   asm("cvta.to.shared.u64 %0, %1;" : "=l"(address) : "l"(p));
   return static_cast<unsigned>(address);
 }
-#endif
-
-#if __CUDA_ARCH__ >= 800 && SCALAR_KIND != 0
-// d += a · b for a 16×16 tile of a (rows: inputs, columns: k) and a 16×8
-// tile of b (k by tile rows), on the tensor cores: one instruction for the
-// whole warp. Each lane holds a share of a, b and d as the instruction
-// defines it: with g = lane / 4 and t = lane % 4, a0 is a's row g, k = 2t
-// and 2t + 1, a1 row g + 8, a2 row g, k = 2t + 8 and 2t + 9, a3 row
-// g + 8; b0 is k = 2t and 2t + 1 of b's column g, b1 k = 2t + 8 and
-// 2t + 9; d0 and d1 are row g, columns 2t and 2t + 1 (d2 and d3 row g + 8).
-__device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, unsigned a2,
-                                            unsigned a3, unsigned b0, unsigned b1) {
-#if SCALAR_KIND == 1
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-#else
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-#endif
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-#endif
-
-#if ATTENTION_MMA
-#define WARP_TOKENS (PARTITION / (THREADS / 32))  // tokens per warp
-#define SCORE_TILES (WARP_TOKENS / 8)              // its 8-token tiles of scores
-#define ROW_PIECES (HEAD_DIM / VEC)                // 16-byte pieces of a key row
-#define COPIES (PARTITION * ROW_PIECES / THREADS)  // pieces per thread, keys and values each
-// A shared row is padded by 16 bytes, so that the eight rows one ldmatrix
-// reads start in eight different groups of four banks: no conflicts.
-#define ROW_PITCH (HEAD_DIM + 8)
-static_assert(PARTITION * ROW_PIECES % THREADS == 0, "threads copy whole pieces");
-
-// Shared memory of one block: first the rows of two partitions (one being
-// read while the next one's copies land), then (once every warp is done
-// with them) the warps' results.
-union __align__(16) AttentionMmaShared {
-  struct {
-    scalar_t k[PARTITION][ROW_PITCH], v[PARTITION][ROW_PITCH];
-  } rows[2];
-  struct {
-    float o[THREADS / 32][GQA_GROUP][ROW_PITCH];
-    float m[THREADS / 32][GQA_GROUP], l[THREADS / 32][GQA_GROUP];
-  } warps;
-};
 
 // 16 bytes from global to shared memory, or 16 zero bytes when `valid` is
 // false (the source is then not read).
@@ -694,6 +652,57 @@ __device__ __forceinline__ void load_tile_trans(unsigned& r0, const void* row) {
                : "r"(shared_address(row))
                : "memory");
 }
+#endif
+
+#if __CUDA_ARCH__ >= 800 && SCALAR_KIND != 0
+// d += a · b for a 16×16 tile of a (rows: inputs, columns: k) and a 16×8
+// tile of b (k by tile rows), on the tensor cores: one instruction for the
+// whole warp. Each lane holds a share of a, b and d as the instruction
+// defines it: with g = lane / 4 and t = lane % 4, a0 is a's row g, k = 2t
+// and 2t + 1, a1 row g + 8, a2 row g, k = 2t + 8 and 2t + 9, a3 row
+// g + 8; b0 is k = 2t and 2t + 1 of b's column g, b1 k = 2t + 8 and
+// 2t + 9; d0 and d1 are row g, columns 2t and 2t + 1 (d2 and d3 row g + 8).
+__device__ __forceinline__ void mma_16x8x16(float* d, unsigned a0, unsigned a1, unsigned a2,
+                                            unsigned a3, unsigned b0, unsigned b1) {
+#if SCALAR_KIND == 1
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+#endif
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two floats as a pair of 16-bit elements, the first in the low half.
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+  return (unsigned)from_float(lo) | ((unsigned)from_float(hi) << 16);
+}
+#endif
+
+#if ATTENTION_MMA
+#define WARP_TOKENS (PARTITION / (THREADS / 32))  // tokens per warp
+#define SCORE_TILES (WARP_TOKENS / 8)              // its 8-token tiles of scores
+#define ROW_PIECES (HEAD_DIM / VEC)                // 16-byte pieces of a key row
+#define COPIES (PARTITION * ROW_PIECES / THREADS)  // pieces per thread, keys and values each
+// A shared row is padded by 16 bytes, so that the eight rows one ldmatrix
+// reads start in eight different groups of four banks: no conflicts.
+#define ROW_PITCH (HEAD_DIM + 8)
+static_assert(PARTITION * ROW_PIECES % THREADS == 0, "threads copy whole pieces");
+
+// Shared memory of one block: first the rows of two partitions (one being
+// read while the next one's copies land), then (once every warp is done
+// with them) the warps' results.
+union __align__(16) AttentionMmaShared {
+  struct {
+    scalar_t k[PARTITION][ROW_PITCH], v[PARTITION][ROW_PITCH];
+  } rows[2];
+  struct {
+    float o[THREADS / 32][GQA_GROUP][ROW_PITCH];
+    float m[THREADS / 32][GQA_GROUP], l[THREADS / 32][GQA_GROUP];
+  } warps;
+};
 
 // This thread's pieces of the partition's rows of `cache` (at `offsets`;
 // zeros where not `valid`) into `rows`, as one group of copies.
@@ -706,11 +715,6 @@ __device__ __forceinline__ void copy_rows_async(scalar_t (*rows)[ROW_PITCH], con
                            valid[i]);
   }
   copy_async_commit();
-}
-
-// Two floats as a pair of 16-bit elements, the first in the low half.
-__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
-  return (unsigned)from_float(lo) | ((unsigned)from_float(hi) << 16);
 }
 
 // Starts copying the key and value rows of the partition whose first token
@@ -990,6 +994,382 @@ attention_partial(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_
 #endif
 }
 // ANCHOR_END: paged_attention_mma
+
+// ANCHOR: product
+// The batched step's matrix products on our own kernel: y = x · Wᵀ for 1
+// to 128 rows of x (the sequences of a decode step), W [n, k] as
+// nn.Linear keeps it. Off by default (SPARK_DISAGG_PRODUCT_KERNEL=1 turns
+// it on): on the H100 cuBLAS is still faster, and what this kernel shows
+// is why (chapter 1, "A product kernel of our own").
+//
+// At these batches a product is still a stream of weights: TinyLlama's
+// qkv projection reads 10.5 MB of them (3.1 µs at the H100's 3.35 TB/s)
+// and does 32 rows of arithmetic on each. cuBLAS took 8-20 µs for each of
+// a layer's four products at batch 32 (62-70 % of the bandwidth on the
+// large ones, a third of it on the small ones): its tiles are chosen for
+// large matrices, so a small product is split over fewer blocks than the
+// GPU has multiprocessors, and every launch starts cold, its first weights
+// requested only once the kernel before it has ended.
+//
+// This kernel is shaped for the stream instead. The weights are cut into
+// units of PRODUCT_ROWS rows, and each unit's k into `splits` ranges, so
+// that the grid is about two blocks per multiprocessor whatever the
+// matrix; each block copies its rows and the matching columns of x through
+// a ring of stages in shared memory (cp.async), and its eight warps
+// multiply them on the tensor cores (mma.sync, 16 × 8 × 16 a step, f32
+// sums). The rows of x are padded with zeros to M_TILES · 16.
+//
+// Weights depend on nothing the kernel before wrote, so with programmatic
+// dependent launch (sm_90) a block fills the first stages of its ring
+// with weights before it waits for that kernel, and only then copies x:
+// the cold start of each product overlaps the tail of the kernel before.
+//
+// The block's sums then go through shared memory. Where k is split, each
+// block writes them (f32) to `partials`, and the last block of a unit to
+// finish, told by a counter per unit, adds them up in split order (so the
+// result does not depend on which block finished first), sets the counter
+// back to zero for the next launch, and runs the epilogue:
+//   PRODUCT_STORE     out = y
+//   PRODUCT_STORE_F32 out = y in f32 (the logits)
+//   PRODUCT_ADD_TO    out += y (out is the residual stream)
+//   PRODUCT_SWIGLU    out = silu(gate) · up, where W is the fused gate/up
+//                     weight, [gate (n/2 rows) | up (n/2 rows)]: a unit
+//                     takes 8 gate rows then the same 8 up rows, four
+//                     times, so that the gate and up sums of the same
+//                     outputs are in the same block and the activation is
+//                     applied before anything is written (no silu_mul
+//                     kernel, and half the output).
+#define PRODUCT_STORE 0
+#define PRODUCT_STORE_F32 1
+#define PRODUCT_ADD_TO 2
+#define PRODUCT_SWIGLU 3
+
+#if __CUDA_ARCH__ >= 800 && SCALAR_KIND != 0
+#define PRODUCT_THREADS 256
+#define PRODUCT_ROWS 64      // weight rows per unit: eight 8-row tiles of the mma
+#define PRODUCT_DEPTH 64     // k per stage: 128 bytes of each row
+// A row in shared memory is padded by 16 bytes, so that the eight rows one
+// ldmatrix reads start in eight different groups of four banks.
+#define PRODUCT_PITCH (PRODUCT_DEPTH + 8)
+#define PRODUCT_PIECES (PRODUCT_DEPTH / VEC)  // 16-byte pieces of a row per stage
+#define PRODUCT_MAX_SPLITS 8                  // ranges of k a product is split into, at most
+
+// The weight row that row `r` (0..PRODUCT_ROWS-1) of unit `unit` reads, or
+// -1 past the end.
+__device__ __forceinline__ int product_weight_row(int unit, int r, int n, bool swiglu) {
+  if (!swiglu) {
+    const int row = unit * PRODUCT_ROWS + r;
+    return row < n ? row : -1;
+  }
+  // 8-row tile j of the unit: gate rows where j is even, up rows where odd.
+  const int j = r / 8, column = unit * (PRODUCT_ROWS / 2) + j / 2 * 8 + r % 8;
+  return column < n / 2 ? (j % 2) * (n / 2) + column : -1;
+}
+
+// 16 bytes from global memory to shared memory at the 32-bit shared
+// address `dst`, or 16 zero bytes when `valid` is false.
+__device__ __forceinline__ void copy_async_16_at(unsigned dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// ldmatrix .x4 (as load_tiles_x2, with lanes 16-31 giving the third and
+// fourth tiles' rows) from a 32-bit shared address.
+__device__ __forceinline__ void load_tiles_x4_at(unsigned* r, unsigned address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address)
+               : "memory");
+}
+
+// ldmatrix .x2 (as load_tiles_x2) from a 32-bit shared address.
+__device__ __forceinline__ void load_tiles_x2_at(unsigned* r, unsigned address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(address)
+               : "memory");
+}
+
+// Four floats from L2, past the multiprocessor's L1 (which does not see
+// other blocks' writes).
+__device__ __forceinline__ float4 load_cg_f32x4(const float* p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// One thread's share of a stage's copies: PIECES_PER_THREAD pieces of 16
+// bytes, each from a row of a matrix with k columns (`source` points at
+// the piece's place in the row's first stage) to its place in a stage
+// (`offset` bytes from the stage's start). Rows past the matrix have no
+// source. Worked out once, so that a stage's copies cost an addition and
+// a compare each: with the addresses recomputed per stage (and converted
+// to shared-memory addresses per ldmatrix), the first version of this
+// kernel spent most of its time issuing instructions, eight cycles apart.
+template <int PIECES_PER_THREAD>
+struct StageCopies {
+  const scalar_t* matrix;
+  const scalar_t* source[PIECES_PER_THREAD];
+  unsigned offset[PIECES_PER_THREAD];
+  int column[PIECES_PER_THREAD];  // the piece's first column in the row's first stage
+
+  // Pieces `tid`, `tid` + PRODUCT_THREADS, ... of `rows` rows (weight or x
+  // row of each from `row_of`).
+  template <typename RowOf>
+  __device__ __forceinline__ void plan(const scalar_t* of, int k, int rows, int tid, RowOf row_of) {
+    matrix = of;
+#pragma unroll
+    for (int i = 0; i < PIECES_PER_THREAD; i++) {
+      const int piece = tid + i * PRODUCT_THREADS, r = piece / PRODUCT_PIECES;
+      const int row = piece < rows * PRODUCT_PIECES ? row_of(r) : -1;
+      column[i] = piece % PRODUCT_PIECES * VEC;
+      offset[i] = r * PRODUCT_PITCH * (int)sizeof(scalar_t) + column[i] * (int)sizeof(scalar_t);
+      source[i] = row >= 0 ? matrix + (i64)row * k + column[i] : nullptr;
+    }
+  }
+
+  // Chunk `chunk` into the stage at shared address `stage`, zeros past the matrix.
+  __device__ __forceinline__ void issue(unsigned stage, int chunk, int k, int rows_in_stage, int tid) {
+#pragma unroll
+    for (int i = 0; i < PIECES_PER_THREAD; i++) {
+      if (tid + i * PRODUCT_THREADS >= rows_in_stage * PRODUCT_PIECES) continue;
+      const int at = chunk * PRODUCT_DEPTH;
+      const bool valid = source[i] != nullptr && at + column[i] < k;
+      copy_async_16_at(stage + offset[i], valid ? source[i] + at : matrix, valid);
+    }
+  }
+};
+
+template <int M_TILES, int STAGES>
+__device__ __forceinline__ void product(const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ w, void* out,
+                                        float* partials, unsigned* counters, int m, int n, int k,
+                                        int epilogue) {
+  constexpr int X_ROWS = M_TILES * 16;
+  constexpr int PITCH_BYTES = PRODUCT_PITCH * (int)sizeof(scalar_t);
+  // The eight warps split the block's output: two by four where x has 32
+  // rows or more, else one by eight.
+  constexpr int WARPS_M = M_TILES >= 2 ? 2 : 1, WARPS_N = PRODUCT_THREADS / 32 / WARPS_M;
+  constexpr int WM = M_TILES / WARPS_M;           // 16-row tiles of x per warp
+  constexpr int WN = PRODUCT_ROWS / 8 / WARPS_N;  // 8-row tiles of W per warp
+  static_assert(WN == 1 || WN % 2 == 0, "weight tiles are read one or two at a time");
+  extern __shared__ __align__(16) unsigned char product_shared[];
+  const unsigned ring = shared_address(product_shared);
+  const unsigned w_ring = ring, x_ring = ring + STAGES * PRODUCT_ROWS * PITCH_BYTES;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int unit = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const bool swiglu = epilogue == PRODUCT_SWIGLU;
+  const int chunks = (k + PRODUCT_DEPTH - 1) / PRODUCT_DEPTH;
+  const int first = split * chunks / splits, last = (split + 1) * chunks / splits;
+
+  // Which pieces this thread copies, worked out once: each chunk only
+  // moves the sources along.
+  StageCopies<PRODUCT_ROWS * PRODUCT_PIECES / PRODUCT_THREADS> w_copies;
+  StageCopies<(X_ROWS * PRODUCT_PIECES + PRODUCT_THREADS - 1) / PRODUCT_THREADS> x_copies;
+  w_copies.plan(w, k, PRODUCT_ROWS, tid, [&](int r) { return product_weight_row(unit, r, n, swiglu); });
+  x_copies.plan(x, k, X_ROWS, tid, [&](int r) { return r < m ? r : -1; });
+
+  // The ring's first stages: weights first, before the kernel ahead has
+  // finished; x once it has. One group of copies per stage, so the wait
+  // below counts stages (the weights of the first stages join the first).
+  grid_dependents_may_launch();
+  for (int s = 0; s < STAGES - 1; s++)
+    if (first + s < last)
+      w_copies.issue(w_ring + s * PRODUCT_ROWS * PITCH_BYTES, first + s, k, PRODUCT_ROWS, tid);
+  grid_dependencies_wait();
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (first + s < last)
+      x_copies.issue(x_ring + s * X_ROWS * PITCH_BYTES, first + s, k, X_ROWS, tid);
+    copy_async_commit();
+  }
+
+  float acc[WM][WN][4];
+#pragma unroll
+  for (int i = 0; i < WM; i++)
+#pragma unroll
+    for (int j = 0; j < WN; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+
+  // Where this lane's ldmatrix rows start in a stage. a: rows 0-15 of each
+  // x tile, lanes 16-31 the second 8 columns. b: two 8-row weight tiles
+  // per ldmatrix (lanes 16-31 the second), both 8-column halves of each
+  // (lanes 8-15 and 24-31); with one tile per warp, one tile's halves.
+  const unsigned a_lane = (warp_m * WM * 16 + lane % 16) * PITCH_BYTES + lane / 16 * 16;
+  const unsigned b_lane = (warp_n * WN * 8 + lane % 8 + (WN > 1 ? lane / 16 * 8 : 0)) * PITCH_BYTES +
+                          lane / 8 % 2 * 16;
+  int slot = 0, refill = STAGES - 1;
+  for (int c = first; c < last; c++) {
+    copy_async_wait<STAGES - 2>();  // chunk c has landed (this thread's copies)
+    __syncthreads();                // everyone's, and the slot refilled below is free
+    if (c + STAGES - 1 < last) {
+      w_copies.issue(w_ring + refill * PRODUCT_ROWS * PITCH_BYTES, c + STAGES - 1, k, PRODUCT_ROWS,
+                       tid);
+      x_copies.issue(x_ring + refill * X_ROWS * PITCH_BYTES, c + STAGES - 1, k, X_ROWS, tid);
+    }
+    copy_async_commit();
+    const unsigned ws = w_ring + slot * PRODUCT_ROWS * PITCH_BYTES + b_lane;
+    const unsigned xs = x_ring + slot * X_ROWS * PITCH_BYTES + a_lane;
+#pragma unroll
+    for (int kk = 0; kk < PRODUCT_DEPTH; kk += 16) {
+      unsigned a[WM][4];
+#pragma unroll
+      for (int i = 0; i < WM; i++) load_tiles_x4_at(a[i], xs + i * 16 * PITCH_BYTES + kk * 2);
+#pragma unroll
+      for (int j = 0; j < WN; j += 2) {
+        unsigned b[4];
+        if (WN > 1) {
+          load_tiles_x4_at(b, ws + j * 8 * PITCH_BYTES + kk * 2);
+        } else {
+          load_tiles_x2_at(b, ws + kk * 2);
+        }
+#pragma unroll
+        for (int i = 0; i < WM; i++) {
+          mma_16x8x16(acc[i][j], a[i][0], a[i][1], a[i][2], a[i][3], b[0], b[1]);
+          if (WN > 1) mma_16x8x16(acc[i][j + 1], a[i][0], a[i][1], a[i][2], a[i][3], b[2], b[3]);
+        }
+      }
+    }
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
+    refill = refill + 1 == STAGES ? 0 : refill + 1;
+  }
+
+  // The block's sums go to shared memory (the ring is free once the last
+  // copies have landed), so that the rest reads them in rows: partial sums
+  // and outputs are then written 16 bytes at a time.
+  copy_async_wait<0>();
+  __syncthreads();
+  float(*sums)[PRODUCT_ROWS + 4] = reinterpret_cast<float(*)[PRODUCT_ROWS + 4]>(product_shared);
+  {
+    // Lane (g, t) holds, of x tile i and weight tile j, rows g and g + 8,
+    // columns 2t and 2t + 1 (in the unit's own row order).
+    const int row0 = warp_m * WM * 16 + g, col0 = warp_n * WN * 8 + 2 * t;
+#pragma unroll
+    for (int i = 0; i < WM; i++)
+#pragma unroll
+      for (int j = 0; j < WN; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+          *reinterpret_cast<float2*>(&sums[row0 + i * 16 + h * 8][col0 + j * 8]) =
+              make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+  }
+  __syncthreads();
+
+  // An item is four adjacent sums of one row of x: row item / 16, columns
+  // item % 16 · 4 and the next three.
+  const int items = m * (PRODUCT_ROWS / 4);
+  if (splits > 1) {
+    // Each unit's partial sums are m rows of PRODUCT_ROWS, one block after
+    // another: [split][unit][row][column].
+    const i64 block_sums = (i64)m * PRODUCT_ROWS;
+    float* mine = partials + ((i64)split * gridDim.x + unit) * block_sums;
+    for (int item = tid; item < items; item += PRODUCT_THREADS)
+      *reinterpret_cast<float4*>(mine + item * 4) =
+          *reinterpret_cast<const float4*>(&sums[item / 16][item % 16 * 4]);
+    // The release: every thread's partials visible before the count.
+    __threadfence();
+    __syncthreads();
+    __shared__ unsigned arrived;
+    if (tid == 0) arrived = atomicAdd(&counters[unit], 1u);
+    __syncthreads();
+    if (arrived != (unsigned)splits - 1) return;
+    __threadfence();  // the acquire: the other blocks' partials are read after the count
+    if (tid == 0) counters[unit] = 0;
+    // The sums of all splits, two items per thread at a time with every
+    // split's load issued before any is added: one trip to L2 per two
+    // items, not one per split. Added in split order, whichever block
+    // came last.
+    for (int base = tid; base < items; base += 2 * PRODUCT_THREADS) {
+      float4 part[2][PRODUCT_MAX_SPLITS];
+#pragma unroll
+      for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int s = 0; s < PRODUCT_MAX_SPLITS; s++)
+          if (s < splits && base + q * PRODUCT_THREADS < items)
+            part[q][s] = load_cg_f32x4(partials + ((i64)s * gridDim.x + unit) * block_sums +
+                                       (base + q * PRODUCT_THREADS) * 4);
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        const int item = base + q * PRODUCT_THREADS;
+        if (item >= items) continue;
+        float4 total = part[q][0];
+#pragma unroll
+        for (int s = 1; s < PRODUCT_MAX_SPLITS; s++)
+          if (s < splits)
+            total = make_float4(total.x + part[q][s].x, total.y + part[q][s].y,
+                                total.z + part[q][s].z, total.w + part[q][s].w);
+        *reinterpret_cast<float4*>(&sums[item / 16][item % 16 * 4]) = total;
+      }
+    }
+    __syncthreads();
+  }
+
+  // The epilogue, an item per thread at a time.
+  for (int item = tid; item < items; item += PRODUCT_THREADS) {
+    const int row = item / 16, local = item % 16 * 4;
+    const float* y = &sums[row][local];
+    if (swiglu) {
+      // Gate items only; the up sums of the same outputs are 8 columns on.
+      if (local / 8 % 2) continue;
+      const int column = unit * (PRODUCT_ROWS / 2) + local / 16 * 8 + local % 8;
+      if (column >= n / 2) continue;
+      // Gate and up rounded to the model's type first, as the gate/up
+      // product's output would be before silu_mul reads it.
+      float a[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        a[e] = silu_times(to_float(from_float(y[e])), to_float(from_float(y[e + 8])));
+      *reinterpret_cast<uint2*>(static_cast<scalar_t*>(out) + (i64)row * (n / 2) + column) =
+          make_uint2(pack_pair(a[0], a[1]), pack_pair(a[2], a[3]));
+      continue;
+    }
+    const int column = unit * PRODUCT_ROWS + local;
+    if (column >= n) continue;
+    const i64 at = (i64)row * n + column;
+    if (epilogue == PRODUCT_STORE_F32) {
+      *reinterpret_cast<float4*>(static_cast<float*>(out) + at) = make_float4(y[0], y[1], y[2], y[3]);
+    } else if (epilogue == PRODUCT_ADD_TO) {
+      uint2* p = reinterpret_cast<uint2*>(static_cast<scalar_t*>(out) + at);
+      const uint2 old = *p;
+      // As addmm_: the product rounded to the model's type, then added.
+      const float r0 = to_float((scalar_t)(old.x & 0xffffu)), r1 = to_float((scalar_t)(old.x >> 16));
+      const float r2 = to_float((scalar_t)(old.y & 0xffffu)), r3 = to_float((scalar_t)(old.y >> 16));
+      *p = make_uint2(pack_pair(r0 + to_float(from_float(y[0])), r1 + to_float(from_float(y[1]))),
+                      pack_pair(r2 + to_float(from_float(y[2])), r3 + to_float(from_float(y[3]))));
+    } else {
+      *reinterpret_cast<uint2*>(static_cast<scalar_t*>(out) + at) =
+          make_uint2(pack_pair(y[0], y[1]), pack_pair(y[2], y[3]));
+    }
+  }
+}
+#define PRODUCT_KERNEL(NAME, M_TILES, STAGES)                                                     \
+  extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS)                                   \
+      NAME(const scalar_t* x, const scalar_t* w, void* out, float* partials, unsigned* counters, \
+           int m, int n, int k, int epilogue) {                                                   \
+    product<M_TILES, STAGES>(x, w, out, partials, counters, m, n, k, epilogue);                   \
+  }
+#else
+#define PRODUCT_KERNEL(NAME, M_TILES, STAGES)                                                     \
+  extern "C" __global__ void NAME(const scalar_t* x, const scalar_t* w, void* out,                \
+                                  float* partials, unsigned* counters, int m, int n, int k,       \
+                                  int epilogue) {                                                 \
+    __trap();                                                                                     \
+  }
+#endif
+// One kernel per height of x: 16, 32, 64 or 128 rows, with as many stages
+// as keep a block's shared memory at about 110 KiB (two blocks fit on an
+// H100's multiprocessor). A stage's copies take a trip to memory, about
+// two microseconds under load, so the ring must hold that long's worth
+// of the block's share of the bandwidth: with four stages TinyLlama's
+// gate/up product ran at half of it.
+PRODUCT_KERNEL(product_rows16, 1, 8)
+PRODUCT_KERNEL(product_rows32, 2, 8)
+PRODUCT_KERNEL(product_rows64, 4, 6)
+PRODUCT_KERNEL(product_rows128, 8, 4)
+// ANCHOR_END: product
 
 
 // ANCHOR: matvec

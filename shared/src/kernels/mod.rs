@@ -17,10 +17,12 @@
 //! | `silu_mul`        | `silu` and the product of SwiGLU                       |
 //! | `matvec`          | at small batch: a matrix product, with the RMSNorm or SwiGLU before it and the residual addition after it |
 //! | `decode_layer`    | at small batch: a whole decoder layer, in one persistent kernel |
+//! | `product_rows*`   | opt-in, up to 128 rows: a matrix product, with the residual addition or SwiGLU after it (`product`) |
 //!
 //! Above the matrix-vector kernel's batch limit the products are cuBLAS's,
 //! and the residual additions ride on them (`addmm_` adds the product to
-//! the residual stream in place). The methods that take a weight
+//! the residual stream in place); our own product kernel can take them
+//! instead, though on an H100 it is slower (see `product`). The methods that take a weight
 //! ([`DecodeKernels::norm_linear`] and its siblings) choose between the two
 //! by the number of rows.
 //!
@@ -40,6 +42,9 @@ use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
+
+mod product;
+use product::{ProductEpilogue, ProductKernels};
 
 /// The kernels' CUDA source.
 pub const SOURCE: &str = include_str!("decode.cu");
@@ -663,6 +668,10 @@ pub struct DecodeKernels {
     /// Whether the attention kernels are launched to overlap the kernel
     /// before them (see `attention_overlap_enabled`).
     attention_overlap: bool,
+    /// The batched products' kernels (None where they cannot run: see
+    /// `ProductKernels::new`), and whether products take them.
+    products: Option<ProductKernels>,
+    product_on: bool,
 
     rms_norm: Function,
     silu_mul: Function,
@@ -716,6 +725,13 @@ impl DecodeKernels {
         let decode_layer = get("decode_layer")?;
         let layer_ring = layer_ring(decode_layer, index, shape);
         let hopper = imp::shared_memory(decode_layer, index).is_ok_and(|m| m.capability >= 90);
+        let products = ProductKernels::new(
+            |name| functions.get(name).copied(),
+            shape.kind,
+            index,
+            multiprocessors,
+            hopper,
+        );
         let kernels = Arc::new(DecodeKernels {
             device: index,
             shape,
@@ -734,6 +750,8 @@ impl DecodeKernels {
             hopper,
             layer_overlap: hopper && layer_overlap_enabled(),
             attention_overlap: hopper && attention_overlap_enabled(),
+            product_on: products.is_some() && product::product_kernel_enabled(),
+            products,
             rms_norm: get("rms_norm")?,
             silu_mul: get("silu_mul")?,
             rope_store_kv: get("rope_store_kv")?,
@@ -1122,6 +1140,8 @@ impl DecodeKernels {
                 Epilogue::Store,
                 next,
             )
+        } else if self.takes_product(x, weight) {
+            self.product(&self.rms_norm(x, norm, eps), weight, ProductEpilogue::Store)
         } else {
             self.rms_norm(x, norm, eps).linear(weight, None::<Tensor>)
         }
@@ -1136,6 +1156,12 @@ impl DecodeKernels {
                 weight,
                 Epilogue::StoreF32,
                 None,
+            )
+        } else if self.takes_product(x, weight) {
+            self.product(
+                &self.rms_norm(x, norm, eps),
+                weight,
+                ProductEpilogue::StoreF32,
             )
         } else {
             let h = self.rms_norm(x, norm, eps);
@@ -1153,6 +1179,8 @@ impl DecodeKernels {
     ) {
         if self.takes_matvec(h, weight) {
             let _ = self.matvec(h, Prologue::Plain, weight, Epilogue::AddTo(residual), next);
+        } else if self.takes_product(h, weight) && aligned_16(residual) {
+            let _ = self.product(h, weight, ProductEpilogue::AddTo(residual));
         } else {
             let _ = residual.shallow_clone().addmm_(h, &weight.tr());
         }
@@ -1179,6 +1207,30 @@ impl DecodeKernels {
             let _ = residual
                 .shallow_clone()
                 .addmm_(&self.silu_mul(gate_up), &weight.tr());
+        }
+    }
+
+    /// `x += down · (silu(gate) · up)` of `rms_norm(x) · gate_upᵀ`: the
+    /// whole MLP. With the product kernel the activation is applied as the
+    /// gate/up product writes its output (two launches after the norm);
+    /// otherwise the gate/up output goes to `silu_linear_add`.
+    pub fn mlp_add(
+        &self,
+        x: &Tensor,
+        norm: &Tensor,
+        eps: f64,
+        gate_up: &Tensor,
+        down: &Tensor,
+        next: Option<&Tensor>,
+    ) {
+        let takes_matvec = self.takes_matvec(x, gate_up);
+        if !takes_matvec && self.takes_product(x, gate_up) {
+            let h = self.rms_norm(x, norm, eps);
+            let activation = self.product(&h, gate_up, ProductEpilogue::SwiGlu);
+            self.linear_add(&activation, down, x, next);
+        } else {
+            let gate_up = self.norm_linear(x, norm, eps, gate_up, Some(down));
+            self.silu_linear_add(&gate_up, down, x, next);
         }
     }
     // ANCHOR_END: matrix_products
@@ -1644,6 +1696,10 @@ mod imp {
             "attention_combine",
             "matvec",
             "decode_layer",
+            "product_rows16",
+            "product_rows32",
+            "product_rows64",
+            "product_rows128",
         ] {
             let c_name = CString::new(name).expect("no NUL");
             let mut function = std::ptr::null_mut();

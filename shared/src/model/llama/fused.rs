@@ -129,6 +129,9 @@ impl Llama {
     /// rms_norm ─► qkv product ─► rope_store_kv ─► attention ─► o product (+= x)
     ///          ─► rms_norm ─► gate/up product ─► silu_mul ─► down product (+= x)
     /// ```
+    ///
+    /// (`mlp_add` is the second line; with the opt-in product kernel,
+    /// `silu_mul` happens inside the gate/up product.)
     // ANCHOR: layers_on_kernels
     fn layers_on_kernels(
         &self,
@@ -166,14 +169,14 @@ impl Llama {
                 Some(&layer.gate_up_proj),
             );
 
-            let gate_up = kernels.norm_linear(
+            kernels.mlp_add(
                 x,
                 &layer.post_norm,
                 eps,
                 &layer.gate_up_proj,
-                Some(&layer.down_proj),
+                &layer.down_proj,
+                Some(next_qkv),
             );
-            kernels.silu_linear_add(&gate_up, &layer.down_proj, x, Some(next_qkv));
         }
     }
     // ANCHOR_END: layers_on_kernels
@@ -589,7 +592,8 @@ mod tests {
     /// A whole decode step through the fused path and through
     /// `Llama::forward`: the same logits, and the same keys and values
     /// left in the pool. Batches of 1 and 3 run on the persistent layer
-    /// kernel, and again without it; 6 is above the matrix-vector limit.
+    /// kernel, and again without it; 6 is above the matrix-vector limit,
+    /// with the batched products on our kernel and on cuBLAS.
     #[test]
     fn fused_decode_matches_the_reference_forward() {
         let Some(device) = gpu() else { return };
@@ -620,7 +624,20 @@ mod tests {
                 check_decode_step(&config, kernels, device, &[299]);
                 check_decode_step(&config, kernels, device, &[0, 39, 299]);
             }
-            check_decode_step(&config, &kernels, device, &[0, 5, 39, 100, 200, 299]);
+            // Above it, on the product kernel and on cuBLAS.
+            let batch = [0, 5, 39, 100, 200, 299];
+            let products = kernels.with_product_kernel(true);
+            assert!(
+                products.product_kernel(),
+                "the product kernel should run here"
+            );
+            check_decode_step(&config, &products, device, &batch);
+            check_decode_step(
+                &config,
+                &products.with_product_kernel(false),
+                device,
+                &batch,
+            );
         }
     }
 
@@ -696,7 +713,9 @@ mod tests {
     /// with plain launches, bit for bit (the kernels' sums run in a fixed
     /// order). Checked for the layer kernels of a step of 3 sequences, and
     /// for the attention kernels (`rope_store_kv` -> `attention_partial` ->
-    /// `attention_combine`) of a step of 6, above the matrix-vector limit.
+    /// `attention_combine`) and the batched products (each copying its
+    /// first weights before the kernel ahead ends) of a step of 6, above
+    /// the matrix-vector limit.
     #[test]
     fn overlapping_launches_change_no_result() {
         let Some(device) = gpu() else { return };
@@ -706,13 +725,18 @@ mod tests {
         assert!(kernels.takes_layer_kernel(3) && !kernels.takes_layer_kernel(6));
         let model = Llama::random(config.clone(), 3, device, Kind::BFloat16);
         type Overlap = fn(&DecodeKernels, bool) -> DecodeKernels;
-        let cases: [(&[i64], Overlap); 2] = [
+        let six: &[i64] = &[0, 5, 39, 100, 200, 299];
+        let cases: [(&[i64], Overlap); 3] = [
             (&[0, 39, 299], DecodeKernels::with_layer_overlap),
-            (
-                &[0, 5, 39, 100, 200, 299],
-                DecodeKernels::with_attention_overlap,
-            ),
+            (six, DecodeKernels::with_attention_overlap),
+            (six, DecodeKernels::with_product_overlap),
         ];
+        // The product kernel is off by default: on for these steps.
+        let kernels = kernels.with_product_kernel(true);
+        assert!(
+            kernels.product_kernel(),
+            "the product kernel should run here"
+        );
         for (positions, overlap) in cases {
             let inputs = StepInputs::new(&config, device, positions);
             let [(overlapped, overlapped_pool), (serial, serial_pool)] = [true, false].map(|on| {
