@@ -1090,14 +1090,11 @@ __device__ __forceinline__ void load_tiles_x2_at(unsigned* r, unsigned address) 
                : "memory");
 }
 
-// Four floats from L2, past the multiprocessor's L1 (which does not see
-// other blocks' writes).
+// Four floats from L2 (load_cg: other blocks wrote them).
 __device__ __forceinline__ float4 load_cg_f32x4(const float* p) {
-  float4 v;
-  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "l"(p));
-  return v;
+  const uint4 v = load_cg(p);
+  return make_float4(__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z),
+                     __uint_as_float(v.w));
 }
 
 // One thread's share of a stage's copies: PIECES_PER_THREAD pieces of 16

@@ -22,9 +22,9 @@
 //! Above the matrix-vector kernel's batch limit the products are cuBLAS's,
 //! and the residual additions ride on them (`addmm_` adds the product to
 //! the residual stream in place); our own product kernel can take them
-//! instead, though on an H100 it is slower (see `product`). The methods that take a weight
-//! ([`DecodeKernels::norm_linear`] and its siblings) choose between the two
-//! by the number of rows.
+//! instead, though on an H100 it is slower (see `product`). The methods
+//! that take a weight ([`DecodeKernels::norm_linear`] and its siblings)
+//! choose among them by the number of rows.
 //!
 //! The source is compiled at run time by NVRTC — the way PyTorch builds its
 //! own "jiterator" kernels — for the GPU at hand and for the model's shape
@@ -1223,8 +1223,7 @@ impl DecodeKernels {
         down: &Tensor,
         next: Option<&Tensor>,
     ) {
-        let takes_matvec = self.takes_matvec(x, gate_up);
-        if !takes_matvec && self.takes_product(x, gate_up) {
+        if !self.takes_matvec(x, gate_up) && self.takes_product(x, gate_up) {
             let h = self.rms_norm(x, norm, eps);
             let activation = self.product(&h, gate_up, ProductEpilogue::SwiGlu);
             self.linear_add(&activation, down, x, next);
@@ -1895,6 +1894,22 @@ pub(crate) fn test_gpu() -> Option<Device> {
         return None;
     }
     Some(Device::Cuda(0))
+}
+
+/// The largest difference between two tensors' elements, in f32 (the
+/// kernels' tests compare with it).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// The largest magnitude among a tensor's elements, in f32.
+#[cfg(test)]
+pub(crate) fn max_abs(a: &Tensor) -> f64 {
+    a.to_kind(Kind::Float).abs().max().double_value(&[])
 }
 
 #[cfg(test)]

@@ -45,17 +45,10 @@ const PRODUCT_HEIGHTS: [usize; 4] = [16, 32, 64, 128];
 const PRODUCT_STAGES: [usize; 4] = [8, 8, 6, 4];
 /// Blocks per multiprocessor the grid aims for: two, so that each
 /// multiprocessor has one block's copies in flight while the other's warps
-/// compute, and the grid still runs in one wave
-/// (`SPARK_DISAGG_PRODUCT_BLOCKS_PER_SM` overrides it).
+/// compute, and the grid still runs in one wave (one and four were slower
+/// on the H100).
 const PRODUCT_BLOCKS_PER_SM: usize = 2;
 
-fn product_blocks_per_sm() -> usize {
-    std::env::var("SPARK_DISAGG_PRODUCT_BLOCKS_PER_SM")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(PRODUCT_BLOCKS_PER_SM)
-        .max(1)
-}
 /// Units of weight rows a split product may have (one counter each).
 const PRODUCT_COUNTERS: usize = 4096;
 /// Ranges a product's `k` is split into, at most (`PRODUCT_MAX_SPLITS`:
@@ -68,6 +61,16 @@ const PRODUCT_MAX_SPLITS: usize = 8;
 /// documentation).
 pub(super) fn product_kernel_enabled() -> bool {
     std::env::var("SPARK_DISAGG_PRODUCT_KERNEL").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Blocks per multiprocessor a product's grid aims for
+/// (`SPARK_DISAGG_PRODUCT_BLOCKS_PER_SM`, else `PRODUCT_BLOCKS_PER_SM`).
+fn product_blocks_per_sm() -> usize {
+    std::env::var("SPARK_DISAGG_PRODUCT_BLOCKS_PER_SM")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(PRODUCT_BLOCKS_PER_SM)
+        .max(1)
 }
 
 /// The most rows of input the product kernel takes
@@ -186,8 +189,9 @@ fn shared_bytes(height: usize) -> usize {
 }
 
 impl DecodeKernels {
-    /// The same kernels with the batched products on `product_rows*` (on by
-    /// default where they can run) or on cuBLAS.
+    /// The same kernels with the batched products on `product_rows*` (where
+    /// they can run; off by default, see `SPARK_DISAGG_PRODUCT_KERNEL`) or
+    /// on cuBLAS.
     pub fn with_product_kernel(&self, on: bool) -> DecodeKernels {
         DecodeKernels {
             product_on: on && self.products.is_some(),
@@ -215,8 +219,9 @@ impl DecodeKernels {
     }
 
     /// Whether `x · weightᵀ` goes to the product kernel: it is on, `x` has
-    /// 1 to `max_rows` rows, and both are 16-byte aligned rows of whole 16-byte
-    /// pieces with an even number of outputs (the epilogue writes pairs).
+    /// 1 to `max_rows` rows, both are 16-byte aligned rows of whole 16-byte
+    /// pieces, and the weight has a multiple of 8 rows (the epilogue writes
+    /// four outputs at a time, 8-byte aligned, also for SwiGLU's half).
     pub(crate) fn takes_product(&self, x: &Tensor, weight: &Tensor) -> bool {
         let Some(products) = self.products.as_ref().filter(|_| self.product_on) else {
             return false;
@@ -227,7 +232,7 @@ impl DecodeKernels {
             && (1..=products.max_rows).contains(&rows)
             && weight
                 .size2()
-                .is_ok_and(|(n, k)| n % 4 == 0 && k as usize % vec == 0 && x.size()[1] == k)
+                .is_ok_and(|(n, k)| n % 8 == 0 && k as usize % vec == 0 && x.size()[1] == k)
             && aligned_16(x)
             && aligned_16(weight)
     }
@@ -317,18 +322,7 @@ impl DecodeKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{test_config, test_gpu};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
-            .abs()
-            .max()
-            .double_value(&[])
-    }
-
-    fn max_abs(a: &Tensor) -> f64 {
-        a.to_kind(Kind::Float).abs().max().double_value(&[])
-    }
+    use crate::kernels::{max_abs, max_diff, test_config, test_gpu};
 
     /// The product kernel against cuBLAS (the path it replaces, which the
     /// fused tests check against PyTorch) for every epilogue, at heights

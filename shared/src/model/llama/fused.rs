@@ -243,20 +243,9 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
-    use crate::kernels::{test_config as config, test_gpu as gpu, KernelShape};
+    use crate::kernels::{max_abs, max_diff, test_config as config, test_gpu as gpu, KernelShape};
     use crate::model::config::LlamaConfig;
     use crate::model::llama::{causal_attention, rope_inv_freq, AttentionCache};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_kind(Kind::Float) - b.to_kind(Kind::Float))
-            .abs()
-            .max()
-            .double_value(&[])
-    }
-
-    fn max_abs(a: &Tensor) -> f64 {
-        a.to_kind(Kind::Float).abs().max().double_value(&[])
-    }
 
     #[test]
     fn small_kernels_match_pytorch() {
