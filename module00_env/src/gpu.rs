@@ -21,6 +21,10 @@ pub struct GpuInfo {
     pub compute_capability: Option<String>,
     pub sm_clock_max_mhz: Option<u32>,
     pub memory_clock_max_mhz: Option<u32>,
+    /// Width of the memory bus in bits; with the memory clock it gives the
+    /// peak bandwidth (see `shared::device::MemoryInterface`).
+    #[serde(default)]
+    pub memory_bus_bits: Option<u32>,
     pub temperature_c: Option<u32>,
     /// PCIe generation and lane count the link runs at now.
     pub pcie_generation: Option<u32>,
@@ -52,6 +56,21 @@ impl GpuProbe {
     }
 }
 
+impl GpuInfo {
+    /// The memory's peak bandwidth in GB/s, where the driver tells both
+    /// the bus width and the clock.
+    pub fn peak_memory_gb_per_s(&self) -> Option<f64> {
+        let (bus_bits, clock_mhz) = (self.memory_bus_bits?, self.memory_clock_max_mhz?);
+        Some(
+            shared::device::MemoryInterface {
+                bus_bits,
+                clock_mhz,
+            }
+            .peak_gb_per_s(),
+        )
+    }
+}
+
 /// NVLink links a device can have; NVML numbers them from 0.
 const MAX_NVLINKS: u32 = 18;
 
@@ -77,6 +96,7 @@ pub fn probe() -> GpuProbe {
                     .map(|c| format!("{}.{}", c.major, c.minor)),
                 sm_clock_max_mhz: device.max_clock_info(Clock::SM).ok(),
                 memory_clock_max_mhz: device.max_clock_info(Clock::Memory).ok(),
+                memory_bus_bits: device.memory_bus_width().ok(),
                 temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
                 pcie_generation: device.current_pcie_link_gen().ok(),
                 pcie_width: device.current_pcie_link_width().ok(),

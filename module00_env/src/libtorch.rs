@@ -4,8 +4,9 @@
 //!
 //! The two numbers are the roofline of chapter 1: a matmul measures the
 //! compute ceiling (TFLOP/s), a device-to-device copy the memory-bandwidth
-//! ceiling (GB/s). `module01_baseline bench --mem-bandwidth-gbps` takes the
-//! second one to draw its roofline.
+//! ceiling (GB/s), which the report sets against the peak the driver gives
+//! (`GpuInfo::peak_memory_gb_per_s`). `module01_baseline bench` draws its
+//! roofline at that peak, or at `--mem-bandwidth-gbps` (e.g. the copy's).
 
 use std::time::{Duration, Instant};
 

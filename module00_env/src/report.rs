@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::etcd::EtcdProbe;
-use crate::gpu::GpuProbe;
+use crate::gpu::{GpuInfo, GpuProbe};
 use crate::libtorch::{ComputeResult, LibtorchProbe};
 use crate::net::NetCheck;
 use crate::rdma::RdmaProbe;
@@ -104,7 +104,7 @@ impl EnvReport {
         gpu_lines(&p.gpu, &mut line);
         line("libtorch", libtorch_line(&p.libtorch));
         if let Some(c) = &p.compute {
-            line("compute", compute_line(c));
+            line("compute", compute_line(c, &p.gpu));
         }
         rdma_lines(p, &mut line);
         if let Some(net) = &p.network {
@@ -162,7 +162,13 @@ fn gpu_lines(gpu: &GpuProbe, line: &mut impl FnMut(&str, String)) {
                 .as_ref()
                 .map(|c| format!("compute {c}")),
             g.sm_clock_max_mhz.map(|m| format!("SM {m} MHz")),
-            g.memory_clock_max_mhz.map(|m| format!("memory {m} MHz")),
+            match (g.memory_bus_bits, g.peak_memory_gb_per_s()) {
+                (Some(bits), Some(peak)) => Some(format!(
+                    "memory {bits}-bit at {} MHz = {peak:.0} GB/s peak",
+                    g.memory_clock_max_mhz.unwrap_or(0)
+                )),
+                _ => g.memory_clock_max_mhz.map(|m| format!("memory {m} MHz")),
+            },
             g.temperature_c.map(|t| format!("{t} °C")),
             g.pcie_generation
                 .zip(g.pcie_width)
@@ -196,7 +202,10 @@ fn libtorch_line(t: &LibtorchProbe) -> String {
     text
 }
 
-fn compute_line(c: &ComputeResult) -> String {
+/// The timed matmul and copy; on a GPU whose peak bandwidth the driver
+/// tells, the copy also as a share of that peak (a streaming kernel gets
+/// about 90 % of it, and so can a batch-1 decode step at best).
+fn compute_line(c: &ComputeResult, gpu: &GpuProbe) -> String {
     let mut text = format!(
         "{} ({}), {}: matmul {n}×{n} {:.2} TFLOP/s · memory copy {:.1} GB/s",
         c.device,
@@ -206,6 +215,15 @@ fn compute_line(c: &ComputeResult) -> String {
         c.copy_gbps,
         n = c.matmul_n
     );
+    let peak = c
+        .device
+        .strip_prefix("cuda:")
+        .and_then(|i| i.parse::<u32>().ok())
+        .and_then(|i| gpu.gpus.iter().find(|g| g.index == i))
+        .and_then(GpuInfo::peak_memory_gb_per_s);
+    if let Some(peak) = peak {
+        let _ = write!(text, " ({:.0} % of peak)", 100.0 * c.copy_gbps / peak);
+    }
     if let Some(h2d) = c.host_to_device_gbps {
         let _ = write!(text, " · host→device {h2d:.1} GB/s");
     }

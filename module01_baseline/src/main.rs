@@ -14,7 +14,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use module01_baseline::bench::{self, BenchConfig};
 use module01_baseline::peer::{self, PeerModel};
-use module01_baseline::report::{self, BenchReport, EngineSteps, Memory, Roofline, Setup};
+use module01_baseline::report::{
+    self, BenchReport, EngineSteps, Memory, Roofline, RooflineBandwidth, Setup,
+};
 use shared::cli::ModelArgs;
 use shared::device;
 use shared::engine::generate::generate;
@@ -97,7 +99,9 @@ struct BenchArgs {
     /// bench/peers/hf_generate.py).
     #[arg(long, value_delimiter = ',', value_parser = peer::parse_peer)]
     peer: Vec<peer::HfVariant>,
-    /// Memory bandwidth in GB/s for the roofline line (e.g. 3350 for an H100 SXM).
+    /// Memory bandwidth in GB/s for the roofline line (e.g. 3350 for an H100
+    /// SXM). Without it a GPU run uses the peak of the GPU's own memory
+    /// interface, as NVML reports it; a CPU run draws no roofline.
     #[arg(long)]
     mem_bandwidth_gbps: Option<f64>,
     #[arg(long, default_value_t = 0)]
@@ -385,11 +389,20 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             &config,
         )?
     };
-    let roofline = args.mem_bandwidth_gbps.map(|gbps| {
-        let floor_ms = weight_bytes as f64 / (gbps * 1e9) * 1e3;
+    let gpu_memory = match device {
+        tch::Device::Cuda(i) => device::memory_interface(i),
+        _ => None,
+    };
+    let bandwidth = RooflineBandwidth::choose(args.mem_bandwidth_gbps, gpu_memory);
+    if let Some(warning) = bandwidth.as_ref().and_then(|b| b.warning.as_ref()) {
+        eprintln!("warning: {warning}");
+    }
+    let roofline = bandwidth.map(|bandwidth| {
+        let floor_ms = weight_bytes as f64 / (bandwidth.gb_per_s * 1e9) * 1e3;
         Roofline {
             weight_bytes,
-            bandwidth_gb_per_s: gbps,
+            bandwidth_gb_per_s: bandwidth.gb_per_s,
+            bandwidth_source: bandwidth.source,
             floor_ms,
             measured_ms: single.decode_ms_per_token,
             ratio: single.decode_ms_per_token / floor_ms,

@@ -6,6 +6,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{BatchResult, BenchConfig, LoadResult, SingleResult};
+use shared::device::MemoryInterface;
 
 /// Where and what was measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,11 +52,65 @@ fn eager() -> String {
 pub struct Roofline {
     pub weight_bytes: usize,
     pub bandwidth_gb_per_s: f64,
+    /// Where the bandwidth came from: `--mem-bandwidth-gbps`, or the GPU's
+    /// memory interface as NVML reports it (empty in older result files).
+    #[serde(default)]
+    pub bandwidth_source: String,
     /// weight bytes / bandwidth: no decode step can be faster.
     pub floor_ms: f64,
     pub measured_ms: f64,
     /// measured / floor (1.0 would be perfect).
     pub ratio: f64,
+}
+
+/// The bandwidth a roofline is drawn at, and where the number came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RooflineBandwidth {
+    pub gb_per_s: f64,
+    pub source: String,
+    /// Set where the number given cannot be this GPU's: above its peak (no
+    /// kernel gets there), or below 3/4 of it (a streaming copy gets about
+    /// 90 %, so that is likely another GPU's number). A roofline for another
+    /// GPU makes every ratio against it wrong.
+    pub warning: Option<String>,
+}
+
+impl RooflineBandwidth {
+    /// `--mem-bandwidth-gbps` where given, else the peak of the GPU's
+    /// memory interface (`gpu`, from NVML); `None` where neither is known
+    /// (a CPU run without the flag draws no roofline).
+    pub fn choose(flag: Option<f64>, gpu: Option<MemoryInterface>) -> Option<Self> {
+        let describe =
+            |m: MemoryInterface| format!("NVML: {}-bit bus at {} MHz", m.bus_bits, m.clock_mhz);
+        match (flag, gpu) {
+            (Some(gb_per_s), gpu) => Some(RooflineBandwidth {
+                gb_per_s,
+                source: "--mem-bandwidth-gbps".into(),
+                warning: gpu.and_then(|m| {
+                    let share = gb_per_s / m.peak_gb_per_s();
+                    let why = if share > 1.01 {
+                        "is above"
+                    } else if share < 0.75 {
+                        "is far below"
+                    } else {
+                        return None;
+                    };
+                    Some(format!(
+                        "--mem-bandwidth-gbps {gb_per_s} {why} this GPU's peak ({:.0} GB/s, {}); \
+                         is it another GPU's? Leave the flag out to use this one's",
+                        m.peak_gb_per_s(),
+                        describe(m)
+                    ))
+                }),
+            }),
+            (None, Some(m)) => Some(RooflineBandwidth {
+                gb_per_s: m.peak_gb_per_s(),
+                source: describe(m),
+                warning: None,
+            }),
+            (None, None) => None,
+        }
+    }
 }
 
 /// The same measurements made by another implementation (see `peer.rs`).
@@ -302,9 +357,14 @@ pub fn render_table(report: &BenchReport, redact: bool) -> String {
     }
     if let Some(r) = &report.roofline {
         out += &format!(
-            "roofline: batch-1 decode reads {} MB of weights; at {} GB/s the floor is {} ms; measured {} ms = {}x the floor\n",
+            "roofline: batch-1 decode reads {} MB of weights; at {} GB/s{} the floor is {} ms; measured {} ms = {}x the floor\n",
             num(r.weight_bytes as f64 / 1e6, 0, redact),
             num(r.bandwidth_gb_per_s, 0, redact),
+            if r.bandwidth_source.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.bandwidth_source)
+            },
             num(r.floor_ms, 3, redact),
             num(r.measured_ms, 3, redact),
             num(r.ratio, 2, redact),

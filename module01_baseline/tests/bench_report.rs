@@ -3,8 +3,9 @@
 
 use module01_baseline::bench::{self, BenchConfig};
 use module01_baseline::report::{
-    render_table, BenchReport, EngineSteps, Memory, PeerResult, Setup,
+    render_table, BenchReport, EngineSteps, Memory, PeerResult, Roofline, RooflineBandwidth, Setup,
 };
+use shared::device::MemoryInterface;
 use shared::engine::sampling::SamplingParams;
 use shared::engine::{Engine, EngineConfig, Request};
 use shared::model::config::LlamaConfig;
@@ -222,6 +223,63 @@ fn table_counts_the_steps_queued_ahead() {
     );
     report.setup.decode_ahead = true;
     assert!(render_table(&report, false).contains(line));
+}
+
+/// The roofline's bandwidth: the flag where given, else the GPU's own; a
+/// flag far from the GPU's peak is warned about; no GPU and no flag, no
+/// roofline. The table says where the number came from.
+#[test]
+fn roofline_bandwidth_comes_from_the_flag_or_the_gpu() {
+    let h100 = MemoryInterface {
+        bus_bits: 5120,
+        clock_mhz: 2619,
+    };
+    let from_gpu = RooflineBandwidth::choose(None, Some(h100)).unwrap();
+    assert!((from_gpu.gb_per_s - 3352.3).abs() < 0.1, "{from_gpu:?}");
+    assert_eq!(from_gpu.source, "NVML: 5120-bit bus at 2619 MHz");
+    assert_eq!(from_gpu.warning, None);
+
+    // The data sheet's figure, and a measured copy's (89 % of the peak).
+    for fine in [3350.0, 2966.0] {
+        let chosen = RooflineBandwidth::choose(Some(fine), Some(h100)).unwrap();
+        assert_eq!((chosen.gb_per_s, chosen.warning), (fine, None));
+    }
+    // An H200's figure on an H100, and an A100's.
+    for (wrong, why) in [(4800.0, "is above"), (1555.0, "is far below")] {
+        let chosen = RooflineBandwidth::choose(Some(wrong), Some(h100)).unwrap();
+        assert_eq!(chosen.gb_per_s, wrong, "the flag wins");
+        let warning = chosen.warning.unwrap();
+        assert!(
+            warning.contains(why) && warning.contains("3352 GB/s"),
+            "{warning}"
+        );
+    }
+    let cpu = RooflineBandwidth::choose(Some(50.0), None).unwrap();
+    assert_eq!(
+        (cpu.source.as_str(), cpu.warning),
+        ("--mem-bandwidth-gbps", None)
+    );
+    assert_eq!(RooflineBandwidth::choose(None, None), None);
+
+    let mut report = report(false);
+    report.roofline = Some(Roofline {
+        weight_bytes: 2_069_000_000,
+        bandwidth_gb_per_s: from_gpu.gb_per_s,
+        bandwidth_source: from_gpu.source,
+        floor_ms: 0.617,
+        measured_ms: 1.24,
+        ratio: 2.01,
+    });
+    let table = render_table(&report, false);
+    assert!(
+        table.contains("at 3352 GB/s (NVML: 5120-bit bus at 2619 MHz) the floor is 0.617 ms"),
+        "{table}"
+    );
+    report.roofline.as_mut().unwrap().bandwidth_source = String::new();
+    assert!(
+        render_table(&report, false).contains("at 3352 GB/s the floor"),
+        "older results"
+    );
 }
 
 /// The single request runs several times, each with a prompt of its own: a

@@ -308,6 +308,37 @@ pub fn gpu_memory(index: usize) -> Option<GpuMemory> {
     })
 }
 
+/// A GPU's memory interface as its driver reports it: enough to know the
+/// peak bandwidth, the ceiling of every memory-bound kernel (a batch-1
+/// decode step above all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryInterface {
+    /// Width of the memory bus, in bits (5120 for an H100's five HBM3 stacks).
+    pub bus_bits: u32,
+    /// The memory's highest clock, in MHz.
+    pub clock_mhz: u32,
+}
+
+impl MemoryInterface {
+    /// The peak bandwidth in GB/s: the bus moves `bus_bits / 8` bytes twice
+    /// per clock (double data rate). This is the datasheet figure, not what
+    /// a kernel reaches: streaming reads get about 90 % of it.
+    pub fn peak_gb_per_s(self) -> f64 {
+        2.0 * self.clock_mhz as f64 * 1e6 * (self.bus_bits as f64 / 8.0) / 1e9
+    }
+}
+
+/// The memory interface of GPU `index` (NVML numbering), or `None`
+/// without a driver, or where the driver does not say (some VMs hide clocks).
+pub fn memory_interface(index: usize) -> Option<MemoryInterface> {
+    use nvml_wrapper::enum_wrappers::device::Clock;
+    let device = nvml()?.device_by_index(index as u32).ok()?;
+    Some(MemoryInterface {
+        bus_bits: device.memory_bus_width().ok()?,
+        clock_mhz: device.max_clock_info(Clock::Memory).ok()?,
+    })
+}
+
 /// The hardware behind a device, for result files: the GPU's name, or the CPU's model and core count.
 pub fn describe(device: Device) -> String {
     match device {
@@ -374,5 +405,25 @@ mod tests {
             resolve(DeviceChoice::Cpu, DtypeChoice::Bf16).unwrap(),
             (Device::Cpu, Kind::BFloat16)
         );
+    }
+
+    #[test]
+    fn peak_bandwidth_matches_the_datasheets() {
+        // What NVML reports for three GPUs, and their datasheets' GB/s.
+        for (bus_bits, clock_mhz, datasheet) in [
+            (5120, 2619, 3350.0), // H100 SXM, HBM3
+            (5120, 1215, 1555.0), // A100 40 GB, HBM2
+            (384, 10501, 1008.0), // RTX 4090, GDDR6X
+        ] {
+            let peak = MemoryInterface {
+                bus_bits,
+                clock_mhz,
+            }
+            .peak_gb_per_s();
+            assert!(
+                (peak / datasheet - 1.0).abs() < 0.01,
+                "{bus_bits}-bit at {clock_mhz} MHz: {peak} GB/s, datasheet {datasheet}"
+            );
+        }
     }
 }
