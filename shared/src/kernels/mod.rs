@@ -137,6 +137,13 @@ fn layer_bulk_copy_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether `decode_layer`'s bulk copies mark the weights they bring through
+/// L2 as the first to evict (the default; see `l2_evict_first_policy` in
+/// `decode.cu`); `SPARK_DISAGG_LAYER_EVICT_FIRST=0` copies without the hint.
+fn layer_evict_first_allowed() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_EVICT_FIRST").map_or(true, |v| v.trim() != "0")
+}
+
 /// Blocks per multiprocessor that `attention_partial`'s grid aims for (see
 /// [`attention_span`]): as many as fit on an H100's multiprocessor at once
 /// (its registers allow four). Two ran as fast at batch 128 and slower at
@@ -218,6 +225,8 @@ pub struct KernelShape {
     pub layer_slot_bytes: usize,
     /// Whether `decode_layer` may use bulk copies (where the GPU has them).
     pub layer_bulk_copy: bool,
+    /// Whether those copies ask L2 to evict the weights first.
+    pub layer_evict_first: bool,
     /// Whether `attention_partial` may use the tensor cores (where the GPU
     /// and the dtype allow them).
     pub attention_mma: bool,
@@ -240,6 +249,7 @@ impl KernelShape {
             matvec_rows: 0,
             layer_slot_bytes: 0,
             layer_bulk_copy: layer_bulk_copy_allowed(),
+            layer_evict_first: layer_evict_first_allowed(),
             attention_mma: attention_mma_allowed(),
         };
         let elt = kind.elt_size_in_bytes();
@@ -340,6 +350,7 @@ impl KernelShape {
             format!("-DLAYER_TILE_ROWS={LAYER_TILE_ROWS}"),
             format!("-DLAYER_GROUP_WARPS={LAYER_GROUP_WARPS}"),
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
+            format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
         ]
     }
@@ -445,8 +456,6 @@ struct LayerParams {
     o_proj: *mut c_void,
     gate_up_proj: *mut c_void,
     down_proj: *mut c_void,
-    next_weight: *mut c_void,
-    prefetch_bytes: i64,
     positions: *mut c_void,
     slots: *mut c_void,
     block_tables: *mut c_void,
@@ -1274,8 +1283,7 @@ impl DecodeKernels {
     /// One decoder layer on the residual stream `x` (`[rows, hidden]`,
     /// updated in place), in one persistent kernel: see `decode_layer` in
     /// `decode.cu`. Keys and values of the new tokens go into `k_cache`
-    /// and `v_cache` (`[slots, kv_heads, head_dim]`). `next` is the weight
-    /// read after the layer; its start is prefetched into L2.
+    /// and `v_cache` (`[slots, kv_heads, head_dim]`).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_layer(
         &self,
@@ -1286,7 +1294,6 @@ impl DecodeKernels {
         v_cache: &Tensor,
         step: &LayerStep,
         scratch: &LayerScratch,
-        next: Option<&Tensor>,
     ) {
         let kind = self.shape.kind;
         let (rows, hidden) = x.size2().expect("x is [rows, hidden]");
@@ -1356,7 +1363,6 @@ impl DecodeKernels {
                     >= max_blocks as usize * step.block_size,
             "decode_layer: the scratch was made for another shape"
         );
-        let next = next.filter(|w| w.is_contiguous() && w.device() == x.device());
         let ptr = |t: &Tensor| t.data_ptr();
         let mut params = LayerParams {
             x: ptr(x),
@@ -1366,10 +1372,6 @@ impl DecodeKernels {
             o_proj: ptr(layer.o_proj),
             gate_up_proj: ptr(layer.gate_up_proj),
             down_proj: ptr(layer.down_proj),
-            next_weight: next.map_or(std::ptr::null_mut(), ptr),
-            prefetch_bytes: next.map_or(0, |w| {
-                (w.numel() * w.kind().elt_size_in_bytes()).min(self.l2_prefetch_bytes) as i64
-            }),
             positions: ptr(step.positions),
             slots: ptr(step.write_slots),
             block_tables: ptr(step.block_tables),
@@ -1997,6 +1999,7 @@ mod tests {
             "LAYER_SLOT_BYTES",
             "LAYER_TILE_ROWS",
             "LAYER_BULK_COPY_ALLOWED",
+            "LAYER_EVICT_FIRST",
             "LAYER_GROUP_WARPS",
             "ATTENTION_MMA_ALLOWED",
         ] {

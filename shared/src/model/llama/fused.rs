@@ -220,17 +220,7 @@ impl Llama {
                 gate_up_proj: &layer.gate_up_proj,
                 down_proj: &layer.down_proj,
             };
-            let next = self.weight_after_layer(i);
-            kernels.decode_layer(
-                i,
-                x,
-                &weights,
-                k_cache,
-                v_cache,
-                &layer_step,
-                &scratch,
-                Some(next),
-            );
+            kernels.decode_layer(i, x, &weights, k_cache, v_cache, &layer_step, &scratch);
         }
     }
 }
