@@ -162,13 +162,13 @@ fn gpu_lines(gpu: &GpuProbe, line: &mut impl FnMut(&str, String)) {
                 .as_ref()
                 .map(|c| format!("compute {c}")),
             g.sm_clock_max_mhz.map(|m| format!("SM {m} MHz")),
-            match (g.memory_bus_bits, g.peak_memory_gb_per_s()) {
-                (Some(bits), Some(peak)) => Some(format!(
-                    "memory {bits}-bit at {} MHz = {peak:.0} GB/s peak",
-                    g.memory_clock_max_mhz.unwrap_or(0)
-                )),
-                _ => g.memory_clock_max_mhz.map(|m| format!("memory {m} MHz")),
-            },
+            g.memory_clock_max_mhz
+                .map(|mhz| match (g.memory_bus_bits, g.peak_memory_gb_per_s()) {
+                    (Some(bits), Some(peak)) => {
+                        format!("memory {bits}-bit at {mhz} MHz = {peak:.0} GB/s peak")
+                    }
+                    _ => format!("memory {mhz} MHz"),
+                }),
             g.temperature_c.map(|t| format!("{t} °C")),
             g.pcie_generation
                 .zip(g.pcie_width)

@@ -1845,10 +1845,11 @@ struct WeightRing {
 // products, in order, each into its slot once the slot is free.
 //
 // It does not prefetch the next layer's weights into L2, as the
-// matrix-vector kernel does for the next product: here the ring already
-// holds the next tiles, and a prefetch of the next layer's first 4 MB made
-// the H100's step slower (1.24 against 1.23 ms per token without the
-// evict-first hint, 1.21 against 1.20 with it).
+// matrix-vector kernel does for the next product: the next layer's copying
+// warp starts its copies as soon as its block starts (it waits for no
+// earlier kernel), and a prefetch of the next layer's first 4 MB made the
+// H100's step slower (1.24 ms per token with it against 1.23 without,
+// copies without the evict-first hint; 1.21 against 1.20 with the hint).
 __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
   const int lane = threadIdx.x % 32;
   int i = 0;
