@@ -137,8 +137,8 @@ fn layer_bulk_copy_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_BULK_COPY").map_or(true, |v| v.trim() != "0")
 }
 
-/// Whether `decode_layer`'s bulk copies mark the weights they bring through
-/// L2 as the first to evict (the default; see `l2_evict_first_policy` in
+/// Whether `decode_layer`'s copies mark the weights they bring through L2
+/// as the first to evict (the default; see `l2_evict_first_policy` in
 /// `decode.cu`); `SPARK_DISAGG_LAYER_EVICT_FIRST=0` copies without the hint.
 fn layer_evict_first_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_EVICT_FIRST").map_or(true, |v| v.trim() != "0")
