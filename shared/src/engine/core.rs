@@ -63,6 +63,8 @@ pub struct EngineConfig {
     /// shape allows (4 for most models). Default 1: on an H100 the kernel
     /// beats cuBLAS at batch 1 and loses at 2 and 4, where converting the
     /// staged rows for every weight makes it arithmetic-bound (chapter 1).
+    /// The kernels are compiled for it: the rows they stage take shared
+    /// memory that the layer kernel's weight ring gets back (fix 23).
     pub matvec_max_batch: usize,
     /// With padded decode steps: queue the next decode step before reading
     /// this one's tokens, when every sequence of the batch is decoding
@@ -228,7 +230,14 @@ impl Engine {
         let wants_kernels =
             config.fused_kernels && config.decode != DecodeMode::Eager && model.device().is_cuda();
         let kernels = wants_kernels
-            .then(|| DecodeKernels::get(model.config(), model.kind(), model.device()))
+            .then(|| {
+                DecodeKernels::get_for_batches(
+                    model.config(),
+                    model.kind(),
+                    model.device(),
+                    config.matvec_max_batch,
+                )
+            })
             .and_then(|compiled| {
                 compiled
                     .map_err(|err| tracing::warn!("decode steps use PyTorch operations: {err}"))

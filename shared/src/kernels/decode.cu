@@ -1614,7 +1614,10 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 // block): one block per multiprocessor, launched cooperatively, which makes
 // the driver check exactly that. The block is LAYER_THREADS threads (set by
 // the Rust side: 512): 15 computing warps, which read each tile in groups
-// of LAYER_GROUP_WARPS (3), and the copying warp.
+// of LAYER_GROUP_WARPS (3, or 5 where three groups can use a ring one slot
+// longer than five can: `LayerRing::choose`), and the copying warp. The
+// staged input (MATVEC_ROWS rows) takes what the ring cannot, so the
+// engine compiles for the rows it will send (batch 1 by default).
 #define LAYER_CONSUMERS (LAYER_THREADS - 32)      // the computing threads; the last warp copies
 #define LAYER_WARPS (LAYER_CONSUMERS / 32)
 #define LAYER_PARTS (LAYER_CONSUMERS / THREADS)  // attention items a block runs at once

@@ -90,9 +90,29 @@ const TILE_ROW_PAD_MAX: usize = 128;
 fn tile_row_pitch(row_bytes: usize) -> usize {
     row_bytes + (64 + TILE_ROW_PAD_MAX - row_bytes % TILE_ROW_PAD_MAX) % TILE_ROW_PAD_MAX
 }
-/// Warps of `decode_layer` that read a tile together, each a share of its
-/// columns (`LAYER_GROUP_WARPS` in the source).
-const LAYER_GROUP_WARPS: usize = 3;
+/// How many of `decode_layer`'s warps read a tile together, each a share
+/// of its columns (`LAYER_GROUP_WARPS` in the source), in order of
+/// preference: the ring takes the first that gives it the most slots
+/// (`LayerRing::choose`). Groups of three (five groups) come first; groups
+/// of five (three groups) where that makes room for one slot more, since
+/// the slots must be a multiple of the groups: with the staging sized for
+/// one input row, an H100 block has room for six slots of 33 KiB, which
+/// three groups can use and five cannot, and the batch-1 step took
+/// 1.15–1.16 ms against 1.18–1.21 with five slots in five groups.
+const LAYER_GROUP_WARP_CHOICES: [usize; 2] = [3, 5];
+
+/// `SPARK_DISAGG_LAYER_GROUP_WARPS`, where set: one group size for the
+/// ring instead of the choice (1 to 15 warps).
+fn layer_group_warps_override() -> Option<usize> {
+    let v = std::env::var("SPARK_DISAGG_LAYER_GROUP_WARPS").ok()?;
+    match v.trim().parse::<usize>() {
+        Ok(w) if (1..=LAYER_COMPUTE_WARPS).contains(&w) => Some(w),
+        _ => {
+            tracing::warn!(value = %v, "SPARK_DISAGG_LAYER_GROUP_WARPS is not a number of warps from 1 to {LAYER_COMPUTE_WARPS}; choosing");
+            None
+        }
+    }
+}
 
 /// How much of the next product's weights `matvec` prefetches into L2, by
 /// default; `SPARK_DISAGG_L2_PREFETCH_MB` overrides it (0 turns it off).
@@ -327,7 +347,21 @@ impl KernelShape {
         Ok(())
     }
 
-    fn options(self) -> Vec<String> {
+    /// The same shape with the matrix-vector kernel (and the layer kernel)
+    /// compiled for at most `rows` input rows. Their staged input takes
+    /// `rows` rows of shared memory, and in the layer kernel what the
+    /// staging does not take the weight ring can: the engine compiles for
+    /// the rows it will use (`EngineConfig::matvec_max_batch`).
+    pub fn with_matvec_rows(self, rows: usize) -> KernelShape {
+        KernelShape {
+            matvec_rows: self.matvec_rows.min(rows),
+            ..self
+        }
+    }
+
+    /// NVRTC's options for this shape, with groups of `group_warps` warps
+    /// reading the layer kernel's tiles.
+    fn options(self, group_warps: usize) -> Vec<String> {
         vec![
             "-std=c++17".into(),
             format!("-DSCALAR_KIND={}", self.scalar_kind().expect("checked")),
@@ -348,7 +382,7 @@ impl KernelShape {
             format!("-DLAYER_THREADS={LAYER_THREADS}"),
             format!("-DLAYER_SLOT_BYTES={}", self.layer_slot_bytes),
             format!("-DLAYER_TILE_ROWS={LAYER_TILE_ROWS}"),
-            format!("-DLAYER_GROUP_WARPS={LAYER_GROUP_WARPS}"),
+            format!("-DLAYER_GROUP_WARPS={group_warps}"),
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
@@ -486,11 +520,13 @@ struct LayerParams {
 }
 
 /// The weight ring of `decode_layer`: how many slots its block's dynamic
-/// shared memory holds, and how many groups of warps take tiles from it.
+/// shared memory holds, and how many groups of warps (of how many warps
+/// each) take tiles from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerRing {
     pub slots: usize,
     pub groups: usize,
+    pub group_warps: usize,
     pub slot_bytes: usize,
     /// Bytes of one group's partial sums of a tile (`TileSums`); a group has two.
     pub sums_bytes: usize,
@@ -520,9 +556,30 @@ impl LayerRing {
         Some(LayerRing {
             slots: most / groups * groups,
             groups,
+            group_warps,
             slot_bytes,
             sums_bytes,
         })
+    }
+
+    /// Of the group sizes `choices`, the plan with the most slots (the
+    /// earlier choice on a tie), for a kernel staging `rows` input rows.
+    pub fn choose(
+        available: usize,
+        slot_bytes: usize,
+        rows: usize,
+        choices: &[usize],
+    ) -> Option<LayerRing> {
+        choices
+            .iter()
+            .filter_map(|&warps| {
+                let sums_bytes = warps * LAYER_TILE_ROWS * rows.max(1) * 4;
+                LayerRing::plan(available, slot_bytes, warps, sums_bytes)
+            })
+            .fold(None, |best, ring| match best {
+                Some(best) if best.slots >= ring.slots => Some(best),
+                _ => Some(ring),
+            })
     }
 
     /// The dynamic shared memory the ring takes.
@@ -531,24 +588,28 @@ impl LayerRing {
     }
 }
 
-/// The ring `decode_layer` gets on `device`, its shared memory reserved, or
-/// None where the layer kernel cannot run: before Ampere (no mbarriers) or
-/// where two slots do not fit beside the kernel's own arrays.
-fn layer_ring(decode_layer: Function, device: usize, shape: KernelShape) -> Option<LayerRing> {
+/// The ring `decode_layer` can have on `device`, of the group sizes
+/// `choices`, or None where the layer kernel cannot run: before Ampere (no
+/// mbarriers) or where two slots do not fit beside the kernel's own arrays.
+/// The kernel's own (static) arrays do not depend on the group size, so a
+/// kernel compiled for any of them tells how much room there is.
+fn layer_ring(
+    decode_layer: Function,
+    device: usize,
+    shape: KernelShape,
+    choices: &[usize],
+) -> Option<LayerRing> {
     let memory = imp::shared_memory(decode_layer, device).ok()?;
     if memory.capability < 80 {
         return None;
     }
     let available = memory.optin_bytes.saturating_sub(memory.static_bytes);
-    let sums_bytes = LAYER_GROUP_WARPS * LAYER_TILE_ROWS * shape.matvec_rows.max(1) * 4;
-    let ring = LayerRing::plan(
+    LayerRing::choose(
         available,
         shape.layer_slot_bytes,
-        LAYER_GROUP_WARPS,
-        sums_bytes,
-    )?;
-    imp::reserve_shared(decode_layer, device, ring.shared_bytes()).ok()?;
-    Some(ring)
+        shape.matvec_rows,
+        choices,
+    )
 }
 
 /// What a kernel may have of shared memory on its device.
@@ -707,21 +768,68 @@ impl DecodeKernels {
         Self::for_shape(KernelShape::of(config, kind)?, device)
     }
 
+    /// The kernels for `config` in `kind` on `device`, compiled for
+    /// batches of at most `rows` rows on the matrix-vector and layer
+    /// kernels (see [`KernelShape::with_matvec_rows`]); as `get` otherwise.
+    pub fn get_for_batches(
+        config: &LlamaConfig,
+        kind: Kind,
+        device: Device,
+        rows: usize,
+    ) -> Result<Arc<DecodeKernels>, KernelError> {
+        Self::for_shape(
+            KernelShape::of(config, kind)?.with_matvec_rows(rows),
+            device,
+        )
+    }
+
     /// The kernels compiled for `shape` (as `get` does for the shape of a
     /// model), so that a test can ask for a variant of it.
     pub fn for_shape(
         shape: KernelShape,
         device: Device,
     ) -> Result<Arc<DecodeKernels>, KernelError> {
+        let choices = match layer_group_warps_override() {
+            Some(warps) => vec![warps],
+            None => LAYER_GROUP_WARP_CHOICES.to_vec(),
+        };
+        Self::for_shape_with_groups(shape, device, &choices)
+    }
+
+    /// As `for_shape`, the layer kernel's ring choosing among the group
+    /// sizes `choices` (warps per group; none: the usual ones), so that a
+    /// test can run each.
+    pub fn for_shape_with_groups(
+        shape: KernelShape,
+        device: Device,
+        choices: &[usize],
+    ) -> Result<Arc<DecodeKernels>, KernelError> {
+        let choices = if choices.is_empty() {
+            &LAYER_GROUP_WARP_CHOICES[..]
+        } else {
+            choices
+        };
         let Device::Cuda(index) = device else {
             return Err(KernelError::NotCuda(device));
         };
-        static CACHE: Mutex<Vec<(usize, KernelShape, Arc<DecodeKernels>)>> = Mutex::new(Vec::new());
+        type Compiled = (usize, KernelShape, Vec<usize>, Arc<DecodeKernels>);
+        static CACHE: Mutex<Vec<Compiled>> = Mutex::new(Vec::new());
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, _, k)) = cache.iter().find(|(d, s, _)| *d == index && *s == shape) {
+        if let Some((.., k)) = cache
+            .iter()
+            .find(|(d, s, c, _)| *d == index && *s == shape && c == choices)
+        {
             return Ok(k.clone());
         }
-        let (functions, multiprocessors) = imp::compile(index, &shape.options())?;
+        // Compiled for the first group size; where the ring is better off
+        // with another, compiled again for that one.
+        let (mut functions, multiprocessors) = imp::compile(index, &shape.options(choices[0]))?;
+        let layer_ring = functions
+            .get("decode_layer")
+            .and_then(|&f| layer_ring(f, index, shape, choices));
+        if let Some(ring) = layer_ring.filter(|ring| ring.group_warps != choices[0]) {
+            functions = imp::compile(index, &shape.options(ring.group_warps))?.0;
+        }
         let get = |name: &str| {
             functions
                 .get(name)
@@ -732,7 +840,8 @@ impl DecodeKernels {
                 })
         };
         let decode_layer = get("decode_layer")?;
-        let layer_ring = layer_ring(decode_layer, index, shape);
+        let layer_ring = layer_ring
+            .filter(|ring| imp::reserve_shared(decode_layer, index, ring.shared_bytes()).is_ok());
         let hopper = imp::shared_memory(decode_layer, index).is_ok_and(|m| m.capability >= 90);
         let products = ProductKernels::new(
             |name| functions.get(name).copied(),
@@ -769,12 +878,17 @@ impl DecodeKernels {
             matvec: get("matvec")?,
             decode_layer,
         });
-        cache.push((index, shape, kernels.clone()));
+        cache.push((index, shape, choices.to_vec(), kernels.clone()));
         Ok(kernels)
     }
 
     pub fn shape(&self) -> KernelShape {
         self.shape
+    }
+
+    /// The layer kernel's weight ring on this GPU (None: it cannot run here).
+    pub fn layer_ring(&self) -> Option<LayerRing> {
+        self.layer_ring
     }
 
     /// The same kernels with the matrix-vector kernel used for batches of at
@@ -1986,7 +2100,7 @@ mod tests {
         assert_eq!(wide.layer_slot_bytes, 14336 * 4 + 128);
 
         // Every compile-time constant the source uses is given.
-        let options = tiny.options();
+        let options = tiny.options(LAYER_GROUP_WARP_CHOICES[0]);
         for name in [
             "SCALAR_KIND",
             "HEAD_DIM",
@@ -2037,5 +2151,45 @@ mod tests {
             Some(2)
         );
         assert_eq!(LayerRing::plan(two - 1, 16 * 1024, 3, sums), None);
+    }
+
+    #[test]
+    fn weight_ring_takes_the_group_size_with_the_most_slots() {
+        let slot = 32 * 1024 + LAYER_TILE_ROWS * TILE_ROW_PAD_MAX;
+        let choose = |available, rows| {
+            let ring = LayerRing::choose(available, slot, rows, &LAYER_GROUP_WARP_CHOICES).unwrap();
+            (ring.slots, ring.groups, ring.group_warps)
+        };
+        // An H100 (227 KiB a block) with TinyLlama's staging for one row
+        // (about 11 KiB): room for six slots, which three groups of five
+        // warps can use and five groups of three cannot.
+        assert_eq!(choose(232_448 - 11_424, 1), (6, 3, 5));
+        // Staging for four rows (about 45 KiB): five slots, five groups.
+        assert_eq!(choose(232_448 - 45_696, 4), (5, 5, 3));
+        // An A100 (163 KiB): four slots in four groups of three; and on a
+        // tie the first choice.
+        assert_eq!(choose(166_912 - 11_424, 1), (4, 4, 3));
+        assert_eq!(choose(166_912 - 45_696, 4), (3, 3, 3));
+        // One size asked for: that one, or no ring.
+        let five = LayerRing::choose(232_448 - 45_696, slot, 4, &[5]).unwrap();
+        assert_eq!((five.slots, five.groups), (3, 3));
+        assert_eq!(LayerRing::choose(slot, slot, 1, &[3, 5]), None);
+    }
+
+    #[test]
+    fn staging_rows_follow_the_batches_asked_for() {
+        let tiny = KernelShape::of(&LlamaConfig::tinyllama_1_1b(), Kind::BFloat16).unwrap();
+        assert_eq!(tiny.with_matvec_rows(1).matvec_rows, 1);
+        assert_eq!(tiny.with_matvec_rows(16).matvec_rows, tiny.matvec_rows);
+        assert_eq!(tiny.with_matvec_rows(0).matvec_rows, 0);
+        let options = tiny.with_matvec_rows(1).options(5);
+        assert!(
+            options.contains(&"-DMATVEC_ROWS=1".to_string()),
+            "{options:?}"
+        );
+        assert!(
+            options.contains(&"-DLAYER_GROUP_WARPS=5".to_string()),
+            "{options:?}"
+        );
     }
 }

@@ -603,6 +603,22 @@ mod tests {
                 check_decode_step(&config, kernels, device, &[299]);
                 check_decode_step(&config, kernels, device, &[0, 39, 299]);
             }
+            // The ring read by groups of three warps and by groups of five
+            // (which of them a GPU takes depends on its shared memory), and
+            // compiled for batch 1 alone, as the engine does by default.
+            let shape = KernelShape::of(&config, Kind::BFloat16).unwrap();
+            for warps in [3, 5] {
+                let forced = DecodeKernels::for_shape_with_groups(shape, device, &[warps]).unwrap();
+                let ring = forced.layer_ring().expect("a ring fits this GPU");
+                assert_eq!(ring.group_warps, warps);
+                assert_eq!(ring.slots % ring.groups, 0);
+                check_decode_step(&config, &forced, device, &[299]);
+                check_decode_step(&config, &forced, device, &[0, 39, 299]);
+            }
+            let single =
+                DecodeKernels::get_for_batches(&config, Kind::BFloat16, device, 1).unwrap();
+            assert!(single.takes_layer_kernel(1) && !single.takes_layer_kernel(2));
+            check_decode_step(&config, &single, device, &[299]);
             // Above it, on the product kernel and on cuBLAS.
             let batch = [0, 5, 39, 100, 200, 299];
             let products = kernels.with_product_kernel(true);
