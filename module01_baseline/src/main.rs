@@ -419,6 +419,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             fused_kernels: engine.fused_kernels(),
             matvec_max_batch: engine.matvec_limit(),
             layer_kernel: engine.layer_kernel(),
+            layer_ring: engine.layer_ring().map(|ring| ring.to_string()),
             decode_ahead: engine.decode_ahead(),
             kv_cache_blocks: engine_config.num_blocks,
             max_num_batched_tokens: engine_config.max_num_batched_tokens,

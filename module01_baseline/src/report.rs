@@ -32,6 +32,11 @@ pub struct Setup {
     /// results from before that kernel).
     #[serde(default)]
     pub layer_kernel: bool,
+    /// The layer kernel's weight ring, where it ran ("6 slots of 33.0 KiB
+    /// read by 3 groups of 5 warps"; absent in results from before fix 23
+    /// of chapter 1, which recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_ring: Option<String>,
     /// Whether each decode step was queued before the previous step's
     /// tokens were read (`EngineConfig::decode_ahead`; false in results
     /// from before it).
@@ -202,9 +207,12 @@ fn fused_kernels_note(s: &Setup) -> String {
         return String::new();
     }
     match s.matvec_max_batch {
-        Some(n @ 1..) if s.layer_kernel => {
-            format!(" on fused kernels (one persistent kernel per layer up to batch {n})")
-        }
+        Some(n @ 1..) if s.layer_kernel => match &s.layer_ring {
+            Some(ring) => format!(
+                " on fused kernels (one persistent kernel per layer up to batch {n}, its weight ring {ring})"
+            ),
+            None => format!(" on fused kernels (one persistent kernel per layer up to batch {n})"),
+        },
         Some(n @ 1..) => format!(" on fused kernels (matrix-vector products up to batch {n})"),
         _ => " on fused kernels".into(),
     }

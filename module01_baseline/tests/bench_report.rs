@@ -77,6 +77,7 @@ fn report(with_peer: bool) -> BenchReport {
             fused_kernels: false,
             matvec_max_batch: None,
             layer_kernel: false,
+            layer_ring: None,
             decode_ahead: false,
             kv_cache_blocks: 64,
             max_num_batched_tokens: 512,
@@ -198,6 +199,14 @@ fn table_names_the_matrix_vector_limit() {
     report.setup.matvec_max_batch = Some(1);
     let first = |r: &BenchReport| render_table(r, false).lines().next().unwrap().to_string();
     assert!(first(&report).ends_with("on fused kernels (matrix-vector products up to batch 1)"));
+    report.setup.layer_kernel = true;
+    assert!(first(&report)
+        .ends_with("on fused kernels (one persistent kernel per layer up to batch 1)"));
+    report.setup.layer_ring = Some("6 slots of 33.0 KiB read by 3 groups of 5 warps".into());
+    assert!(first(&report).ends_with(
+        "(one persistent kernel per layer up to batch 1, its weight ring 6 slots of 33.0 KiB \
+         read by 3 groups of 5 warps)"
+    ));
     report.setup.matvec_max_batch = Some(0);
     assert!(first(&report).ends_with("on fused kernels"));
     report.setup.fused_kernels = false;

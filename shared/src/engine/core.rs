@@ -28,7 +28,7 @@ use super::request::{Request, RequestId, Sequence, TokenEvent};
 use super::runner::{forward_chunks, ChunkInput};
 use super::sampling::argmax_batch;
 use super::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
-use crate::kernels::DecodeKernels;
+use crate::kernels::{DecodeKernels, LayerRing};
 use crate::kv::block::{BlockId, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::kv::pool::KvPool;
 use crate::kv::prefix_cache::{KvEvent, PrefixCache};
@@ -302,6 +302,15 @@ impl Engine {
         self.decode_graphs
             .as_ref()
             .is_some_and(DecodeGraphs::layer_kernel)
+    }
+
+    /// With the layer kernel on: its weight ring (how many slots, how
+    /// large, read by how many groups of warps), which the GPU's shared
+    /// memory and `matvec_max_batch` decide.
+    pub fn layer_ring(&self) -> Option<LayerRing> {
+        self.decode_graphs
+            .as_ref()
+            .and_then(DecodeGraphs::layer_ring)
     }
 
     /// True when decode steps are queued ahead where they can be (see

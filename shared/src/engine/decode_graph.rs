@@ -48,7 +48,7 @@ use tch::{Device, Kind, Tensor};
 use super::cuda_graph::{CudaGraph, CudaGraphError, GraphPool};
 use super::host_copy::copy_to_device;
 use super::runner::{ChunkInput, PagedAttention};
-use crate::kernels::DecodeKernels;
+use crate::kernels::{DecodeKernels, LayerRing};
 use crate::kv::pool::KvPool;
 use crate::model::llama::{Llama, PagedDecode};
 
@@ -201,6 +201,14 @@ impl DecodeGraphs {
         self.kernels
             .as_deref()
             .is_some_and(DecodeKernels::layer_kernel)
+    }
+
+    /// With the layer kernel on: its weight ring on this GPU.
+    pub fn layer_ring(&self) -> Option<LayerRing> {
+        self.kernels
+            .as_deref()
+            .filter(|kernels| kernels.layer_kernel())
+            .and_then(DecodeKernels::layer_ring)
     }
 
     /// Graphs captured so far (each is one bucket's first use).

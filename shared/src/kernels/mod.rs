@@ -588,6 +588,22 @@ impl LayerRing {
     }
 }
 
+/// "6 slots of 33.0 KiB read by 3 groups of 5 warps": what a result file
+/// says of the ring, since it depends on the GPU and on the batches the
+/// kernels were compiled for.
+impl std::fmt::Display for LayerRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} slots of {:.1} KiB read by {} groups of {} warps",
+            self.slots,
+            self.slot_bytes as f64 / 1024.0,
+            self.groups,
+            self.group_warps
+        )
+    }
+}
+
 /// The ring `decode_layer` can have on `device`, of the group sizes
 /// `choices`, or None where the layer kernel cannot run: before Ampere (no
 /// mbarriers) or where two slots do not fit beside the kernel's own arrays.
@@ -2174,6 +2190,11 @@ mod tests {
         let five = LayerRing::choose(232_448 - 45_696, slot, 4, &[5]).unwrap();
         assert_eq!((five.slots, five.groups), (3, 3));
         assert_eq!(LayerRing::choose(slot, slot, 1, &[3, 5]), None);
+        let ring = LayerRing::choose(232_448 - 11_424, slot, 1, &LAYER_GROUP_WARP_CHOICES).unwrap();
+        assert_eq!(
+            ring.to_string(),
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps"
+        );
     }
 
     #[test]
