@@ -33,8 +33,8 @@ pub struct Setup {
     #[serde(default)]
     pub layer_kernel: bool,
     /// The layer kernel's weight ring, where it ran ("6 slots of 33.0 KiB
-    /// read by 3 groups of 5 warps"; absent in results from before fix 23
-    /// of chapter 1, which recorded it).
+    /// read by 3 groups of 5 warps"; absent in results from before the
+    /// bench recorded it, just after fix 23 of chapter 1 made it vary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_ring: Option<String>,
     /// Whether each decode step was queued before the previous step's
