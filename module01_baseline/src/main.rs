@@ -86,7 +86,8 @@ struct BenchArgs {
     /// With the custom kernels: decode batches up to this size run their
     /// matrix products on the matrix-vector kernel (with RMSNorm, SwiGLU and
     /// the residual addition fused in), larger ones on cuBLAS; 0: cuBLAS
-    /// always, at most 4.
+    /// always, at most 4. The kernels are compiled for it: a larger value
+    /// takes shared memory from the layer kernel's weight ring.
     #[arg(long, default_value_t = 1)]
     matvec_max_batch: usize,
     /// Read each decode step's tokens before queueing the next step (by
