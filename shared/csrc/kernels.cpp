@@ -63,6 +63,7 @@ struct Driver {
   CUresult (*ctx_set_current)(CUcontext);
   CUresult (*primary_ctx_retain)(CUcontext*, int);
   CUresult (*module_load_data)(CUmodule*, const void*);
+  CUresult (*module_unload)(CUmodule);
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
   CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                             unsigned, cudaStream_t, void**, void**);
@@ -108,6 +109,7 @@ const Driver& driver() {
     bind(lib, "cuCtxSetCurrent", d.ctx_set_current);
     bind(lib, "cuDevicePrimaryCtxRetain", d.primary_ctx_retain);
     bind(lib, "cuModuleLoadData", d.module_load_data);
+    bind(lib, "cuModuleUnload", d.module_unload);
     bind(lib, "cuModuleGetFunction", d.module_get_function);
     bind(lib, "cuLaunchKernel", d.launch_kernel);
     bind(lib, "cuLaunchCooperativeKernel", d.launch_cooperative_kernel);
@@ -221,6 +223,14 @@ int spark_kernels_compile(void* nvrtc, int device, const char* source, const cha
     n.get_cubin(program, cubin.data());
     n.destroy_program(&program);
     check(driver().module_load_data(module, cubin.data()), "cuModuleLoadData");
+  });
+}
+
+// Unloads a module from `device`: its kernels may no longer be launched.
+int spark_kernels_unload(void* module, int device, char* err, size_t err_len) {
+  return spark::guarded(err, err_len, [&] {
+    CurrentDevice current(device);
+    check(driver().module_unload(module), "cuModuleUnload");
   });
 }
 

@@ -397,6 +397,19 @@ struct Function(#[cfg_attr(not(cuda_bridge), allow(dead_code))] *mut c_void);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
+/// A loaded module: one build of the source on one device.
+#[derive(Clone, Copy)]
+struct Module(#[cfg_attr(not(cuda_bridge), allow(dead_code))] *mut c_void);
+unsafe impl Send for Module {}
+
+/// What one NVRTC build gives: its kernels by name, the module that holds
+/// them, and the device's multiprocessor count (grids are sized by it).
+struct Build {
+    functions: HashMap<String, Function>,
+    module: Module,
+    multiprocessors: usize,
+}
+
 /// How a kernel is launched, besides its grid, block and shared memory.
 /// (Without the CUDA bridge nothing is launched, and nothing reads it.)
 #[derive(Debug, Clone, Copy, Default)]
@@ -837,15 +850,46 @@ impl DecodeKernels {
         {
             return Ok(k.clone());
         }
-        // Compiled for the first group size; where the ring is better off
-        // with another, compiled again for that one.
-        let (mut functions, multiprocessors) = imp::compile(index, &shape.options(choices[0]))?;
-        let layer_ring = functions
+        // Which group size the ring is best off with depends on the
+        // kernel's own shared arrays, known only once it is built; they do
+        // not depend on the group size. A build takes NVRTC from a tenth
+        // of a second to two seconds, depending on the CPU, so every size
+        // is built at once, each on a thread of its own, and the first
+        // one's kernel decides which build is kept.
+        let started = std::time::Instant::now();
+        let mut builds = std::thread::scope(|scope| {
+            let threads: Vec<_> = choices
+                .iter()
+                .map(|&warps| scope.spawn(move || imp::compile(index, &shape.options(warps))))
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| thread.join().expect("an NVRTC build thread panicked"))
+                .collect::<Result<Vec<Build>, KernelError>>()
+        })?;
+        let layer_ring = builds[0]
+            .functions
             .get("decode_layer")
             .and_then(|&f| layer_ring(f, index, shape, choices));
-        if let Some(ring) = layer_ring.filter(|ring| ring.group_warps != choices[0]) {
-            functions = imp::compile(index, &shape.options(ring.group_warps))?.0;
+        let kept = layer_ring
+            .and_then(|ring| choices.iter().position(|&w| w == ring.group_warps))
+            .unwrap_or(0);
+        let Build {
+            functions,
+            multiprocessors,
+            ..
+        } = builds.swap_remove(kept);
+        for unused in builds {
+            // Only memory is at stake: the kept build does not need it gone.
+            if let Err(e) = imp::unload(unused.module, index) {
+                tracing::warn!("{e}");
+            }
         }
+        tracing::info!(
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            builds = choices.len(),
+            "compiled the decode kernels"
+        );
         let get = |name: &str| {
             functions
                 .get(name)
@@ -1642,7 +1686,7 @@ mod imp {
     use std::ffi::{c_char, c_int, c_uint, c_void, CString};
     use std::sync::OnceLock;
 
-    use super::{Function, HashMap, KernelError, LaunchMode, SharedMemory, SOURCE};
+    use super::{Build, Function, HashMap, KernelError, LaunchMode, Module, SharedMemory, SOURCE};
     use crate::cuda_bridge::call;
 
     extern "C" {
@@ -1661,6 +1705,12 @@ mod imp {
             num_options: c_int,
             module: *mut *mut c_void,
             multiprocessors: *mut c_int,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        fn spark_kernels_unload(
+            module: *mut c_void,
+            device: c_int,
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
@@ -1784,12 +1834,9 @@ mod imp {
             .map(|p| p as *mut c_void)
     }
 
-    /// Compiles the source with `options` for `device` and looks up every kernel.
-    /// Returns the kernels and the device's multiprocessor count.
-    pub fn compile(
-        device: usize,
-        options: &[String],
-    ) -> Result<(HashMap<String, Function>, usize), KernelError> {
+    /// Compiles the source with `options` for `device`, loads it there and
+    /// looks up every kernel.
+    pub fn compile(device: usize, options: &[String]) -> Result<Build, KernelError> {
         let nvrtc = nvrtc()?;
         let source = CString::new(SOURCE).expect("no NUL in the source");
         let options: Vec<CString> = options
@@ -1834,7 +1881,7 @@ mod imp {
         ] {
             let c_name = CString::new(name).expect("no NUL");
             let mut function = std::ptr::null_mut();
-            // SAFETY: `module` was loaded above and is never unloaded.
+            // SAFETY: `module` was loaded above.
             call(|err, len| unsafe {
                 spark_kernels_function(module, c_name.as_ptr(), &mut function, err, len)
             })
@@ -1844,7 +1891,21 @@ mod imp {
             })?;
             functions.insert(name.to_string(), Function(function));
         }
-        Ok((functions, multiprocessors.max(1) as usize))
+        Ok(Build {
+            functions,
+            module: Module(module),
+            multiprocessors: multiprocessors.max(1) as usize,
+        })
+    }
+
+    /// Unloads a build's module; none of its kernels may run after.
+    pub fn unload(module: Module, device: usize) -> Result<(), KernelError> {
+        // SAFETY: `module` was loaded by `compile` and is unloaded once.
+        call(|err, len| unsafe { spark_kernels_unload(module.0, device as c_int, err, len) })
+            .map_err(|message| KernelError::Cuda {
+                stage: "unloading an unused build of the decode kernels",
+                message,
+            })
     }
 
     /// Blocks of `block` threads of `function`, each with `dynamic_shared`
@@ -1953,12 +2014,13 @@ mod imp {
 mod imp {
     use std::ffi::c_void;
 
-    use super::{Function, HashMap, KernelError, LaunchMode, SharedMemory};
+    use super::{Build, Function, KernelError, LaunchMode, Module, SharedMemory};
 
-    pub fn compile(
-        _device: usize,
-        _options: &[String],
-    ) -> Result<(HashMap<String, Function>, usize), KernelError> {
+    pub fn compile(_device: usize, _options: &[String]) -> Result<Build, KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
+    pub fn unload(_module: Module, _device: usize) -> Result<(), KernelError> {
         Err(KernelError::NotCompiled)
     }
 
