@@ -3,11 +3,13 @@
 //! The engine itself lives in `shared::engine` (later modules serve with
 //! it); this crate measures it. [`bench`] runs the workloads, [`report`]
 //! turns the results into a table, JSON and an SVG figure, and [`peer`]
-//! runs Hugging Face transformers on the same workload for comparison.
+//! runs Hugging Face transformers on the same workload for comparison;
+//! [`timeline`] reports where a layer's time goes on a GPU.
 
 pub mod bench;
 pub mod peer;
 pub mod report;
+pub mod timeline;
 
 /// Lab exercises (book chapter 1): stubs for you to write, or the reference
 /// solutions with `--features solutions`.

@@ -17,6 +17,7 @@ use module01_baseline::peer::{self, PeerModel};
 use module01_baseline::report::{
     self, BenchReport, EngineSteps, Memory, Roofline, RooflineBandwidth, Setup,
 };
+use module01_baseline::timeline::{self, TimelineReport, TimelineSetup};
 use shared::cli::ModelArgs;
 use shared::device;
 use shared::engine::generate::generate;
@@ -39,6 +40,9 @@ enum Command {
     Convert(ConvertArgs),
     /// Measure the engine: single request, batch sweep, offered load (and a peer, if asked).
     Bench(BenchArgs),
+    /// Where a decode layer's time goes on a GPU: the layer kernel's own
+    /// clock marks at each stage, block by block (a diagnostic build).
+    Timeline(TimelineArgs),
     /// Print the table of a saved bench result (the book includes these).
     Table {
         /// A JSON file written by `bench --json`.
@@ -116,6 +120,39 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args)]
+struct TimelineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use seeded random weights of this shape instead of loading a model
+    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b).
+    #[arg(long)]
+    random: Option<String>,
+    /// Sequences in the decode step (the layer kernel takes up to 4).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens of context each sequence attends to.
+    #[arg(long, default_value_t = 576)]
+    context: usize,
+    /// Decode steps to measure (after 3 that warm up).
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// The layer to draw [default: the middle one].
+    #[arg(long)]
+    layer: Option<usize>,
+    /// KV pool size in GiB.
+    #[arg(long, default_value_t = 1.0)]
+    kv_cache_gb: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the results.
+    #[arg(long, default_value = "results/module01_timeline.json")]
+    json: PathBuf,
+    /// Where to draw the layer, block by block.
+    #[arg(long, default_value = "results/module01_timeline.svg")]
+    svg: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -154,6 +191,7 @@ fn main() -> Result<()> {
         Command::Generate(args) => run_generate(args),
         Command::Convert(args) => run_convert(args),
         Command::Bench(args) => run_bench(args),
+        Command::Timeline(args) => run_timeline(args),
         Command::Table { json } => {
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("reading {}", json.display()))?;
@@ -244,9 +282,17 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_bench(args: BenchArgs) -> Result<()> {
-    let (device, kind) = args.model.device_and_kind()?;
-    let (model, name, peer_model) = match &args.random {
+/// The model a measurement runs: seeded random weights of a preset shape,
+/// or the model `model` names; with its name for the results and how a
+/// peer would load the same.
+fn bench_model(
+    model: &ModelArgs,
+    random: &Option<String>,
+    seed: u64,
+    device: tch::Device,
+    kind: tch::Kind,
+) -> Result<(shared::model::llama::Llama, String, PeerModel)> {
+    Ok(match random {
         Some(preset) => {
             let config = shared::model::config::LlamaConfig::preset(preset).with_context(|| {
                 format!(
@@ -255,7 +301,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 )
             })?;
             let json = serde_json::to_string(&config)?;
-            let model = shared::model::llama::Llama::random(config, args.seed, device, kind);
+            let model = shared::model::llama::Llama::random(config, seed, device, kind);
             (
                 model,
                 format!("{preset} (random weights)"),
@@ -263,14 +309,20 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             )
         }
         None => {
-            let path = args.model.model_path()?;
+            let path = model.model_path()?;
             let loaded = shared::model::load_model(&path, device, kind)?;
             let name = path
                 .file_name()
                 .map_or("model".into(), |n| n.to_string_lossy().into_owned());
             (loaded.model, name, PeerModel::Path(path))
         }
-    };
+    })
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let (device, kind) = args.model.device_and_kind()?;
+    let (model, name, peer_model) =
+        bench_model(&args.model, &args.random, args.seed, device, kind)?;
     let config = BenchConfig {
         prompt_len: args.prompt_len,
         output_len: args.output_len,
@@ -447,6 +499,67 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     report::write_json(&report, &args.json)
         .with_context(|| format!("writing {}", args.json.display()))?;
     report::write_svg(&report, &args.svg)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.svg.display()))?;
+    eprintln!("wrote {} and {}", args.json.display(), args.svg.display());
+    Ok(())
+}
+
+fn run_timeline(args: TimelineArgs) -> Result<()> {
+    let (device, kind) = args.model.device_and_kind()?;
+    if !device.is_cuda() {
+        bail!(
+            "the layer timeline is read from the GPU's layer kernel, and {} is not a GPU; \
+             run it on a machine with one (--device cuda)",
+            device::device_name(device)
+        );
+    }
+    if !(1..=4).contains(&args.batch) || args.steps == 0 || args.context == 0 {
+        bail!(
+            "--batch must be 1 to 4 (the layer kernel's batches), --steps and --context at least 1"
+        );
+    }
+    // The kernels read this when the engine compiles them, just below.
+    std::env::set_var("SPARK_DISAGG_LAYER_TIMELINE", "1");
+    let (model, name, _) = bench_model(&args.model, &args.random, args.seed, device, kind)?;
+    let layers = model.config().num_hidden_layers;
+    let mut engine_config =
+        EngineConfig::with_kv_budget(&model, (args.kv_cache_gb * (1u64 << 30) as f64) as usize);
+    engine_config.decode = DecodeMode::CudaGraphs;
+    engine_config.matvec_max_batch = args.batch;
+    let mut engine = Engine::new(model, engine_config, vec![])?;
+    const WARM_UP: usize = 3;
+    eprintln!(
+        "{name} on {}: {} decode steps of batch {} at {} tokens, the layer kernel built with its clock marks",
+        device::device_name(device),
+        WARM_UP + args.steps,
+        args.batch,
+        args.context
+    );
+    let mut steps = engine
+        .layer_timelines(args.batch, args.context, WARM_UP + args.steps)
+        .context("reading the layer timeline")?;
+    steps.drain(..WARM_UP.min(steps.len()));
+    if let Some(bad) = steps.iter().position(|t| !t.is_ordered()) {
+        bail!(
+            "step {bad}'s marks are out of order or missing: the timeline build and this \
+             program disagree (decode.cu's marks against shared::kernels::timeline)"
+        );
+    }
+    let setup = TimelineSetup {
+        model: name,
+        device: device::device_name(device),
+        dtype: device::kind_name(kind).to_string(),
+        batch: args.batch,
+        context: args.context,
+        layer_ring: engine.layer_ring().map(|ring| ring.to_string()),
+        steps: steps.len(),
+        date: device::today(),
+    };
+    let report = TimelineReport::new(setup, &steps, args.layer.unwrap_or(layers / 2));
+    print!("{}", timeline::render_table(&report));
+    timeline::write_json(&report, &args.json)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    timeline::write_svg(&report, &args.svg)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.svg.display()))?;
     eprintln!("wrote {} and {}", args.json.display(), args.svg.display());
     Ok(())

@@ -64,6 +64,8 @@ struct Driver {
   CUresult (*primary_ctx_retain)(CUcontext*, int);
   CUresult (*module_load_data)(CUmodule*, const void*);
   CUresult (*module_unload)(CUmodule);
+  CUresult (*module_get_global)(unsigned long long*, size_t*, CUmodule, const char*);
+  CUresult (*memcpy_dtoh)(void*, unsigned long long, size_t);
   CUresult (*module_get_function)(CUfunction*, CUmodule, const char*);
   CUresult (*launch_kernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                             unsigned, cudaStream_t, void**, void**);
@@ -110,6 +112,8 @@ const Driver& driver() {
     bind(lib, "cuDevicePrimaryCtxRetain", d.primary_ctx_retain);
     bind(lib, "cuModuleLoadData", d.module_load_data);
     bind(lib, "cuModuleUnload", d.module_unload);
+    bind(lib, "cuModuleGetGlobal_v2", d.module_get_global);
+    bind(lib, "cuMemcpyDtoH_v2", d.memcpy_dtoh);
     bind(lib, "cuModuleGetFunction", d.module_get_function);
     bind(lib, "cuLaunchKernel", d.launch_kernel);
     bind(lib, "cuLaunchCooperativeKernel", d.launch_cooperative_kernel);
@@ -231,6 +235,23 @@ int spark_kernels_unload(void* module, int device, char* err, size_t err_len) {
   return spark::guarded(err, err_len, [&] {
     CurrentDevice current(device);
     check(driver().module_unload(module), "cuModuleUnload");
+  });
+}
+
+// Copies up to `bytes` of the module's __device__ variable `name` into
+// `dst` on the host; `*copied` is how many it copied (the variable's size,
+// if smaller). The copy waits for the device's earlier work on the legacy
+// stream only: the caller synchronises first.
+int spark_kernels_read_global(void* module, int device, const char* name, void* dst, size_t bytes,
+                              size_t* copied, char* err, size_t err_len) {
+  return spark::guarded(err, err_len, [&] {
+    CurrentDevice current(device);
+    unsigned long long address = 0;
+    size_t size = 0;
+    check(driver().module_get_global(&address, &size, module, name),
+          (std::string("cuModuleGetGlobal ") + name).c_str());
+    *copied = size < bytes ? size : bytes;
+    check(driver().memcpy_dtoh(dst, address, *copied), "cuMemcpyDtoH");
   });
 }
 

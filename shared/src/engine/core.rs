@@ -28,6 +28,7 @@ use super::request::{Request, RequestId, Sequence, TokenEvent};
 use super::runner::{forward_chunks, ChunkInput};
 use super::sampling::argmax_batch;
 use super::scheduler::{ScheduledChunk, Scheduler, SchedulerConfig};
+use crate::kernels::timeline::LayerTimeline;
 use crate::kernels::{DecodeKernels, LayerRing};
 use crate::kv::block::{BlockId, BlockTable, DEFAULT_BLOCK_SIZE};
 use crate::kv::pool::KvPool;
@@ -126,6 +127,14 @@ pub enum EngineError {
         needed: usize,
         available: usize,
     },
+    #[error(
+        "this engine's decode steps do not run the layer kernel with its timeline: run on a \
+         GPU with CUDA graphs and the fused kernels, at a batch the layer kernel takes \
+         (--matvec-max-batch), with SPARK_DISAGG_LAYER_TIMELINE=1 set before the engine starts"
+    )]
+    NoLayerTimeline,
+    #[error("reading the layer timeline: {0}")]
+    LayerTimeline(String),
     #[error(transparent)]
     Graph(#[from] CudaGraphError),
     #[error("KV tensor has shape {found:?}; expected [layers, 2, {tokens}, kv_heads, head_dim] = {expected:?}")]
@@ -365,6 +374,63 @@ impl Engine {
         context: usize,
         iters: usize,
     ) -> Result<f64, EngineError> {
+        self.on_bare_rows(batch, context, |graphs, model, pool, rows| match graphs {
+            Some(graphs) => graphs.time_step(model, pool, rows, iters),
+            None => DecodeGraphs::new(DecodeMode::Padded, model.device(), None).and_then(|g| {
+                g.expect("padded mode has buffers")
+                    .time_step(model, pool, rows, iters)
+            }),
+        })
+    }
+
+    /// The layer kernel's timeline of `steps` bare decode steps of `batch`
+    /// sequences at `context` tokens (see [`crate::kernels::timeline`]):
+    /// one [`LayerTimeline`] a step, read once the step has finished. The
+    /// kernels must have been built with it (`SPARK_DISAGG_LAYER_TIMELINE=1`
+    /// when the engine started), and the batch must be one the layer kernel
+    /// takes.
+    pub fn layer_timelines(
+        &mut self,
+        batch: usize,
+        context: usize,
+        steps: usize,
+    ) -> Result<Vec<LayerTimeline>, EngineError> {
+        let layers = self.model.config().num_hidden_layers;
+        let takes = |k: &DecodeKernels| k.takes_layer_kernel(batch);
+        let read = self.on_bare_rows(batch, context, |graphs, model, pool, rows| match graphs {
+            Some(graphs) => graphs.replay_each(model, pool, rows, steps, |kernels, _| {
+                kernels
+                    .filter(|k| takes(k))
+                    .map(|k| k.layer_timeline(layers))
+            }),
+            None => Ok(Vec::new()),
+        })?;
+        if read.is_empty() {
+            return Err(EngineError::NoLayerTimeline);
+        }
+        read.into_iter()
+            .map(|step| match step {
+                Some(Ok(Some(timeline))) => Ok(timeline),
+                Some(Err(err)) => Err(EngineError::LayerTimeline(err.to_string())),
+                Some(Ok(None)) | None => Err(EngineError::NoLayerTimeline),
+            })
+            .collect()
+    }
+
+    /// Runs `f` on the decode graphs (if any) with `batch` rows of one new
+    /// token at `context` tokens, in KV blocks reserved for it and
+    /// released after: the bare step of [`Self::time_decode_step`].
+    fn on_bare_rows<T>(
+        &mut self,
+        batch: usize,
+        context: usize,
+        f: impl FnOnce(
+            Option<&mut DecodeGraphs>,
+            &Llama,
+            &KvPool,
+            &[ChunkInput<'_>],
+        ) -> Result<T, CudaGraphError>,
+    ) -> Result<T, EngineError> {
         self.drop_ahead();
         let batch = batch.clamp(1, super::decode_graph::MAX_BATCH);
         let context = context.max(1);
@@ -394,18 +460,11 @@ impl Engine {
                 tokens: &token,
             })
             .collect();
-        let (model, pool) = (&self.model, &self.pool);
-        let timed = match &mut self.decode_graphs {
-            Some(graphs) => graphs.time_step(model, pool, &rows, iters),
-            None => DecodeGraphs::new(DecodeMode::Padded, model.device(), None).and_then(|g| {
-                g.expect("padded mode has buffers")
-                    .time_step(model, pool, &rows, iters)
-            }),
-        };
+        let result = f(self.decode_graphs.as_mut(), &self.model, &self.pool, &rows);
         for table in &tables {
             self.release_reserved(&table.blocks);
         }
-        Ok(timed?)
+        Ok(result?)
     }
 
     /// CUDA graphs captured so far (one per batch and context bucket used).

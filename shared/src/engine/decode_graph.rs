@@ -337,6 +337,23 @@ impl DecodeGraphs {
         rows: &[ChunkInput<'_>],
         iters: usize,
     ) -> Result<f64, CudaGraphError> {
+        let iters = iters.max(1);
+        let runs = self.replay_each(model, pool, rows, iters, |_, took| took)?;
+        Ok(runs.iter().sum::<std::time::Duration>().as_secs_f64() * 1e3 / iters as f64)
+    }
+
+    /// Runs the bare step of `rows` `times` times, as [`Self::time_step`]
+    /// does, and once each run has finished on the device calls `after`
+    /// with the decode kernels (where the step runs on them) and the run's
+    /// time (its inputs' copy, the step and the sync after it).
+    pub fn replay_each<T>(
+        &mut self,
+        model: &Llama,
+        pool: &KvPool,
+        rows: &[ChunkInput<'_>],
+        times: usize,
+        mut after: impl FnMut(Option<&DecodeKernels>, std::time::Duration) -> T,
+    ) -> Result<Vec<T>, CudaGraphError> {
         debug_assert!(rows.len() <= MAX_BATCH && rows.iter().all(|c| c.tokens.len() == 1));
         let key = bucket(pool, rows);
         self.ensure_step(model, pool, key)?;
@@ -349,8 +366,9 @@ impl DecodeGraphs {
             }
         };
         sync();
-        let start = std::time::Instant::now();
-        for _ in 0..iters.max(1) {
+        let mut results = Vec::with_capacity(times);
+        for _ in 0..times {
+            let start = std::time::Instant::now();
             step.inputs.copy_(&host);
             match &step.graph {
                 Some(graph) => graph.replay()?,
@@ -360,8 +378,9 @@ impl DecodeGraphs {
                 }
             }
             sync();
+            results.push(after(kernels, start.elapsed()));
         }
-        Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+        Ok(results)
     }
 
     /// Prepares the bucket `key` unless it is ready; true if it was new.

@@ -1630,6 +1630,67 @@ static_assert(GQA_GROUP % LAYER_HEADS == 0, "a query-head chunk divides the grou
 static_assert(LAYER_GROUP_WARPS == 1 || LAYER_SYNC + LAYER_GROUPS < 16, "named barriers are 0..15");
 static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 
+// --- the layer timeline (a diagnostic build: -DLAYER_TIMELINE=1) ---
+//
+// Where a layer's time goes, block by block: thread 0 of each block reads
+// the GPU's global clock (%globaltimer, nanoseconds) at each stage boundary
+// and stores it in layer_timeline[layer][block][mark]; the host reads the
+// array after a step (DecodeKernels::layer_timeline). "Done" marks are
+// taken once all the block's computing warps are done (one extra named
+// barrier per stage, the build's only change to the layer's work); the
+// copying warp adds when it issued its first and last copies and how long
+// it waited for free slots. In the default build all of it is compiled
+// out: the marks below expand to nothing.
+#ifndef LAYER_TIMELINE
+#define LAYER_TIMELINE 0
+#endif
+#define TIMELINE_LAYERS 128   // layers and blocks past these are not recorded
+#define TIMELINE_BLOCKS 160
+#define TIMELINE_MARKS 16
+// The marks, in order (the Rust side's TimelineMark names them).
+#define MARK_LAUNCHED 0       // the block began (before any barrier)
+#define MARK_STARTED 1        // the kernels before it have finished
+#define MARK_STAGED 2         // input normalised and staged
+#define MARK_QKV_DONE 3
+#define MARK_BARRIER1 4
+#define MARK_ATTENTION_DONE 5
+#define MARK_BARRIER2 6
+#define MARK_O_DONE 7
+#define MARK_BARRIER3 8
+#define MARK_GATE_UP_DONE 9
+#define MARK_BARRIER4 10
+#define MARK_DOWN_DONE 11
+#define MARK_FIRST_COPY 12    // the copying warp issued its first tile
+#define MARK_LAST_COPY 13     // ... its last
+#define MARK_SLOT_WAIT 14     // ns it waited for free slots, in all
+#if LAYER_TIMELINE
+__device__ unsigned long long layer_timeline[TIMELINE_LAYERS][TIMELINE_BLOCKS][TIMELINE_MARKS];
+
+__device__ __forceinline__ unsigned long long global_timer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void timeline_store(int layer, int mark, unsigned long long value) {
+  if (layer < TIMELINE_LAYERS && blockIdx.x < TIMELINE_BLOCKS)
+    layer_timeline[layer][blockIdx.x][mark] = value;
+}
+
+// Thread 0's clock now.
+#define TIMELINE_MARK(mark) \
+  if (threadIdx.x == 0) timeline_store(p.layer, mark, global_timer())
+// Once every computing warp of the block has got here.
+#define TIMELINE_DONE(mark)                          \
+  do {                                               \
+    sync_threads(LAYER_SYNC, LAYER_CONSUMERS);       \
+    TIMELINE_MARK(mark);                             \
+  } while (0)
+#else
+#define TIMELINE_MARK(mark)
+#define TIMELINE_DONE(mark)
+#endif
+
 struct LayerParams {
   scalar_t* x;  // the residual stream [rows, hidden], updated in place
   const scalar_t* input_norm;
@@ -1867,6 +1928,9 @@ struct WeightRing {
 __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
   const int lane = threadIdx.x % 32;
   int i = 0;
+#if LAYER_TIMELINE
+  unsigned long long waited = 0;
+#endif
   const u64 policy = l2_evict_first_policy();
   for (int product = 0; product < 4; product++) {
     const LayerProduct w = layer_product(p, product);
@@ -1876,7 +1940,14 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
       w.block_tile(t, first, units);
       const int rows = w.pairs ? 2 * units : units;
       // The slot's last tile, i - slots, must have been read.
+#if LAYER_TIMELINE
+      const unsigned long long before = global_timer();
+      if (i == 0 && lane == 0) timeline_store(p.layer, MARK_FIRST_COPY, before);
+#endif
       if (i >= ring.slots) mbarrier_wait(&ring.empty[i % ring.slots], ring.parity(i) ^ 1);
+#if LAYER_TIMELINE
+      waited += global_timer() - before;
+#endif
       char* dst = ring.tile(i);
       u64* full = &ring.full[i % ring.slots];
       // Row by row, each to its padded place; with pairs, interleaved:
@@ -1898,6 +1969,12 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
 #endif
     }
   }
+#if LAYER_TIMELINE
+  if (lane == 0) {
+    timeline_store(p.layer, MARK_LAST_COPY, global_timer());
+    timeline_store(p.layer, MARK_SLOT_WAIT, waited);
+  }
+#endif
 }
 
 #if SCALAR_KIND != 0
@@ -2109,6 +2186,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   scalar_t* xs = reinterpret_cast<scalar_t*>(smem);
   const WeightRing ring(ring_memory, p.ring_slots);
 
+  TIMELINE_MARK(MARK_LAUNCHED);
   if (threadIdx.x == 0) {
     for (int s = 0; s < ring.slots; s++) {
       mbarrier_init(&ring.full[s], LAYER_BULK_COPY ? 1 : 32);
@@ -2134,6 +2212,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   // Everything else waits for the kernels before this one (the previous
   // layer) to have finished and their writes to be visible.
   grid_dependencies_wait();
+  TIMELINE_MARK(MARK_STARTED);
 
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;
@@ -2147,6 +2226,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   const i64 position = p.positions[threadIdx.x % LAYER_GROUP_THREADS % rows];
   const i64 slot = p.slots[threadIdx.x % LAYER_GROUP_THREADS % rows];
   stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
+  TIMELINE_MARK(MARK_STAGED);
   {
     const LayerProduct w = layer_product(p, 0);
     struct Rotation {
@@ -2183,7 +2263,9 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       });
     base += w.block_tiles();
   }
+  TIMELINE_DONE(MARK_QKV_DONE);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
+  TIMELINE_MARK(MARK_BARRIER1);
 
   // 2. Attention: items (sequence, KV head, chunk of LAYER_HEADS query
   // heads, partition), each on 128 threads of a block. Meanwhile the
@@ -2225,7 +2307,9 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       sync_threads(barrier, THREADS);
     }
   }
+  TIMELINE_DONE(MARK_ATTENTION_DONE);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 2) * gridDim.x);
+  TIMELINE_MARK(MARK_BARRIER2);
 
   // 3. x += attn · Woᵀ, and 5. x += act · Wdownᵀ: unit `row` of input row
   // m is this block's alone to add.
@@ -2239,7 +2323,9 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     if (takes_tiles) ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
     base += w.block_tiles();
   }
+  TIMELINE_DONE(MARK_O_DONE);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
+  TIMELINE_MARK(MARK_BARRIER3);
 
   // 4. act = silu(gate) · up of rms_norm(x) · Wgate_upᵀ.
   stage_input(xs, staging, p.x, p.post_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
@@ -2254,11 +2340,14 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       });
     base += w.block_tiles();
   }
+  TIMELINE_DONE(MARK_GATE_UP_DONE);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
+  TIMELINE_MARK(MARK_BARRIER4);
 
   // 5. x += act · Wdownᵀ.
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
   if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
+  TIMELINE_DONE(MARK_DOWN_DONE);
 }
 #else
 extern "C" __global__ void decode_layer(const LayerParams p) { __trap(); }

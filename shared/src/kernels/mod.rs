@@ -44,7 +44,9 @@ use tch::{Device, Kind, Tensor};
 use crate::model::config::LlamaConfig;
 
 mod product;
+pub mod timeline;
 use product::{ProductEpilogue, ProductKernels};
+use timeline::{LayerTimeline, TIMELINE_BLOCKS, TIMELINE_LAYERS, TIMELINE_MARKS};
 
 /// The kernels' CUDA source.
 pub const SOURCE: &str = include_str!("decode.cu");
@@ -164,6 +166,13 @@ fn layer_evict_first_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_EVICT_FIRST").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether `decode_layer` is built with its timeline (see [`timeline`]):
+/// `SPARK_DISAGG_LAYER_TIMELINE=1`; off by default. A diagnostic build:
+/// one more named barrier per stage and a clock read at each mark.
+fn layer_timeline_wanted() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_TIMELINE").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Blocks per multiprocessor that `attention_partial`'s grid aims for (see
 /// [`attention_span`]): as many as fit on an H100's multiprocessor at once
 /// (its registers allow four). Two ran as fast at batch 128 and slower at
@@ -250,6 +259,8 @@ pub struct KernelShape {
     /// Whether `attention_partial` may use the tensor cores (where the GPU
     /// and the dtype allow them).
     pub attention_mma: bool,
+    /// Whether `decode_layer` records its timeline (a diagnostic build).
+    pub layer_timeline: bool,
 }
 
 impl KernelShape {
@@ -271,6 +282,7 @@ impl KernelShape {
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
             attention_mma: attention_mma_allowed(),
+            layer_timeline: layer_timeline_wanted(),
         };
         let elt = kind.elt_size_in_bytes();
         shape.layer_slot_bytes = (layer_slot_floor() + LAYER_TILE_ROWS * TILE_ROW_PAD_MAX)
@@ -386,6 +398,7 @@ impl KernelShape {
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
+            format!("-DLAYER_TIMELINE={}", self.layer_timeline as u8),
         ]
     }
 }
@@ -401,6 +414,7 @@ unsafe impl Sync for Function {}
 #[derive(Clone, Copy)]
 struct Module(#[cfg_attr(not(cuda_bridge), allow(dead_code))] *mut c_void);
 unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
 
 /// What one NVRTC build gives: its kernels by name, the module that holds
 /// them, and the device's multiprocessor count (grids are sized by it).
@@ -743,6 +757,9 @@ impl Epilogue<'_> {
 #[derive(Clone)]
 pub struct DecodeKernels {
     device: usize,
+    /// The module the kernels are in (its `layer_timeline` array is read
+    /// from it in a timeline build).
+    module: Module,
     shape: KernelShape,
     /// Multiprocessors of the device: `matvec`'s grid is sized by them.
     multiprocessors: usize,
@@ -876,8 +893,8 @@ impl DecodeKernels {
             .unwrap_or(0);
         let Build {
             functions,
+            module,
             multiprocessors,
-            ..
         } = builds.swap_remove(kept);
         for unused in builds {
             // Only memory is at stake: the kept build does not need it gone.
@@ -912,6 +929,7 @@ impl DecodeKernels {
         );
         let kernels = Arc::new(DecodeKernels {
             device: index,
+            module,
             shape,
             multiprocessors,
             matvec_limit: shape.matvec_rows,
@@ -949,6 +967,34 @@ impl DecodeKernels {
     /// The layer kernel's weight ring on this GPU (None: it cannot run here).
     pub fn layer_ring(&self) -> Option<LayerRing> {
         self.layer_ring
+    }
+
+    /// The layer kernel's marks from the last step it ran (see
+    /// [`timeline`]), for a model of `layers` layers; None where the kernels
+    /// were not built with the timeline (`SPARK_DISAGG_LAYER_TIMELINE=1`)
+    /// or the layer kernel is off. Waits for the device to finish first.
+    pub fn layer_timeline(&self, layers: usize) -> Result<Option<LayerTimeline>, KernelError> {
+        if !self.shape.layer_timeline || self.layer_blocks == 0 {
+            return Ok(None);
+        }
+        tch::Cuda::synchronize(self.device as i64);
+        let mut array = vec![0u64; TIMELINE_LAYERS * TIMELINE_BLOCKS * TIMELINE_MARKS];
+        let copied = imp::read_global(self.module, self.device, "layer_timeline", &mut array)?;
+        if copied != array.len() * std::mem::size_of::<u64>() {
+            return Err(KernelError::Cuda {
+                stage: "reading the layer timeline",
+                message: format!(
+                    "the module's layer_timeline holds {copied} bytes, not {}: \
+                     decode.cu and kernels/timeline.rs disagree on its size",
+                    array.len() * std::mem::size_of::<u64>()
+                ),
+            });
+        }
+        Ok(Some(LayerTimeline::from_device_array(
+            &array,
+            layers,
+            self.layer_blocks,
+        )))
     }
 
     /// The same kernels with the matrix-vector kernel used for batches of at
@@ -1714,6 +1760,16 @@ mod imp {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+        fn spark_kernels_read_global(
+            module: *mut c_void,
+            device: c_int,
+            name: *const c_char,
+            dst: *mut c_void,
+            bytes: usize,
+            copied: *mut usize,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
         fn spark_kernels_function(
             module: *mut c_void,
             name: *const c_char,
@@ -1898,6 +1954,36 @@ mod imp {
         })
     }
 
+    /// Copies the module's `__device__` array `name` into `dst`; returns the
+    /// bytes copied (fewer where the array is smaller than `dst`).
+    pub fn read_global(
+        module: Module,
+        device: usize,
+        name: &str,
+        dst: &mut [u64],
+    ) -> Result<usize, KernelError> {
+        let c_name = CString::new(name).expect("no NUL");
+        let mut copied = 0usize;
+        // SAFETY: `module` is loaded; `dst` is a live buffer of the length given.
+        call(|err, len| unsafe {
+            spark_kernels_read_global(
+                module.0,
+                device as c_int,
+                c_name.as_ptr(),
+                dst.as_mut_ptr() as *mut c_void,
+                std::mem::size_of_val(dst),
+                &mut copied,
+                err,
+                len,
+            )
+        })
+        .map_err(|message| KernelError::Cuda {
+            stage: "reading a kernel module's array",
+            message,
+        })?;
+        Ok(copied)
+    }
+
     /// Unloads a build's module; none of its kernels may run after.
     pub fn unload(module: Module, device: usize) -> Result<(), KernelError> {
         // SAFETY: `module` was loaded by `compile` and is unloaded once.
@@ -2021,6 +2107,15 @@ mod imp {
     }
 
     pub fn unload(_module: Module, _device: usize) -> Result<(), KernelError> {
+        Err(KernelError::NotCompiled)
+    }
+
+    pub fn read_global(
+        _module: Module,
+        _device: usize,
+        _name: &str,
+        _dst: &mut [u64],
+    ) -> Result<usize, KernelError> {
         Err(KernelError::NotCompiled)
     }
 

@@ -756,6 +756,61 @@ mod tests {
         }
     }
 
+    /// The timeline build (`-DLAYER_TIMELINE=1`) records every stage of
+    /// every layer of every block in order, and computes what the default
+    /// build computes, bit for bit: its marks and extra barriers change
+    /// when things happen, not what. The default build records nothing.
+    #[test]
+    fn the_layer_timeline_marks_every_stage_and_changes_no_result() {
+        let Some(device) = gpu() else { return };
+        let _no_grad = tch::no_grad_guard();
+        let config = config();
+        let plain = DecodeKernels::get_for_batches(&config, Kind::BFloat16, device, 1).unwrap();
+        let shape = KernelShape {
+            layer_timeline: true,
+            ..plain.shape()
+        };
+        let timed = DecodeKernels::for_shape(shape, device)
+            .unwrap()
+            .with_matvec_limit(1);
+        assert!(timed.takes_layer_kernel(1));
+        let layers = config.num_hidden_layers;
+        assert!(plain.layer_timeline(layers).unwrap().is_none());
+        let model = Llama::random(config.clone(), 5, device, Kind::BFloat16);
+        let inputs = StepInputs::new(&config, device, &[299]);
+        let [(with_marks, marked_pool), (without, plain_pool)] = [&timed, &*plain].map(|k| {
+            let pool = inputs.pool_copy();
+            let logits = model.decode_fused(k, &inputs.step(&pool));
+            (logits, pool)
+        });
+        assert!(
+            with_marks.equal(&without),
+            "the timeline build's logits differ by {}",
+            max_diff(&with_marks, &without)
+        );
+        for ((mk, mv), (pk, pv)) in marked_pool.iter().zip(&plain_pool) {
+            assert!(mk.equal(pk) && mv.equal(pv));
+        }
+        let timeline = timed
+            .layer_timeline(layers)
+            .unwrap()
+            .expect("a timeline build");
+        assert_eq!(timeline.layers(), layers);
+        assert!(timeline.blocks() > 0);
+        assert!(timeline.is_ordered(), "{timeline:?}");
+        for l in 0..layers {
+            // Each layer ends before the next begins (one kernel each).
+            if let Some(gap) = timeline.gap_ns(l) {
+                assert!(
+                    timeline.layer_start(l + 1) >= timeline.layer_end(l),
+                    "layer {l}, gap {gap}"
+                );
+            }
+            // A layer of this small model takes microseconds, not seconds.
+            assert!(timeline.layer_ns(l) < 1_000_000_000, "layer {l}");
+        }
+    }
+
     fn check_decode_step(
         config: &LlamaConfig,
         kernels: &DecodeKernels,
