@@ -552,7 +552,6 @@ fn run_timeline(args: TimelineArgs) -> Result<()> {
         batch: args.batch,
         context: args.context,
         layer_ring: engine.layer_ring().map(|ring| ring.to_string()),
-        steps: steps.len(),
         date: device::today(),
     };
     let report = TimelineReport::new(setup, &steps, args.layer.unwrap_or(layers / 2));

@@ -24,8 +24,6 @@ pub struct TimelineSetup {
     pub context: usize,
     /// The layer kernel's weight ring ("6 slots of 33.0 KiB read by 3 groups of 5 warps").
     pub layer_ring: Option<String>,
-    /// Steps whose marks the summary is over (after the warm-up ones).
-    pub steps: usize,
     pub date: String,
 }
 
@@ -245,7 +243,6 @@ mod tests {
             batch: 1,
             context: 576,
             layer_ring: Some("6 slots of 33.0 KiB read by 3 groups of 5 warps".into()),
-            steps: 5,
             date: "2026-12-06".into(),
         }
     }
