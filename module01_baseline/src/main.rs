@@ -43,10 +43,14 @@ enum Command {
     /// Where a decode layer's time goes on a GPU: the layer kernel's own
     /// clock marks at each stage, block by block (a diagnostic build).
     Timeline(TimelineArgs),
-    /// Print the table of a saved bench result (the book includes these).
+    /// Print the table of a saved bench or timeline result (the book
+    /// includes these).
     Table {
-        /// A JSON file written by `bench --json`.
+        /// A JSON file written by `bench --json` or `timeline --json`.
         json: PathBuf,
+        /// For a timeline result: draw its figure again, here (SVG).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -192,11 +196,29 @@ fn main() -> Result<()> {
         Command::Convert(args) => run_convert(args),
         Command::Bench(args) => run_bench(args),
         Command::Timeline(args) => run_timeline(args),
-        Command::Table { json } => {
+        Command::Table { json, svg } => {
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("reading {}", json.display()))?;
-            let report = BenchReport::from_json(&text)
-                .with_context(|| format!("{} is not a module01 bench result", json.display()))?;
+            if let Ok(timeline) = serde_json::from_str::<TimelineReport>(&text) {
+                print!("{}", timeline::render_table(&timeline));
+                if let Some(svg) = svg {
+                    timeline::write_svg(&timeline, &svg)
+                        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
+                }
+                return Ok(());
+            }
+            if svg.is_some() {
+                anyhow::bail!(
+                    "--svg draws a timeline result's figure; {} is not one",
+                    json.display()
+                );
+            }
+            let report = BenchReport::from_json(&text).with_context(|| {
+                format!(
+                    "{} is neither a module01 bench result nor a timeline result",
+                    json.display()
+                )
+            })?;
             print!("{}", report::render_table(&report, false));
             Ok(())
         }

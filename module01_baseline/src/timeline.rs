@@ -2,8 +2,8 @@
 //! GPU, stage by stage and block by block, from the layer kernel's own
 //! clock marks (`shared::kernels::timeline`).
 //!
-//! A table gives each stage's time for the median block and for the
-//! slowest one (medians over the layers and steps measured); the figure
+//! A table gives each stage's time for the quickest, the median and the
+//! slowest block (medians over the layers and steps measured); the figure
 //! draws one layer of one step as a Gantt chart, a row per block, so that
 //! the waits at the grid barriers show as what they are: most blocks idle
 //! while the last one finishes.
@@ -12,7 +12,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
-use shared::kernels::timeline::{LayerTimeline, TimelineSummary, STAGES};
+use shared::kernels::timeline::{LayerTimeline, TimelineSummary, PRODUCTS, STAGES};
 
 /// What was measured, and on what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,8 +76,8 @@ impl TimelineReport {
     }
 }
 
-/// The table: one row per stage, the median and the slowest block, and
-/// each stage's share of the median layer.
+/// The table: one row per stage, the quickest, the median and the slowest
+/// block, and the median block's share of the median layer.
 pub fn render_table(report: &TimelineReport) -> String {
     let s = &report.setup;
     let sum = &report.summary;
@@ -95,33 +95,44 @@ pub fn render_table(report: &TimelineReport) -> String {
             .map_or(String::new(), |r| format!("; weight ring {r}")),
     );
     out += &format!(
-        "{:<28} {:>12} {:>13} {:>8}\n",
-        "stage", "median block", "slowest block", "share"
+        "{:<28} {:>11} {:>11} {:>11} {:>7}\n",
+        "stage", "quickest", "median", "slowest", "share"
     );
     for stage in &sum.stages {
         out += &format!(
-            "{:<28} {:>9.2} us {:>10.2} us {:>7.1}%\n",
+            "{:<28} {:>8.2} us {:>8.2} us {:>8.2} us {:>6.1}%\n",
             stage.name,
+            stage.quickest_block_us,
             stage.median_block_us,
             stage.slowest_block_us,
             100.0 * stage.median_block_us / sum.layer_us.max(1e-9),
         );
     }
     out += &format!(
-        "{:<28} {:>9.2} us   (first launch to last block's end)\n",
+        "{:<28} {:>8.2} us   (first launch to last block's end)\n",
         "layer", sum.layer_us
     );
     out += &format!(
-        "{:<28} {:>9.2} us   (last block's end to the next layer's first launch)\n",
+        "{:<28} {:>8.2} us   (last block's end to the next layer's first launch)\n",
         "gap between layers", sum.gap_us
     );
     out += &format!(
         "copying warp: first tile issued at {:.2} us, last at {:.2} us; it waited {:.2} us for free slots\n",
         sum.first_copy_us, sum.last_copy_us, sum.slot_wait_us
     );
-    out += "median block: each stage's median over the blocks of a layer, then the median over layers and steps; \
-            slowest block: the same with the slowest block; a barrier's row is a block's wait there \
-            (the median block waits for the slowest; the slowest block's is the barrier's own cost)\n";
+    out += &format!(
+        "thread 0's group waited for its tiles: {} (a wait: the weight stream set the pace)\n",
+        PRODUCTS
+            .iter()
+            .zip(&sum.tile_wait_us)
+            .map(|(p, w)| format!("{p} {w:.2} us"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    out += "quickest, median, slowest: that block's time in each layer, then the median over layers and steps; \
+            share: the median block's share of the layer. A barrier's row is a block's wait there: the quickest \
+            is the last block to arrive, so it is the barrier's own cost (fence, atomic, poll); the slowest is the \
+            first to arrive, so it adds the spread of the stage before\n";
     out
 }
 
@@ -164,9 +175,10 @@ pub fn write_svg(report: &TimelineReport, path: &Path) -> Result<(), Box<dyn std
     let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (chart_area, legend_area) = root.split_horizontally(780);
+    let s = &report.setup;
     let title = format!(
-        "layer {} of a decode step, block by block ({}, {}, batch {})",
-        report.drawn_layer, report.setup.device, report.setup.dtype, report.setup.batch
+        "{}: layer {}, block by block ({}, batch {}, context {})",
+        s.model, report.drawn_layer, s.dtype, s.batch, s.context
     );
     let mut chart = ChartBuilder::on(&chart_area)
         .caption(title, ("sans-serif", 16))
@@ -275,6 +287,7 @@ mod tests {
         }
         assert!(table.contains("weight ring 6 slots"));
         assert!(table.contains("3 steps x 2 layers"));
+        assert!(table.contains("gate/up 0.00 us"), "{table}");
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(
             serde_json::from_str::<TimelineReport>(&json).unwrap(),

@@ -1639,14 +1639,16 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 // taken once all the block's computing warps are done (one extra named
 // barrier per stage, the build's only change to the layer's work); the
 // copying warp adds when it issued its first and last copies and how long
-// it waited for free slots. In the default build all of it is compiled
-// out: the marks below expand to nothing.
+// it waited for free slots, and thread 0 how long its group of warps
+// waited for tiles to arrive in each product (a wait there means the
+// stream set the pace, not the arithmetic). In the default build all of
+// it is compiled out: the marks below expand to nothing.
 #ifndef LAYER_TIMELINE
 #define LAYER_TIMELINE 0
 #endif
 #define TIMELINE_LAYERS 128   // layers and blocks past these are not recorded
 #define TIMELINE_BLOCKS 160
-#define TIMELINE_MARKS 16
+#define TIMELINE_MARKS 20
 // The marks, in order (the Rust side's TimelineMark names them).
 #define MARK_LAUNCHED 0       // the block began (before any barrier)
 #define MARK_STARTED 1        // the kernels before it have finished
@@ -1663,6 +1665,10 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 #define MARK_FIRST_COPY 12    // the copying warp issued its first tile
 #define MARK_LAST_COPY 13     // ... its last
 #define MARK_SLOT_WAIT 14     // ns it waited for free slots, in all
+#define MARK_QKV_TILE_WAIT 15  // ns thread 0's group waited for tiles in qkv
+#define MARK_O_TILE_WAIT 16    // ... in o
+#define MARK_GATE_UP_TILE_WAIT 17
+#define MARK_DOWN_TILE_WAIT 18
 #if LAYER_TIMELINE
 __device__ unsigned long long layer_timeline[TIMELINE_LAYERS][TIMELINE_BLOCKS][TIMELINE_MARKS];
 
@@ -1686,9 +1692,28 @@ __device__ __forceinline__ void timeline_store(int layer, int mark, unsigned lon
     sync_threads(LAYER_SYNC, LAYER_CONSUMERS);       \
     TIMELINE_MARK(mark);                             \
   } while (0)
+
+// Thread 0's wait for tiles in the current product, ns (it alone uses it).
+__shared__ unsigned long long timeline_tile_wait;
+#define TIMELINE_TILE_WAIT_BEGIN \
+  const unsigned long long tile_wait_start = threadIdx.x == 0 ? global_timer() : 0
+#define TIMELINE_TILE_WAIT_END \
+  if (threadIdx.x == 0) timeline_tile_wait += global_timer() - tile_wait_start
+#define TIMELINE_TILE_WAIT_ZERO \
+  if (threadIdx.x == 0) timeline_tile_wait = 0
+// Stores the product's wait in `mark` and starts the next product's at 0.
+#define TIMELINE_TILE_WAIT(mark)                                 \
+  if (threadIdx.x == 0) {                                        \
+    timeline_store(p.layer, mark, timeline_tile_wait);           \
+    timeline_tile_wait = 0;                                      \
+  }
 #else
 #define TIMELINE_MARK(mark)
 #define TIMELINE_DONE(mark)
+#define TIMELINE_TILE_WAIT_BEGIN
+#define TIMELINE_TILE_WAIT_END
+#define TIMELINE_TILE_WAIT_ZERO
+#define TIMELINE_TILE_WAIT(mark)
 #endif
 
 struct LayerParams {
@@ -2125,7 +2150,9 @@ __device__ __forceinline__ void ring_product(const LayerProduct& w, const Weight
     const int n = PAIRS ? 2 * units : units;
     decltype(prepare(0, 0)) operands{};
     if (u < units) operands = prepare(first + u, m);
+    TIMELINE_TILE_WAIT_BEGIN;
     mbarrier_wait(&ring.full[i % ring.slots], ring.parity(i));
+    TIMELINE_TILE_WAIT_END;
     // Two sets of sums, alternating: a group's next tile writes the other
     // while slower members may still read this one.
     TileSums& sum = sums[2 * group + (t / groups) % 2];
@@ -2213,6 +2240,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   // layer) to have finished and their writes to be visible.
   grid_dependencies_wait();
   TIMELINE_MARK(MARK_STARTED);
+  TIMELINE_TILE_WAIT_ZERO;
 
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;
@@ -2264,6 +2292,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_QKV_DONE);
+  TIMELINE_TILE_WAIT(MARK_QKV_TILE_WAIT);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER1);
 
@@ -2324,6 +2353,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_O_DONE);
+  TIMELINE_TILE_WAIT(MARK_O_TILE_WAIT);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER3);
 
@@ -2341,6 +2371,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_GATE_UP_DONE);
+  TIMELINE_TILE_WAIT(MARK_GATE_UP_TILE_WAIT);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER4);
 
@@ -2348,6 +2379,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
   if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
   TIMELINE_DONE(MARK_DOWN_DONE);
+  TIMELINE_TILE_WAIT(MARK_DOWN_TILE_WAIT);
 }
 #else
 extern "C" __global__ void decode_layer(const LayerParams p) { __trap(); }

@@ -173,6 +173,14 @@ fn layer_timeline_wanted() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_TIMELINE").is_ok_and(|v| v.trim() == "1")
 }
 
+/// Whether the kernels are compiled with line information
+/// (`SPARK_DISAGG_KERNEL_LINEINFO=1`, NVRTC's `-lineinfo`; off by default),
+/// so that compute-sanitizer and Nsight Compute name lines of `decode.cu`
+/// instead of offsets into the binary. The code is the same either way.
+fn kernel_line_info_wanted() -> bool {
+    std::env::var("SPARK_DISAGG_KERNEL_LINEINFO").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Blocks per multiprocessor that `attention_partial`'s grid aims for (see
 /// [`attention_span`]): as many as fit on an H100's multiprocessor at once
 /// (its registers allow four). Two ran as fast at batch 128 and slower at
@@ -374,7 +382,7 @@ impl KernelShape {
     /// NVRTC's options for this shape, with groups of `group_warps` warps
     /// reading the layer kernel's tiles.
     fn options(self, group_warps: usize) -> Vec<String> {
-        vec![
+        let mut options = vec![
             "-std=c++17".into(),
             format!("-DSCALAR_KIND={}", self.scalar_kind().expect("checked")),
             format!("-DHEAD_DIM={}", self.head_dim),
@@ -399,7 +407,11 @@ impl KernelShape {
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
             format!("-DLAYER_TIMELINE={}", self.layer_timeline as u8),
-        ]
+        ];
+        if kernel_line_info_wanted() {
+            options.push("-lineinfo".into());
+        }
+        options
     }
 }
 

@@ -22,7 +22,7 @@ use std::ops::Range;
 /// `TIMELINE_LAYERS`, `TIMELINE_BLOCKS` and `TIMELINE_MARKS` in `decode.cu`.
 pub const TIMELINE_LAYERS: usize = 128;
 pub const TIMELINE_BLOCKS: usize = 160;
-pub const TIMELINE_MARKS: usize = 16;
+pub const TIMELINE_MARKS: usize = 20;
 
 /// The marks, as `decode.cu` numbers them (its `MARK_*`).
 pub mod mark {
@@ -47,9 +47,18 @@ pub mod mark {
     pub const LAST_COPY: usize = 13;
     /// Not a time: the nanoseconds it waited for free slots, in all.
     pub const SLOT_WAIT: usize = 14;
+    /// Not times: the nanoseconds thread 0's group of warps waited for its
+    /// tiles to arrive in each product, in the layer's order.
+    pub const TILE_WAITS: [usize; 4] = [15, 16, 17, 18];
 }
 
-const _: () = assert!(mark::SLOT_WAIT < TIMELINE_MARKS, "every mark has its place");
+/// The products whose tile waits [`mark::TILE_WAITS`] holds, in order.
+pub const PRODUCTS: [&str; 4] = ["qkv", "o", "gate/up", "down"];
+
+const _: () = assert!(
+    mark::TILE_WAITS[3] < TIMELINE_MARKS,
+    "every mark has its place"
+);
 
 /// A stage of the layer: from one mark to the next, per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +73,10 @@ const fn stage(name: &'static str, from: usize, to: usize) -> Stage {
 }
 
 /// The layer's stages in order. A "barrier" stage is one block's wait at
-/// a grid barrier: for most blocks the wait for the slowest, for the
-/// slowest block the barrier's own cost (a fence, an atomic, a poll).
+/// a grid barrier: for most blocks the wait for the last to arrive, for
+/// that last block the barrier's own cost (a fence, an atomic, a poll), so
+/// a barrier's quickest block measures the barrier and its slowest block
+/// the spread of the stage before it.
 pub const STAGES: [Stage; 11] = [
     stage("wait for the layer before", mark::LAUNCHED, mark::STARTED),
     stage("staging (RMSNorm)", mark::STARTED, mark::STAGED),
@@ -186,7 +197,9 @@ impl LayerTimeline {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageTime {
     pub name: String,
-    /// The median over layers and steps of the median block's time, µs.
+    /// The median over layers and steps of the quickest block's time, µs.
+    pub quickest_block_us: f64,
+    /// The same for the median block's time, µs.
     pub median_block_us: f64,
     /// The same for the slowest block's time, µs.
     pub slowest_block_us: f64,
@@ -206,6 +219,11 @@ pub struct TimelineSummary {
     pub last_copy_us: f64,
     /// The copying warp's wait for free slots, µs (median block).
     pub slot_wait_us: f64,
+    /// How long thread 0's group waited for its tiles to arrive in each
+    /// product ([`PRODUCTS`]), µs (median block): where it waited, the
+    /// weight stream set the product's pace; where it did not, the
+    /// computing warps did.
+    pub tile_wait_us: Vec<f64>,
     /// Layers and steps the medians are over.
     pub layers: Vec<usize>,
     pub steps: usize,
@@ -226,7 +244,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The stage times of layers `layers` over `steps`: for each stage, the
-/// median block's time and the slowest block's time of each (layer,
+/// quickest, the median and the slowest block's time of each (layer,
 /// step), then the median of each over all of them.
 pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSummary {
     let us = |ns: u64| ns as f64 / 1e3;
@@ -251,11 +269,19 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
             };
             StageTime {
                 name: stage.name.to_string(),
+                quickest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::min)),
                 median_block_us: each(&|t, l| Some(median(&mut per_block(t, l)))),
                 slowest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::max)),
             }
         })
         .collect();
+    // The median block's value of a mark that holds a duration.
+    let median_of = |m: usize| {
+        move |t: &LayerTimeline, l: usize| {
+            let mut v: Vec<f64> = (0..t.blocks()).map(|b| us(t.mark(l, b, m))).collect();
+            Some(median(&mut v))
+        }
+    };
     let since_start = |m: usize| {
         move |t: &LayerTimeline, l: usize| {
             let mut v: Vec<f64> = (0..t.blocks())
@@ -270,12 +296,11 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
         gap_us: each(&|t, l| t.gap_ns(l).map(us)),
         first_copy_us: each(&since_start(mark::FIRST_COPY)),
         last_copy_us: each(&since_start(mark::LAST_COPY)),
-        slot_wait_us: each(&|t, l| {
-            let mut v: Vec<f64> = (0..t.blocks())
-                .map(|b| us(t.mark(l, b, mark::SLOT_WAIT)))
-                .collect();
-            Some(median(&mut v))
-        }),
+        slot_wait_us: each(&median_of(mark::SLOT_WAIT)),
+        tile_wait_us: mark::TILE_WAITS
+            .iter()
+            .map(|&m| each(&median_of(m)))
+            .collect(),
         layers: layers
             .filter(|&l| steps.iter().any(|t| l < t.layers()))
             .collect(),
@@ -290,7 +315,8 @@ mod tests {
     /// A device array with `layers` layers of `blocks` blocks whose block
     /// `b` of layer `l` starts at `l · 100 000 + b · 10` ns and spends
     /// `(stage + 1) · 1000 + b` ns in each stage; the copying warp's marks
-    /// at 500 and 40 000 ns past the launch, 7 000 ns of waiting.
+    /// at 500 and 40 000 ns past the launch, 7 000 ns of waiting; product
+    /// i's tile wait `(i + 1) · 100 + b` ns.
     fn synthetic(layers: usize, blocks: usize) -> Vec<u64> {
         let mut array = vec![0u64; TIMELINE_LAYERS * TIMELINE_BLOCKS * TIMELINE_MARKS];
         for l in 0..layers {
@@ -306,6 +332,9 @@ mod tests {
                 array[at + mark::FIRST_COPY] = launched + 500;
                 array[at + mark::LAST_COPY] = launched + 40_000;
                 array[at + mark::SLOT_WAIT] = 7_000;
+                for (i, &m) in mark::TILE_WAITS.iter().enumerate() {
+                    array[at + m] = (i as u64 + 1) * 100 + b as u64;
+                }
             }
         }
         array
@@ -356,13 +385,21 @@ mod tests {
         let summary = summarize(&steps, 1..3);
         assert_eq!(summary.layers, vec![1, 2]);
         assert_eq!(summary.steps, 3);
-        // qkv: 3000 + b ns over blocks 0..5: median block 3002, slowest 3004.
+        // qkv: 3000 + b ns over blocks 0..5: quickest block 3000, median
+        // 3002, slowest 3004.
         let qkv = &summary.stages[2];
         assert_eq!(qkv.name, STAGES[2].name);
+        assert!((qkv.quickest_block_us - 3.000).abs() < 1e-9);
         assert!((qkv.median_block_us - 3.002).abs() < 1e-9);
         assert!((qkv.slowest_block_us - 3.004).abs() < 1e-9);
         assert!((summary.first_copy_us - 0.52).abs() < 1e-9, "{summary:?}");
         assert!((summary.slot_wait_us - 7.0).abs() < 1e-9);
+        // Tile waits: the median block of five is block 2.
+        let expected = [0.102, 0.202, 0.302, 0.402];
+        assert_eq!(summary.tile_wait_us.len(), PRODUCTS.len());
+        for (got, want) in summary.tile_wait_us.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-9, "{summary:?}");
+        }
         let per_stage: f64 = (1..=11).map(|i| i as f64).sum();
         assert!((summary.layer_us - (per_stage + 0.040 + 0.044)).abs() < 1e-9);
         // Layers past the ones recorded are left out, not counted as zero.

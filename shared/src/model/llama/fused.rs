@@ -233,6 +233,7 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use super::*;
+    use crate::kernels::timeline::mark;
     use crate::kernels::{max_abs, max_diff, test_config as config, test_gpu as gpu, KernelShape};
     use crate::model::config::LlamaConfig;
     use crate::model::llama::{causal_attention, rope_inv_freq, AttentionCache};
@@ -808,6 +809,24 @@ mod tests {
             }
             // A layer of this small model takes microseconds, not seconds.
             assert!(timeline.layer_ns(l) < 1_000_000_000, "layer {l}");
+            // Thread 0 waits for a product's tiles within that product's
+            // stages (so each wait was zeroed and stored in its place).
+            let spans = [
+                (mark::STARTED, mark::QKV_DONE),
+                (mark::BARRIER2, mark::O_DONE),
+                (mark::BARRIER3, mark::GATE_UP_DONE),
+                (mark::BARRIER4, mark::DOWN_DONE),
+            ];
+            for b in 0..timeline.blocks() {
+                for (&wait, (from, to)) in mark::TILE_WAITS.iter().zip(spans) {
+                    let span = timeline.mark(l, b, to) - timeline.mark(l, b, from);
+                    assert!(
+                        timeline.mark(l, b, wait) <= span,
+                        "layer {l} block {b}: a wait of {} ns in a span of {span}",
+                        timeline.mark(l, b, wait)
+                    );
+                }
+            }
         }
     }
 
