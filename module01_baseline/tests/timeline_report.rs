@@ -25,8 +25,8 @@ fn the_committed_timelines_render_as_the_book_shows() {
     for model in ["tinyllama-1.1b", "smollm2-135m"] {
         let report = load(model);
         let table = render_table(&report);
-        let book = std::fs::read_to_string(committed(&format!("module01_timeline_{model}.txt")))
-            .unwrap();
+        let book =
+            std::fs::read_to_string(committed(&format!("module01_timeline_{model}.txt"))).unwrap();
         assert_eq!(table, book, "run scripts/book_results.sh");
         let sum = &report.summary;
         assert_eq!(sum.stages.len(), STAGES.len());
@@ -46,7 +46,11 @@ fn the_committed_timelines_render_as_the_book_shows() {
             "{model}: stages {stages} against a layer of {}",
             sum.layer_us
         );
-        assert_eq!(report.drawn_stages_ns.len(), 132, "one row per H100 multiprocessor");
+        assert_eq!(
+            report.drawn_stages_ns.len(),
+            132,
+            "one row per H100 multiprocessor"
+        );
     }
     insta::assert_snapshot!(render_table(&load("tinyllama-1.1b")));
 }
