@@ -120,19 +120,30 @@ pub fn render_table(report: &TimelineReport) -> String {
         "copying warp: first tile issued at {:.2} us, last at {:.2} us; it waited {:.2} us for free slots\n",
         sum.first_copy_us, sum.last_copy_us, sum.slot_wait_us
     );
-    out += &format!(
-        "thread 0's group waited for its tiles: {} (a wait: the weight stream set the pace)\n",
-        PRODUCTS
-            .iter()
-            .zip(&sum.tile_wait_us)
-            .map(|(p, w)| format!("{p} {w:.2} us"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    out += &format!("{:<28}", "thread 0, per product");
+    for product in PRODUCTS {
+        out += &format!(" {product:>11}");
+    }
+    out += "\n";
+    for (what, times) in [
+        ("  waiting for tiles", &sum.tile_wait_us),
+        ("  dot products", &sum.tile_dot_us),
+        ("  its group's barrier", &sum.tile_sync_us),
+    ] {
+        if times.is_empty() {
+            continue;
+        }
+        out += &format!("{what:<28}");
+        for t in times {
+            out += &format!(" {t:>8.2} us");
+        }
+        out += "\n";
+    }
     out += "quickest, median, slowest: that block's time in each layer, then the median over layers and steps; \
             share: the median block's share of the layer. A barrier's row is a block's wait there: the quickest \
             is the last block to arrive, so it is the barrier's own cost (fence, atomic, poll); the slowest is the \
-            first to arrive, so it adds the spread of the stage before\n";
+            first to arrive, so it adds the spread of the stage before. Thread 0's waits for tiles mean the weight \
+            stream set the pace; the rest of a product's stage is its staging, its epilogues and its loop\n";
     out
 }
 
@@ -287,7 +298,7 @@ mod tests {
         }
         assert!(table.contains("weight ring 6 slots"));
         assert!(table.contains("3 steps x 2 layers"));
-        assert!(table.contains("gate/up 0.00 us"), "{table}");
+        assert!(table.contains("waiting for tiles"), "{table}");
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(
             serde_json::from_str::<TimelineReport>(&json).unwrap(),

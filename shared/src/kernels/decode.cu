@@ -1639,16 +1639,17 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 // taken once all the block's computing warps are done (one extra named
 // barrier per stage, the build's only change to the layer's work); the
 // copying warp adds when it issued its first and last copies and how long
-// it waited for free slots, and thread 0 how long its group of warps
-// waited for tiles to arrive in each product (a wait there means the
-// stream set the pace, not the arithmetic). In the default build all of
-// it is compiled out: the marks below expand to nothing.
+// it waited for free slots, and thread 0 where its time went in each
+// product: waiting for tiles to arrive (a wait there means the stream set
+// the pace, not the arithmetic), in the dot products, and at its group's
+// barrier. In the default build all of it is compiled out: the marks
+// below expand to nothing.
 #ifndef LAYER_TIMELINE
 #define LAYER_TIMELINE 0
 #endif
 #define TIMELINE_LAYERS 128   // layers and blocks past these are not recorded
 #define TIMELINE_BLOCKS 160
-#define TIMELINE_MARKS 20
+#define TIMELINE_MARKS 28
 // The marks, in order (the Rust side's TimelineMark names them).
 #define MARK_LAUNCHED 0       // the block began (before any barrier)
 #define MARK_STARTED 1        // the kernels before it have finished
@@ -1665,10 +1666,10 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 #define MARK_FIRST_COPY 12    // the copying warp issued its first tile
 #define MARK_LAST_COPY 13     // ... its last
 #define MARK_SLOT_WAIT 14     // ns it waited for free slots, in all
-#define MARK_QKV_TILE_WAIT 15  // ns thread 0's group waited for tiles in qkv
-#define MARK_O_TILE_WAIT 16    // ... in o
-#define MARK_GATE_UP_TILE_WAIT 17
-#define MARK_DOWN_TILE_WAIT 18
+// Thread 0's time in each product p (0 qkv, 1 o, 2 gate/up, 3 down), ns:
+#define MARK_TILE_WAIT 15      // + p: waiting for its tiles to arrive
+#define MARK_TILE_DOT 19       // + p: in the dot products
+#define MARK_TILE_SYNC 23      // + p: at its group's barrier after them
 #if LAYER_TIMELINE
 __device__ unsigned long long layer_timeline[TIMELINE_LAYERS][TIMELINE_BLOCKS][TIMELINE_MARKS];
 
@@ -1693,27 +1694,36 @@ __device__ __forceinline__ void timeline_store(int layer, int mark, unsigned lon
     TIMELINE_MARK(mark);                             \
   } while (0)
 
-// Thread 0's wait for tiles in the current product, ns (it alone uses it).
-__shared__ unsigned long long timeline_tile_wait;
-#define TIMELINE_TILE_WAIT_BEGIN \
-  const unsigned long long tile_wait_start = threadIdx.x == 0 ? global_timer() : 0
-#define TIMELINE_TILE_WAIT_END \
-  if (threadIdx.x == 0) timeline_tile_wait += global_timer() - tile_wait_start
-#define TIMELINE_TILE_WAIT_ZERO \
-  if (threadIdx.x == 0) timeline_tile_wait = 0
-// Stores the product's wait in `mark` and starts the next product's at 0.
-#define TIMELINE_TILE_WAIT(mark)                                 \
-  if (threadIdx.x == 0) {                                        \
-    timeline_store(p.layer, mark, timeline_tile_wait);           \
-    timeline_tile_wait = 0;                                      \
+// Thread 0's time in the current product, ns (it alone uses them): 0
+// waiting for tiles, 1 in dot products, 2 at the group's barrier.
+__shared__ unsigned long long timeline_tile[3];
+// Starts thread 0's clock for a tile; TIMELINE_TILE_SPLIT(i) adds the time
+// since to timeline_tile[i] and starts it again.
+#define TIMELINE_TILE_BEGIN \
+  unsigned long long tile_clock = threadIdx.x == 0 ? global_timer() : 0
+#define TIMELINE_TILE_SPLIT(i)                        \
+  if (threadIdx.x == 0) {                             \
+    const unsigned long long now = global_timer();    \
+    timeline_tile[i] += now - tile_clock;             \
+    tile_clock = now;                                 \
+  }
+#define TIMELINE_TILE_ZERO \
+  if (threadIdx.x == 0) timeline_tile[0] = timeline_tile[1] = timeline_tile[2] = 0
+// Stores product `product`'s times in its marks and starts the next at 0.
+#define TIMELINE_TILE_STORE(product)                                       \
+  if (threadIdx.x == 0) {                                                  \
+    timeline_store(p.layer, MARK_TILE_WAIT + (product), timeline_tile[0]); \
+    timeline_store(p.layer, MARK_TILE_DOT + (product), timeline_tile[1]);  \
+    timeline_store(p.layer, MARK_TILE_SYNC + (product), timeline_tile[2]); \
+    TIMELINE_TILE_ZERO;                                                    \
   }
 #else
 #define TIMELINE_MARK(mark)
 #define TIMELINE_DONE(mark)
-#define TIMELINE_TILE_WAIT_BEGIN
-#define TIMELINE_TILE_WAIT_END
-#define TIMELINE_TILE_WAIT_ZERO
-#define TIMELINE_TILE_WAIT(mark)
+#define TIMELINE_TILE_BEGIN
+#define TIMELINE_TILE_SPLIT(i)
+#define TIMELINE_TILE_ZERO
+#define TIMELINE_TILE_STORE(product)
 #endif
 
 struct LayerParams {
@@ -2150,9 +2160,9 @@ __device__ __forceinline__ void ring_product(const LayerProduct& w, const Weight
     const int n = PAIRS ? 2 * units : units;
     decltype(prepare(0, 0)) operands{};
     if (u < units) operands = prepare(first + u, m);
-    TIMELINE_TILE_WAIT_BEGIN;
+    TIMELINE_TILE_BEGIN;
     mbarrier_wait(&ring.full[i % ring.slots], ring.parity(i));
-    TIMELINE_TILE_WAIT_END;
+    TIMELINE_TILE_SPLIT(0);
     // Two sets of sums, alternating: a group's next tile writes the other
     // while slower members may still read this one.
     TileSums& sum = sums[2 * group + (t / groups) % 2];
@@ -2163,10 +2173,12 @@ __device__ __forceinline__ void ring_product(const LayerProduct& w, const Weight
     else
 #endif
       dot_tile(tile, w.pitch, n, w.k, xs, rows, member, &sum.v[member][0][0]);
+    TIMELINE_TILE_SPLIT(1);
     if (LAYER_GROUP_WARPS == 1)
       __syncwarp();
     else
       sync_threads(LAYER_SYNC + 1 + group, LAYER_GROUP_THREADS);
+    TIMELINE_TILE_SPLIT(2);
     if (gtid == 0) mbarrier_arrive(&ring.empty[i % ring.slots]);
     if (u < units) {
       float a = 0.f, b = 0.f;
@@ -2240,7 +2252,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   // layer) to have finished and their writes to be visible.
   grid_dependencies_wait();
   TIMELINE_MARK(MARK_STARTED);
-  TIMELINE_TILE_WAIT_ZERO;
+  TIMELINE_TILE_ZERO;
 
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;
@@ -2292,7 +2304,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_QKV_DONE);
-  TIMELINE_TILE_WAIT(MARK_QKV_TILE_WAIT);
+  TIMELINE_TILE_STORE(0);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER1);
 
@@ -2353,7 +2365,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_O_DONE);
-  TIMELINE_TILE_WAIT(MARK_O_TILE_WAIT);
+  TIMELINE_TILE_STORE(1);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER3);
 
@@ -2371,7 +2383,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_GATE_UP_DONE);
-  TIMELINE_TILE_WAIT(MARK_GATE_UP_TILE_WAIT);
+  TIMELINE_TILE_STORE(2);
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER4);
 
@@ -2379,7 +2391,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
   if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
   TIMELINE_DONE(MARK_DOWN_DONE);
-  TIMELINE_TILE_WAIT(MARK_DOWN_TILE_WAIT);
+  TIMELINE_TILE_STORE(3);
 }
 #else
 extern "C" __global__ void decode_layer(const LayerParams p) { __trap(); }

@@ -22,7 +22,7 @@ use std::ops::Range;
 /// `TIMELINE_LAYERS`, `TIMELINE_BLOCKS` and `TIMELINE_MARKS` in `decode.cu`.
 pub const TIMELINE_LAYERS: usize = 128;
 pub const TIMELINE_BLOCKS: usize = 160;
-pub const TIMELINE_MARKS: usize = 20;
+pub const TIMELINE_MARKS: usize = 28;
 
 /// The marks, as `decode.cu` numbers them (its `MARK_*`).
 pub mod mark {
@@ -47,16 +47,21 @@ pub mod mark {
     pub const LAST_COPY: usize = 13;
     /// Not a time: the nanoseconds it waited for free slots, in all.
     pub const SLOT_WAIT: usize = 14;
-    /// Not times: the nanoseconds thread 0's group of warps waited for its
-    /// tiles to arrive in each product, in the layer's order.
+    /// Not times: the nanoseconds thread 0 spent in each product, in the
+    /// layer's order ([`super::PRODUCTS`]): waiting for its tiles to
+    /// arrive, ...
     pub const TILE_WAITS: [usize; 4] = [15, 16, 17, 18];
+    /// ... in the dot products, ...
+    pub const TILE_DOTS: [usize; 4] = [19, 20, 21, 22];
+    /// ... and at its group's barrier after them.
+    pub const TILE_SYNCS: [usize; 4] = [23, 24, 25, 26];
 }
 
 /// The products whose tile waits [`mark::TILE_WAITS`] holds, in order.
 pub const PRODUCTS: [&str; 4] = ["qkv", "o", "gate/up", "down"];
 
 const _: () = assert!(
-    mark::TILE_WAITS[3] < TIMELINE_MARKS,
+    mark::TILE_SYNCS[3] < TIMELINE_MARKS,
     "every mark has its place"
 );
 
@@ -219,11 +224,19 @@ pub struct TimelineSummary {
     pub last_copy_us: f64,
     /// The copying warp's wait for free slots, µs (median block).
     pub slot_wait_us: f64,
-    /// How long thread 0's group waited for its tiles to arrive in each
-    /// product ([`PRODUCTS`]), µs (median block): where it waited, the
-    /// weight stream set the product's pace; where it did not, the
-    /// computing warps did.
+    /// How long thread 0 waited for its tiles to arrive in each product
+    /// ([`PRODUCTS`]), µs (median block): where it waited, the weight
+    /// stream set the product's pace; where it did not, the computing
+    /// warps did.
     pub tile_wait_us: Vec<f64>,
+    /// Thread 0's time in each product's dot products, µs (median block;
+    /// empty in results saved before it was measured).
+    #[serde(default)]
+    pub tile_dot_us: Vec<f64>,
+    /// Thread 0's time at its group's barrier after each tile's dot
+    /// products (waiting for the group's slowest warp), µs.
+    #[serde(default)]
+    pub tile_sync_us: Vec<f64>,
     /// Layers and steps the medians are over.
     pub layers: Vec<usize>,
     pub steps: usize,
@@ -301,6 +314,14 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
             .iter()
             .map(|&m| each(&median_of(m)))
             .collect(),
+        tile_dot_us: mark::TILE_DOTS
+            .iter()
+            .map(|&m| each(&median_of(m)))
+            .collect(),
+        tile_sync_us: mark::TILE_SYNCS
+            .iter()
+            .map(|&m| each(&median_of(m)))
+            .collect(),
         layers: layers
             .filter(|&l| steps.iter().any(|t| l < t.layers()))
             .collect(),
@@ -315,8 +336,10 @@ mod tests {
     /// A device array with `layers` layers of `blocks` blocks whose block
     /// `b` of layer `l` starts at `l · 100 000 + b · 10` ns and spends
     /// `(stage + 1) · 1000 + b` ns in each stage; the copying warp's marks
-    /// at 500 and 40 000 ns past the launch, 7 000 ns of waiting; product
-    /// i's tile wait `(i + 1) · 100 + b` ns.
+    /// at 500 and 40 000 ns past the launch, 7 000 ns of waiting; in
+    /// product i thread 0 waits `(i + 1) · 100 + b` ns for tiles, spends
+    /// `(i + 1) · 200 + b` in dot products and `(i + 1) · 300 + b` at its
+    /// group's barrier.
     fn synthetic(layers: usize, blocks: usize) -> Vec<u64> {
         let mut array = vec![0u64; TIMELINE_LAYERS * TIMELINE_BLOCKS * TIMELINE_MARKS];
         for l in 0..layers {
@@ -332,8 +355,10 @@ mod tests {
                 array[at + mark::FIRST_COPY] = launched + 500;
                 array[at + mark::LAST_COPY] = launched + 40_000;
                 array[at + mark::SLOT_WAIT] = 7_000;
-                for (i, &m) in mark::TILE_WAITS.iter().enumerate() {
-                    array[at + m] = (i as u64 + 1) * 100 + b as u64;
+                for i in 0..PRODUCTS.len() {
+                    array[at + mark::TILE_WAITS[i]] = (i as u64 + 1) * 100 + b as u64;
+                    array[at + mark::TILE_DOTS[i]] = (i as u64 + 1) * 200 + b as u64;
+                    array[at + mark::TILE_SYNCS[i]] = (i as u64 + 1) * 300 + b as u64;
                 }
             }
         }
@@ -394,11 +419,17 @@ mod tests {
         assert!((qkv.slowest_block_us - 3.004).abs() < 1e-9);
         assert!((summary.first_copy_us - 0.52).abs() < 1e-9, "{summary:?}");
         assert!((summary.slot_wait_us - 7.0).abs() < 1e-9);
-        // Tile waits: the median block of five is block 2.
-        let expected = [0.102, 0.202, 0.302, 0.402];
-        assert_eq!(summary.tile_wait_us.len(), PRODUCTS.len());
-        for (got, want) in summary.tile_wait_us.iter().zip(expected) {
-            assert!((got - want).abs() < 1e-9, "{summary:?}");
+        // Thread 0's times: the median block of five is block 2.
+        for (times, unit) in [
+            (&summary.tile_wait_us, 0.1),
+            (&summary.tile_dot_us, 0.2),
+            (&summary.tile_sync_us, 0.3),
+        ] {
+            assert_eq!(times.len(), PRODUCTS.len());
+            for (i, got) in times.iter().enumerate() {
+                let want = (i + 1) as f64 * unit + 0.002;
+                assert!((got - want).abs() < 1e-9, "{summary:?}");
+            }
         }
         let per_stage: f64 = (1..=11).map(|i| i as f64).sum();
         assert!((summary.layer_us - (per_stage + 0.040 + 0.044)).abs() < 1e-9);

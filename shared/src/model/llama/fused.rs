@@ -809,8 +809,9 @@ mod tests {
             }
             // A layer of this small model takes microseconds, not seconds.
             assert!(timeline.layer_ns(l) < 1_000_000_000, "layer {l}");
-            // Thread 0 waits for a product's tiles within that product's
-            // stages (so each wait was zeroed and stored in its place).
+            // Thread 0's waits, dot products and group barriers in a
+            // product lie within that product's stages (so each sum was
+            // zeroed and stored in its place).
             let spans = [
                 (mark::STARTED, mark::QKV_DONE),
                 (mark::BARRIER2, mark::O_DONE),
@@ -818,12 +819,15 @@ mod tests {
                 (mark::BARRIER4, mark::DOWN_DONE),
             ];
             for b in 0..timeline.blocks() {
-                for (&wait, (from, to)) in mark::TILE_WAITS.iter().zip(spans) {
+                for (i, (from, to)) in spans.into_iter().enumerate() {
                     let span = timeline.mark(l, b, to) - timeline.mark(l, b, from);
+                    let spent: u64 = [mark::TILE_WAITS, mark::TILE_DOTS, mark::TILE_SYNCS]
+                        .iter()
+                        .map(|marks| timeline.mark(l, b, marks[i]))
+                        .sum();
                     assert!(
-                        timeline.mark(l, b, wait) <= span,
-                        "layer {l} block {b}: a wait of {} ns in a span of {span}",
-                        timeline.mark(l, b, wait)
+                        spent <= span,
+                        "layer {l} block {b} product {i}: {spent} ns in a span of {span}"
                     );
                 }
             }
