@@ -22,7 +22,7 @@ fn load(model: &str) -> TimelineReport {
 /// (`scripts/book_results.sh` writes it), and its numbers hang together.
 #[test]
 fn the_committed_timelines_render_as_the_book_shows() {
-    for model in ["tinyllama-1.1b", "smollm2-135m"] {
+    for model in ["tinyllama-1.1b", "tinyllama-1.1b_split", "smollm2-135m"] {
         let report = load(model);
         let table = render_table(&report);
         let book =
@@ -50,6 +50,21 @@ fn the_committed_timelines_render_as_the_book_shows() {
             report.drawn_stages_ns.len(),
             132,
             "one row per H100 multiprocessor"
+        );
+    }
+    // The run with thread 0's time split: every product's wait, dot
+    // products and group barrier, each within that product's stage.
+    let split = load("tinyllama-1.1b_split").summary;
+    for times in [&split.tile_wait_us, &split.tile_dot_us, &split.tile_sync_us] {
+        assert_eq!(times.len(), PRODUCTS.len());
+    }
+    let product_stages = [2, 6, 8, 10];
+    for (i, &stage) in product_stages.iter().enumerate() {
+        let spent = split.tile_wait_us[i] + split.tile_dot_us[i] + split.tile_sync_us[i];
+        assert!(
+            spent <= split.stages[stage].slowest_block_us,
+            "{}: {spent} us",
+            split.stages[stage].name
         );
     }
     insta::assert_snapshot!(render_table(&load("tinyllama-1.1b")));
