@@ -11,6 +11,7 @@
 //      (the load's sector is discarded; the 256-byte L2 fill is what counts)
 //   3  issues prefetch.global.L2 for every 128-byte line of the next tile
 // at most AHEAD tiles past the next one it will copy.
+//
 // Not part of the build: a probe for a GPU machine with nvcc.
 //
 //   nvcc -O3 -arch=sm_90 bench/l2_stall.cu -o /tmp/l2_stall && /tmp/l2_stall
@@ -19,23 +20,10 @@
 #include <cstdio>
 #include <vector>
 #include <algorithm>
-typedef unsigned long long u64;
+#include "ring_ptx.cuh"
 constexpr int SLOTS = 6, ROW = 4096, ROWS = 8, TILE = ROW * ROWS, LAYERS = 22;
 constexpr long LAYER_BYTES = 88l << 20, LAYER_TILES = LAYER_BYTES / TILE;
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(u64* b, unsigned n) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u64* b) {
-  asm volatile("{ .reg .b64 s; mbarrier.arrive.shared.b64 s, [%0]; }" ::"r"(smem_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(u64* b, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes)
-               : "memory");
-}
 __device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
   unsigned done;
   asm volatile(
@@ -46,16 +34,6 @@ __device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
 __device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
   while (!mbar_test(b, parity)) {
   }
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ u64 now() {
-  u64 t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
 }
 
 // Pulls `tile` toward L2 in the given mode (the whole warp calls it).

@@ -8,6 +8,7 @@
 //   warm-shifted: warm, but every tile read by the next block over, so a line
 //                 cached for one SM is read by another
 //   prefetched:   after a kernel of bulk L2 prefetches of the same bytes
+//
 // Not part of the build: a probe for a GPU machine with nvcc.
 //
 //   nvcc -O3 -arch=sm_90 bench/l2_stream.cu -o /tmp/l2_stream && /tmp/l2_stream
@@ -17,39 +18,15 @@
 #include <cstdlib>
 #include <vector>
 #include <algorithm>
-typedef unsigned long long u64;
+#include "ring_ptx.cuh"
 constexpr int SLOTS = 6, ROW = 4096, ROWS = 8, TILE = ROW * ROWS;
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(u64* b, unsigned n) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(n) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u64* b) {
-  asm volatile("{ .reg .b64 s; mbarrier.arrive.shared.b64 s, [%0]; }" ::"r"(smem_addr(b)) : "memory");
-}
-__device__ __forceinline__ void mbar_expect(u64* b, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes)
-               : "memory");
-}
 __device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
   unsigned done = 0;
   while (!done)
     asm volatile(
         "{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
         : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, u64* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-
-__device__ __forceinline__ u64 now() {
-  u64 t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
 }
 
 // times[2b], times[2b + 1]: when block b started streaming and when its last
