@@ -60,10 +60,7 @@ __global__ void __launch_bounds__(64, 1) layers(const char* src, int mode, int a
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) u64 full[SLOTS], empty[SLOTS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < SLOTS; s++) { mbar_init(&full[s], 1); mbar_init(&empty[s], 1); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  ring_barriers_init(full, empty, SLOTS);
   __syncthreads();
   if (threadIdx.x == 0) times[2 * blockIdx.x] = now();
   const long per_layer = LAYER_TILES / gridDim.x, mine = per_layer * LAYERS;

@@ -13,6 +13,20 @@ __device__ __forceinline__ void mbar_init(u64* b, unsigned n) {
   asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(n) : "memory");
 }
 
+// Thread 0 readies a ring's `slots` pairs of barriers, "full" (the copy
+// engine's bytes arrived) and "empty" (the readers are done), one arrival
+// each, and makes them visible to the copy engine; the block must meet at
+// __syncthreads() before using them.
+__device__ __forceinline__ void ring_barriers_init(u64* full, u64* empty, int slots) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < slots; s++) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 1);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+
 __device__ __forceinline__ void mbar_arrive(u64* b) {
   asm volatile("{ .reg .b64 s; mbarrier.arrive.shared.b64 s, [%0]; }" ::"r"(smem_addr(b)) : "memory");
 }
