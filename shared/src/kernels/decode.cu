@@ -1650,7 +1650,7 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 #define TIMELINE_LAYERS 128   // layers and blocks past these are not recorded
 #define TIMELINE_BLOCKS 160
 #define TIMELINE_MARKS 28
-// The marks, in order (the Rust side's TimelineMark names them).
+// The marks, in order (the Rust side's `timeline::mark` names them).
 #define MARK_LAUNCHED 0       // the block began (before any barrier)
 #define MARK_STARTED 1        // the kernels before it have finished
 #define MARK_STAGED 2         // input normalised and staged
