@@ -24,3 +24,17 @@ pub fn nucleus_size(probs_sorted: &[f32], top_p: f32) -> usize {
     }
     probs_sorted.len().max(1)
 }
+
+pub fn barrier_cost_and_spread(arrived: &[u64], passed: &[u64]) -> (u64, u64) {
+    let cost = arrived
+        .iter()
+        .zip(passed)
+        .map(|(&a, &p)| p.saturating_sub(a))
+        .min()
+        .unwrap_or(0);
+    let spread = match (arrived.iter().max(), arrived.iter().min()) {
+        (Some(last), Some(first)) => last - first,
+        _ => 0,
+    };
+    (cost, spread)
+}

@@ -30,3 +30,15 @@ pub fn nucleus_size(probs_sorted: &[f32], top_p: f32) -> usize {
     let _ = (probs_sorted, top_p);
     todo!("exercise 1.3: running sum until it reaches top_p")
 }
+
+/// Exercise 1.4 — reading a grid barrier in the layer timeline: given when
+/// each block arrived at a barrier and when it passed it (nanoseconds of
+/// one clock, block by block), return the barrier's own cost and the
+/// spread of the arrivals. Every block waits for the last one to arrive,
+/// so the shortest wait (`passed - arrived`) is the barrier's own cost —
+/// its fence, its atomic and its poll; the spread is the last arrival
+/// minus the first. (0, 0) for no blocks.
+pub fn barrier_cost_and_spread(arrived: &[u64], passed: &[u64]) -> (u64, u64) {
+    let _ = (arrived, passed);
+    todo!("exercise 1.4: the shortest wait, and the last arrival minus the first")
+}

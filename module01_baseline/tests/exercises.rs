@@ -43,3 +43,39 @@ fn exercise_1_3_nucleus_size() {
     assert_eq!(nucleus_size(&probs, 1.0), 4);
     assert_eq!(nucleus_size(&[1.0], 0.01), 1);
 }
+
+#[test]
+#[ignore = "exercise 1.4: write barrier_cost_and_spread in src/exercises.rs"]
+fn exercise_1_4_barrier_cost_and_spread() {
+    // Three blocks arrive at 100, 400 and 250 ns; the last one to arrive
+    // passes 120 ns later, the others a little after it.
+    assert_eq!(
+        barrier_cost_and_spread(&[100, 400, 250], &[525, 520, 530]),
+        (120, 300)
+    );
+    assert_eq!(barrier_cost_and_spread(&[], &[]), (0, 0));
+    // The H100 run chapter 1 shows: in its drawn layer, barrier 2 (which
+    // comes while the ring is full) costs less than barrier 1 (which comes
+    // while the weights stream).
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../results/h100/module01_timeline_tinyllama-1.1b.json"
+    );
+    let report: module01_baseline::timeline::TimelineReport =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let barrier = |name: &str| {
+        let stage = shared::kernels::timeline::STAGES
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap();
+        let (arrived, passed): (Vec<u64>, Vec<u64>) =
+            report.drawn_stages_ns.iter().map(|b| b[stage]).unzip();
+        barrier_cost_and_spread(&arrived, &passed)
+    };
+    let (first_cost, _) = barrier("barrier 1");
+    let (second_cost, _) = barrier("barrier 2");
+    assert!(
+        second_cost < first_cost,
+        "{second_cost} ns against {first_cost}"
+    );
+}
