@@ -577,12 +577,17 @@ fn run_timeline(args: TimelineArgs) -> Result<()> {
         date: device::today(),
     };
     let report = TimelineReport::new(setup, &steps, args.layer.unwrap_or(layers / 2));
-    print!("{}", timeline::render_table(&report));
-    timeline::write_json(&report, &args.json)
-        .with_context(|| format!("writing {}", args.json.display()))?;
+    let table = timeline::render_table(&report);
+    print!("{table}");
+    shared::results::write(&args.json, &report, &table)?;
     timeline::write_svg(&report, &args.svg)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", args.svg.display()))?;
-    eprintln!("wrote {} and {}", args.json.display(), args.svg.display());
+    eprintln!(
+        "wrote {}, {} and {}",
+        args.json.display(),
+        args.json.with_extension("txt").display(),
+        args.svg.display()
+    );
     Ok(())
 }
 

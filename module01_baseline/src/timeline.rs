@@ -147,16 +147,6 @@ pub fn render_table(report: &TimelineReport) -> String {
     out
 }
 
-pub fn write_json(report: &TimelineReport, path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(
-        path,
-        serde_json::to_string_pretty(report).expect("the report serialises") + "\n",
-    )
-}
-
 /// The colours of the stages, in order: the products in blues, attention
 /// green, the barriers and the wait for the layer before in greys.
 fn stage_colour(name: &str) -> RGBColor {
