@@ -2021,7 +2021,7 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
 // over eight segments of k, was slower in the layer than dot_tile (the
 // experiments file, section 22).
 #define MMA_MIN_ROWS 4
-static_assert(LAYER_TILE_ROWS <= 8, "one mma takes 8 tile rows");
+static_assert(LAYER_TILE_ROWS <= 8 && MATVEC_ROWS <= 8, "one mma takes 8 tile rows and 8 input rows");
 
 // The dot products of a tile's `n` weight rows (shared memory, rows `pitch`
 // bytes apart) with each staged row of xs, by one warp of a group: its
@@ -2031,59 +2031,44 @@ static_assert(LAYER_TILE_ROWS <= 8, "one mma takes 8 tile rows");
 // instructions: reading a 32 KiB tile with ordinary arithmetic takes each
 // lane several hundred instructions (unpack the 16-bit values,
 // multiply-add, sum across the warp), where here a 16-byte load per lane
-// feeds one `mma`, a 16×8×16 product of the whole warp. (With the inputs
-// as a's rows, two mma a chunk, an 8-row tile of 2048 took 1 900 cycles on
-// the H100 against 4 800 with ordinary arithmetic.)
-//
-// The weights are the mma's a (16 rows), each tile row twice: rows g and
-// g + 8 are tile row g over two different halves of the lane's 16-byte
-// chunk. The inputs are b's columns, each input row twice in the same way:
-// column 2m is input m over the first half, 2m + 1 over the second. So
-// d[g][2m] + d[g + 8][2m + 1] is tile row g times input m over the whole
-// chunk, and one mma covers 32 of k per row where a's sixteen rows of
-// inputs (one of them used at batch 1) covered 16: half the mma
-// instructions for the same bytes. The order of k within an instruction is
-// free as long as a and b agree: lane (g, t) loads elements e0..e7 of its
-// chunk (chunk t of every run of four) and puts e0, e1 at a[g][2t, 2t + 1],
-// e2, e3 at a[g][2t + 8, 2t + 9], e4, e5 at a[g + 8][2t, 2t + 1] and e6, e7
-// at a[g + 8][2t + 8, 2t + 9]; lane (2m + h, t) holds b's column 2m + h,
-// input m's elements at the same places of half h. A warp takes every
-// LAYER_GROUP_WARPS-th run; two runs at a time go to two sets of sums, so
-// that two instructions are in flight, summed at the end. Not inlined:
-// one copy serves three products; inlined, the step was 3% slower on the
-// H100 (the instruction cache, as with dot_tile).
-static_assert(MATVEC_ROWS <= 4, "b's eight columns take four input rows, two halves each");
+// feeds two `mma`s, each a 16×8×16 product of the whole warp: an 8-row
+// tile of 2048 takes 1 900 cycles instead of 4 800 on the H100. The inputs are a's
+// rows (8 of 16 used at most, batch 1 uses one), the tile's rows are b's
+// columns. The order of k within an instruction is free as long as a and
+// b agree, so lane (g, t) takes the 16-byte chunk t of every four, k = 8t
+// to 8t + 7 of the 32: the first instruction's "2t, 2t + 1" are its first
+// two elements, "2t + 8, 2t + 9" the next two, the second instruction's
+// the last four. A warp takes every LAYER_GROUP_WARPS-th run of four
+// chunks; two sets of sums keep two instructions in flight, summed at the
+// end. Not inlined: one copy serves three products; inlined, the step was
+// 3% slower on the H100 (the instruction cache, as with dot_tile).
 __device__ __noinline__ void dot_tile_mma(const scalar_t* tile, int pitch, int n, int k,
                                       const scalar_t* xs, int rows, int member, float* out) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, chunks = k / VEC;
-  const int input = g / 2, half = g % 2;
   const uint4* w = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(tile) + g * pitch);
-  const uint4* x = reinterpret_cast<const uint4*>(xs) + input * chunks;
-  const bool has_w = g < n, has_x = input < rows;
+  const uint4* x = reinterpret_cast<const uint4*>(xs) + g * chunks;
+  const bool has_w = g < n, has_x = g < rows;
   float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
   // Lanes past the tile's rows, the inputs or the row's end add zeros.
-  auto step = [&](float (&d)[4], int c, bool in_row) {
+  auto step = [&](int c, bool in_row) {
     uint4 wv = make_uint4(0, 0, 0, 0), xv = make_uint4(0, 0, 0, 0);
     if (has_w && in_row) wv = w[c];
     if (has_x && in_row) xv = x[c];
-    mma_16x8x16(d, wv.x, wv.z, wv.y, wv.w, half ? xv.z : xv.x, half ? xv.w : xv.y);
+    mma_16x8x16(d0, xv.x, 0u, xv.y, 0u, wv.x, wv.y);
+    mma_16x8x16(d1, xv.z, 0u, xv.w, 0u, wv.z, wv.w);
   };
   // Runs of four whole chunks, without a branch, so that the loads of
   // several runs are in flight at once; then the last, partial run where
   // k is not a multiple of 32.
   const int runs = chunks / 4;
   int run = member;
-#pragma unroll 2
-  for (; run + LAYER_GROUP_WARPS < runs; run += 2 * LAYER_GROUP_WARPS) {
-    step(d0, run * 4 + t, true);
-    step(d1, (run + LAYER_GROUP_WARPS) * 4 + t, true);
+#pragma unroll 4
+  for (; run < runs; run += LAYER_GROUP_WARPS) step(run * 4 + t, true);
+  if (run == runs && runs * 4 < chunks) step(runs * 4 + t, runs * 4 + t < chunks);
+  if (has_x) {
+    if (2 * t < n) out[2 * t * MATVEC_ROWS + g] = d0[0] + d1[0];
+    if (2 * t + 1 < n) out[(2 * t + 1) * MATVEC_ROWS + g] = d0[1] + d1[1];
   }
-  if (run < runs) {
-    step(d0, run * 4 + t, true);
-    run += LAYER_GROUP_WARPS;
-  }
-  if (run == runs && runs * 4 < chunks) step(d1, runs * 4 + t, runs * 4 + t < chunks);
-  if (g < n && t < rows) out[g * MATVEC_ROWS + t] = (d0[0] + d0[3]) + (d1[0] + d1[3]);
 }
 #endif
 
@@ -2283,6 +2268,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   // m) are read first, while the input is staged.
   const i64 position = p.positions[threadIdx.x % LAYER_GROUP_THREADS % rows];
   const i64 slot = p.slots[threadIdx.x % LAYER_GROUP_THREADS % rows];
+  stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
+  TIMELINE_MARK(MARK_STAGED);
   {
     const LayerProduct w = layer_product(p, 0);
     struct Rotation {
@@ -2296,31 +2283,8 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       }
       return r;
     };
-    // The rotation of this thread's unit in its group's first tile is read
-    // now, so that its trip to L2 (behind the weights streaming in) is
-    // done while the input is staged. Read in ring_product, just before
-    // the tile's wait, the call of the dot product waited for it: about
-    // 1.4 µs of each layer on the H100 (the timeline's split). The group's
-    // other tiles, where a layer has them, still read theirs there.
-    const int group = threadIdx.x / LAYER_GROUP_THREADS;
-    const int first_u = threadIdx.x % LAYER_GROUP_THREADS / rows;
-    int first_unit = -1;
-    Rotation first_rotation{1.f, 0.f};
-    if (takes_tiles && group < w.block_tiles()) {
-      int first, units;
-      w.block_tile(group, first, units);
-      if (first_u < units) {
-        first_unit = first + first_u;
-        first_rotation = rotation(first_unit, 0);
-      }
-    }
-    stage_input(xs, staging, p.x, p.input_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
-    TIMELINE_MARK(MARK_STAGED);
-    auto prepared_rotation = [&](int unit, int m) {
-      return unit == first_unit ? first_rotation : rotation(unit, m);
-    };
     if (takes_tiles)
-      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, prepared_rotation,
+      ring_product<true>(w, ring, base, p.tile_groups, ring.sums, xs, rows, rotation,
                          [&](int unit, int m, float a, float b, Rotation r) {
         const int head = unit / half, j = unit % half;
         // Rounded to the model's dtype first, as the unfused step stores qkv.
