@@ -2016,10 +2016,9 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
 // Tiles of fewer rows go to dot_tile. An mma costs the same for two tile
 // rows as for eight, and with two (TinyLlama's down projection: rows of
 // 5632) the tensor pipe becomes the limit: 13 300 cycles per tile on the
-// H100 where dot_tile takes 5 800 (with the inputs as a's rows, two mma a
-// chunk). A mapping for two-row tiles, a's sixteen rows being the two rows
-// over eight segments of k, was slower in the layer than dot_tile (the
-// experiments file, section 22).
+// H100 where dot_tile takes 5 800. A mapping for two-row tiles, a's
+// sixteen rows being the two rows over eight segments of k, was slower in
+// the layer than dot_tile (the experiments file, section 22).
 #define MMA_MIN_ROWS 4
 static_assert(LAYER_TILE_ROWS <= 8 && MATVEC_ROWS <= 8, "one mma takes 8 tile rows and 8 input rows");
 
