@@ -24,17 +24,6 @@
 constexpr int SLOTS = 6, ROW = 4096, ROWS = 8, TILE = ROW * ROWS, LAYERS = 22;
 constexpr long LAYER_BYTES = 88l << 20, LAYER_TILES = LAYER_BYTES / TILE;
 
-__device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
-  unsigned done;
-  asm volatile(
-      "{ .reg .pred p; mbarrier.test_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-      : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
-  return done;
-}
-__device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
-  while (!mbar_test(b, parity)) {
-  }
-}
 
 // Pulls `tile` toward L2 in the given mode (the whole warp calls it).
 __device__ __forceinline__ unsigned pull(const char* tile, int mode, int lane) {
@@ -89,7 +78,7 @@ __global__ void __launch_bounds__(64, 1) layers(const char* src, int mode, int a
     const long quarter = max(1l, per_layer / 4);
     for (long i = 0; i < mine; i++) {
       const int slot = i % SLOTS;
-      mbar_wait(&full[slot], (i / SLOTS) & 1);
+      mbar_spin(&full[slot], (i / SLOTS) & 1);
       acc += reinterpret_cast<const int*>(ring + slot * TILE)[lane];
       __syncwarp();
       if (lane == 0) mbar_arrive(&empty[slot]);

@@ -1,4 +1,5 @@
-// The PTX the ring probes share (bench/l2_stream.cu, bench/l2_stall.cu):
+// The PTX the ring probes share (bench/l2_stream.cu, bench/l2_stall.cu,
+// bench/split_k_atomics.cu):
 // shared-memory addresses, mbarriers, bulk copies into shared memory, and
 // the GPU's global timer, as the layer kernel (shared/src/kernels/decode.cu)
 // uses them.
@@ -24,6 +25,20 @@ __device__ __forceinline__ void ring_barriers_init(u64* full, u64* empty, int sl
       mbar_init(&empty[s], 1);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+}
+
+// Whether phase `parity` of barrier `b` has completed (test_wait: no
+// suspension), and a spin on it.
+__device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
+  unsigned done;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.test_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+      : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
+  return done;
+}
+__device__ __forceinline__ void mbar_spin(u64* b, unsigned parity) {
+  while (!mbar_test(b, parity)) {
   }
 }
 

@@ -33,17 +33,6 @@ constexpr int SLOTS = 6, ROW = 4096, ROWS = 8, TILE = ROW * ROWS, LAYERS = 22, H
 constexpr long LAYER_BYTES = 88l << 20, LAYER_TILES = LAYER_BYTES / TILE;
 constexpr double FIXED_ONE = 4294967296.0;  // 2^32: the fixed-point scale of mode 4
 
-__device__ __forceinline__ bool mbar_test(u64* b, unsigned parity) {
-  unsigned done;
-  asm volatile(
-      "{ .reg .pred p; mbarrier.test_wait.parity.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-      : "=r"(done) : "r"(smem_addr(b)), "r"(parity) : "memory");
-  return done;
-}
-__device__ __forceinline__ void mbar_wait(u64* b, unsigned parity) {
-  while (!mbar_test(b, parity)) {
-  }
-}
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -95,7 +84,7 @@ __global__ void __launch_bounds__(64, 1) layers(const char* src, int mode, unsig
     for (long i = 0; i < mine; i++) {
       const int slot = i % SLOTS;
       const long layer = i / per_layer, in_layer = i % per_layer;
-      mbar_wait(&full[slot], (i / SLOTS) & 1);
+      mbar_spin(&full[slot], (i / SLOTS) & 1);
       acc += reinterpret_cast<const int*>(ring + slot * TILE)[lane];
       const u64 start = now();
       while (now() - start < work_ns) {
