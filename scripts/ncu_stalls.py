@@ -9,15 +9,17 @@ report can be read on a machine without a GPU or the Nsight Compute GUI.
 
 Make the report on the GPU machine (the layer kernel of one decode step;
 SPARK_DISAGG_KERNEL_LINEINFO=1 gives NVRTC's -lineinfo, so samples map to
-lines of decode.cu), then read it anywhere:
+lines of decode.cu, which ncu finds from that directory), then read it
+anywhere:
 
-    cd shared/src/kernels && SPARK_DISAGG_KERNEL_LINEINFO=1 ncu \\
+    cd shared/src/kernels && SPARK_DISAGG_KERNEL_LINEINFO=1 ncu --clock-control none \\
         --kernel-name decode_layer --launch-skip 200 --launch-count 1 \\
         --section WarpStateStats --section SourceCounters --import-source yes \\
-        -o layer module01_baseline bench --random tinyllama-1.1b --dtype bf16 \\
-        --prompt-len 64 --output-len 16 --batch-sizes 1 --num-requests 0
+        -o /tmp/layer ../../../target/release/module01_baseline bench \\
+        --random tinyllama-1.1b --dtype bf16 --prompt-len 64 --output-len 16 \\
+        --batch-sizes 1 --num-requests 0 --json /tmp/b.json --svg /tmp/b.svg
     pip install ncu-report      # NVIDIA's reader of .ncu-rep files
-    python3 scripts/ncu_stalls.py layer.ncu-rep [--source decode.cu] [--lines 30]
+    python3 scripts/ncu_stalls.py /tmp/layer.ncu-rep [--source decode.cu] [--lines 30]
 
 --source names the file the kernel was compiled from, as it was then
 (`git show COMMIT:shared/src/kernels/decode.cu`), so that lines can also be
@@ -26,6 +28,7 @@ grouped by the function they belong to.
 
 import argparse
 import collections
+import os
 import re
 import sys
 
@@ -38,10 +41,15 @@ def load_samples(path):
         import ncu_report
     except ImportError:
         sys.exit("ncu_stalls.py needs NVIDIA's report reader: pip install ncu-report")
+    if not os.path.isfile(path):
+        sys.exit(f"{path}: no such report (ncu writes NAME.ncu-rep for -o NAME)")
     action = ncu_report.load_report(path).range_by_idx(0).action_by_idx(0)
     total = action.metric_by_name("smsp__pcsamp_sample_count")
     if total is None:
-        sys.exit(f"{path} has no PC samples: profile with --section WarpStateStats --section SourceCounters")
+        sys.exit(
+            f"{path} has no PC samples: profile with "
+            "--section WarpStateStats --section SourceCounters"
+        )
     reasons = [
         name
         for name in action.metric_names()
