@@ -18,7 +18,10 @@
 //   4  the same as 2 048 64-bit fixed-point integers, red.add.u64: integer
 //      sums do not depend on the order of the additions, so the result
 //      would stay the same from run to run, as float atomics' does not
-// and the probe checks that every sum came out right.
+// and the probe checks that every sum came out right. It runs the 22 layers
+// as one kernel, and again as one launch a layer, as the layer kernel runs:
+// there the next launch starts only once the atomics have landed, where in
+// one kernel the next layer's stream hides them.
 //
 // Not part of the build: a probe for a GPU machine with nvcc.
 //
@@ -55,17 +58,19 @@ __device__ __forceinline__ void add_partials(float* out, unsigned long long* fix
   }
 }
 
-__global__ void __launch_bounds__(64, 1) layers(const char* src, int mode, unsigned work_ns, unsigned* count,
-                                                 float* out, unsigned long long* fixed, int* sink, u64* times) {
+// Layers first, first + 1, ..., first + count - 1.
+__global__ void __launch_bounds__(64, 1) layers(const char* src, int first, int count_layers, int mode,
+                                                 unsigned work_ns, unsigned* count, float* out,
+                                                 unsigned long long* fixed, int* sink, u64* times) {
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) u64 full[SLOTS], empty[SLOTS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   ring_barriers_init(full, empty, SLOTS);
   __syncthreads();
   if (threadIdx.x == 0) times[2 * blockIdx.x] = now();
-  const long per_layer = LAYER_TILES / gridDim.x, mine = per_layer * LAYERS;
+  const long per_layer = LAYER_TILES / gridDim.x, mine = per_layer * count_layers;
   auto address = [&](long i) {
-    return src + ((i / per_layer) * LAYER_TILES + blockIdx.x + (i % per_layer) * gridDim.x) * (long)TILE;
+    return src + ((first + i / per_layer) * LAYER_TILES + blockIdx.x + (i % per_layer) * gridDim.x) * (long)TILE;
   };
   if (warp == 1) {  // the copying warp
     for (long i = 0; i < mine; i++) {
@@ -83,7 +88,7 @@ __global__ void __launch_bounds__(64, 1) layers(const char* src, int mode, unsig
     int acc = 0;
     for (long i = 0; i < mine; i++) {
       const int slot = i % SLOTS;
-      const long layer = i / per_layer, in_layer = i % per_layer;
+      const long layer = first + i / per_layer, in_layer = i % per_layer;
       mbar_spin(&full[slot], (i / SLOTS) & 1);
       acc += reinterpret_cast<const int*>(ring + slot * TILE)[lane];
       const u64 start = now();
@@ -122,15 +127,31 @@ int main() {
   const int smem = SLOTS * TILE;
   cudaFuncSetAttribute(layers, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   bool all_right = true;
-  auto timed = [&](int mode, unsigned work) {
+  cudaEvent_t begin, end;
+  cudaEventCreate(&begin); cudaEventCreate(&end);
+  // us per layer: in one kernel, from the first block's start to the last
+  // block's end; launched a layer at a time, between events around the 22
+  // launches (their gaps included, the same for every mode).
+  auto timed = [&](int mode, unsigned work, bool per_layer_launch) {
     std::vector<double> r;
     for (int rep = 0; rep < 5; rep++) {
       cudaMemset(count, 0, 4); cudaMemset(out, 0, LAYERS * HIDDEN * 4); cudaMemset(fixed, 0, LAYERS * HIDDEN * 8);
-      layers<<<sms, 64, smem>>>(src, mode, work, count, out, fixed, sink, times);
-      cudaMemcpy(host.data(), times, host.size() * sizeof(u64), cudaMemcpyDeviceToHost);
-      u64 first = ~0ull, last = 0;
-      for (int b = 0; b < sms; b++) { first = std::min(first, host[2 * b]); last = std::max(last, host[2 * b + 1]); }
-      r.push_back((last - first) / 1e3 / LAYERS);
+      if (per_layer_launch) {
+        cudaEventRecord(begin);
+        for (int l = 0; l < LAYERS; l++)
+          layers<<<sms, 64, smem>>>(src, l, 1, mode, work, count, out, fixed, sink, times);
+        cudaEventRecord(end);
+        cudaEventSynchronize(end);
+        float ms = 0.f;
+        cudaEventElapsedTime(&ms, begin, end);
+        r.push_back(ms * 1e3 / LAYERS);
+      } else {
+        layers<<<sms, 64, smem>>>(src, 0, LAYERS, mode, work, count, out, fixed, sink, times);
+        cudaMemcpy(host.data(), times, host.size() * sizeof(u64), cudaMemcpyDeviceToHost);
+        u64 first = ~0ull, last = 0;
+        for (int b = 0; b < sms; b++) { first = std::min(first, host[2 * b]); last = std::max(last, host[2 * b + 1]); }
+        r.push_back((last - first) / 1e3 / LAYERS);
+      }
       cudaMemcpy(sums.data(), out, sums.size() * 4, cudaMemcpyDeviceToHost);
       cudaMemcpy(fixed_sums.data(), fixed, fixed_sums.size() * 8, cudaMemcpyDeviceToHost);
       for (int i = 0; i < LAYERS * HIDDEN; i++) {
@@ -146,12 +167,15 @@ int main() {
                          "red.add.u64 x 2048"};
   printf("%d layers of %ld MB on %d SMs, ring %d x %d KiB; us per layer (median of 5)\n", LAYERS,
          LAYER_BYTES >> 20, sms, SLOTS, TILE / 1024);
-  for (unsigned work : {0u, 1000u, 1300u}) {
-    const double alone = timed(0, work);
-    printf("reader %4u ns a tile: %-22s %7.2f us\n", work, names[0], alone);
-    for (int mode = 1; mode <= 4; mode++) {
-      const double t = timed(mode, work);
-      printf("                      %-22s %7.2f us  %+.2f us\n", names[mode], t, t - alone);
+  for (bool per_layer_launch : {false, true}) {
+    printf(per_layer_launch ? "one launch a layer (its gaps included):\n" : "one kernel for all layers:\n");
+    for (unsigned work : {0u, 1000u, 1300u}) {
+      const double alone = timed(0, work, per_layer_launch);
+      printf("reader %4u ns a tile: %-22s %7.2f us\n", work, names[0], alone);
+      for (int mode = 1; mode <= 4; mode++) {
+        const double t = timed(mode, work, per_layer_launch);
+        printf("                      %-22s %7.2f us  %+.2f us\n", names[mode], t, t - alone);
+      }
     }
   }
   printf("sums %s; %s\n", all_right ? "all right" : "WRONG", cudaGetErrorString(cudaDeviceSynchronize()));
