@@ -94,19 +94,34 @@ pub fn render_table(report: &TimelineReport) -> String {
             .as_ref()
             .map_or(String::new(), |r| format!("; weight ring {r}")),
     );
+    // Results saved before the stages' end times were measured have none.
+    let ends = sum.stages.iter().all(|s| s.median_end_us.is_some());
     out += &format!(
-        "{:<28} {:>11} {:>11} {:>11} {:>7}\n",
-        "stage", "quickest", "median", "slowest", "share"
+        "{:<28} {:>11} {:>11} {:>11} {:>7}{}\n",
+        "stage",
+        "quickest",
+        "median",
+        "slowest",
+        "share",
+        if ends {
+            format!(" {:>11}", "ends at")
+        } else {
+            String::new()
+        }
     );
     for stage in &sum.stages {
         out += &format!(
-            "{:<28} {:>8.2} us {:>8.2} us {:>8.2} us {:>6.1}%\n",
+            "{:<28} {:>8.2} us {:>8.2} us {:>8.2} us {:>6.1}%",
             stage.name,
             stage.quickest_block_us,
             stage.median_block_us,
             stage.slowest_block_us,
             100.0 * stage.median_block_us / sum.layer_us.max(1e-9),
         );
+        if let (true, Some(end)) = (ends, stage.median_end_us) {
+            out += &format!(" {end:>8.2} us");
+        }
+        out += "\n";
     }
     out += &format!(
         "{:<28} {:>8.2} us   (first launch to last block's end)\n",
@@ -144,6 +159,10 @@ pub fn render_table(report: &TimelineReport) -> String {
             is the last block to arrive, so it is the barrier's own cost (fence, atomic, poll); the slowest is the \
             first to arrive, so it adds the spread of the stage before. Thread 0's waits for tiles mean the weight \
             stream set the pace; the rest of a product's stage is its staging, its epilogues and its loop\n";
+    if ends {
+        out += "ends at: when the median block ended the stage, from the layer's first launch (the median over \
+                layers and steps); a barrier's row says when it passed, however the stages before it share the time\n";
+    }
     out
 }
 
@@ -289,6 +308,26 @@ mod tests {
         assert!(table.contains("weight ring 6 slots"));
         assert!(table.contains("3 steps x 2 layers"));
         assert!(table.contains("waiting for tiles"), "{table}");
+        // The stages' end times: a column, one time a stage, ascending
+        // (each stage of a block ends after the one before it).
+        assert!(table.contains("ends at"), "{table}");
+        let ends: Vec<f64> = report
+            .summary
+            .stages
+            .iter()
+            .map(|s| s.median_end_us.expect("measured"))
+            .collect();
+        assert!(ends.windows(2).all(|w| w[0] <= w[1]), "{ends:?}");
+        for (stage, end) in STAGES.iter().zip(&ends) {
+            let row = table.lines().find(|l| l.starts_with(stage.name)).unwrap();
+            assert!(row.ends_with(&format!("{end:>8.2} us")), "{row}");
+        }
+        // A summary saved before they were measured renders without them.
+        let mut older = report.clone();
+        for stage in &mut older.summary.stages {
+            stage.median_end_us = None;
+        }
+        assert!(!render_table(&older).contains("ends at"));
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(
             serde_json::from_str::<TimelineReport>(&json).unwrap(),

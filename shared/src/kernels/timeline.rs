@@ -208,6 +208,12 @@ pub struct StageTime {
     pub median_block_us: f64,
     /// The same for the slowest block's time, µs.
     pub slowest_block_us: f64,
+    /// When the median block ended the stage, µs after the layer's first
+    /// launch (median over layers and steps): where the stages' durations
+    /// move time between them, this says when a barrier actually passed.
+    /// `None` in results saved before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub median_end_us: Option<f64>,
 }
 
 /// Stage times and a layer's other costs, medians over the layers and
@@ -274,6 +280,15 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
             .collect();
         median(&mut values)
     };
+    // The median block's time of a mark, from the layer's first launch.
+    let since_start = |m: usize| {
+        move |t: &LayerTimeline, l: usize| {
+            let mut v: Vec<f64> = (0..t.blocks())
+                .map(|b| us(t.mark(l, b, m).saturating_sub(t.layer_start(l))))
+                .collect();
+            Some(median(&mut v))
+        }
+    };
     let stages = STAGES
         .iter()
         .map(|stage| {
@@ -285,6 +300,7 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
                 quickest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::min)),
                 median_block_us: each(&|t, l| Some(median(&mut per_block(t, l)))),
                 slowest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::max)),
+                median_end_us: Some(each(&since_start(stage.to))),
             }
         })
         .collect();
@@ -292,14 +308,6 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
     let median_of = |m: usize| {
         move |t: &LayerTimeline, l: usize| {
             let mut v: Vec<f64> = (0..t.blocks()).map(|b| us(t.mark(l, b, m))).collect();
-            Some(median(&mut v))
-        }
-    };
-    let since_start = |m: usize| {
-        move |t: &LayerTimeline, l: usize| {
-            let mut v: Vec<f64> = (0..t.blocks())
-                .map(|b| us(t.mark(l, b, m).saturating_sub(t.layer_start(l))))
-                .collect();
             Some(median(&mut v))
         }
     };
@@ -417,6 +425,11 @@ mod tests {
         assert!((qkv.quickest_block_us - 3.000).abs() < 1e-9);
         assert!((qkv.median_block_us - 3.002).abs() < 1e-9);
         assert!((qkv.slowest_block_us - 3.004).abs() < 1e-9);
+        // Block b launches 10·b ns after block 0, and its first three
+        // stages take 1000, 2000 and 3000 ns plus b each: qkv ends
+        // 6000 + 13·b ns after the layer's first launch; block 2 is the
+        // median block.
+        assert_eq!(qkv.median_end_us.map(|t| (t * 1e3).round()), Some(6026.0));
         assert!((summary.first_copy_us - 0.52).abs() < 1e-9, "{summary:?}");
         assert!((summary.slot_wait_us - 7.0).abs() < 1e-9);
         // Thread 0's times: the median block of five is block 2.
