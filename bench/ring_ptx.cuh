@@ -2,7 +2,7 @@
 // bench/split_k_atomics.cu):
 // shared-memory addresses, mbarriers, bulk copies into shared memory, and
 // the GPU's global timer, as the layer kernel (shared/src/kernels/decode.cu)
-// uses them.
+// uses them; and the probes' per-block clock.
 #pragma once
 typedef unsigned long long u64;
 
@@ -61,4 +61,17 @@ __device__ __forceinline__ u64 now() {
   u64 t;
   asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
   return t;
+}
+
+// The probes' clock: times[2b] when block b began, times[2b + 1] when its
+// reading warp finished (ns, the global timer), so that launch gaps are not
+// timed. `acc`, the reader's checksum of what it read, is stored only if it
+// holds a value no run gives: enough to keep the reads from being optimised
+// away.
+__device__ __forceinline__ void block_began(u64* times) {
+  if (threadIdx.x == 0) times[2 * blockIdx.x] = now();
+}
+__device__ __forceinline__ void reader_done(int acc, int* sink, u64* times) {
+  if (acc == 0x12345678) *sink = acc;
+  if (threadIdx.x % 32 == 0) times[2 * blockIdx.x + 1] = now();
 }
