@@ -36,9 +36,7 @@ __global__ void __launch_bounds__(64, 1) stream(const char* src, long tiles, int
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) u64 full[SLOTS], empty[SLOTS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  ring_barriers_init(full, empty, SLOTS);
-  __syncthreads();
-  block_began(times);
+  ring_began(full, empty, SLOTS, times);
   const int block = (blockIdx.x + shift) % gridDim.x;
   const long mine = tiles > block ? (tiles - block + gridDim.x - 1) / gridDim.x : 0;
   if (warp == 1) {  // the copying warp

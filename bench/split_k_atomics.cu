@@ -65,9 +65,7 @@ __global__ void __launch_bounds__(64, 1) layers(const char* src, int first, int 
   extern __shared__ __align__(128) char ring[];
   __shared__ __align__(8) u64 full[SLOTS], empty[SLOTS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  ring_barriers_init(full, empty, SLOTS);
-  __syncthreads();
-  block_began(times);
+  ring_began(full, empty, SLOTS, times);
   const long per_layer = LAYER_TILES / gridDim.x, mine = per_layer * count_layers;
   auto address = [&](long i) {
     return src + ((first + i / per_layer) * LAYER_TILES + blockIdx.x + (i % per_layer) * gridDim.x) * (long)TILE;
