@@ -26,6 +26,8 @@
 //                  later, 0: with cp.async everywhere
 //   LAYER_EVICT_FIRST  1: the ring's copies (bulk or cp.async) ask L2 to
 //                  evict the weights they bring in first, 0: no hint
+//   LAYER_COPY_DEPTH  tiles a block of decode_layer keeps on their way from
+//                  memory at once; 0 (or the ring's slots and more): no limit
 //   ATTENTION_MMA_ALLOWED  1: attention_partial on the tensor cores where
 //                  it can be (16-bit types, sm_80 and later), 0: never
 //
@@ -1960,6 +1962,16 @@ struct WeightRing {
 // earlier kernel), and a prefetch of the next layer's first 4 MB made the
 // H100's step slower (1.24 ms per token with it against 1.23 without,
 // copies without the evict-first hint; 1.21 against 1.20 with the hint).
+//
+// Nor does it ask for a tile as soon as a slot is free: with
+// LAYER_COPY_DEPTH = D it first waits for tile i - D to land. 132 blocks
+// with one 33 KiB tile each in flight are 4.4 MB on their way, more than
+// the H100's memory needs to stream at full rate (3.35 TB/s times about a
+// microsecond of latency); six each, as many as the ring has slots, are
+// 26 MB, and the excess only queues. Every other trip to L2 waits in that
+// queue too: the grid barriers' atomics and polls, attention's loads of the
+// KV cache. With D = 1 the first barrier passed 3 us sooner and the
+// TinyLlama step took 1.08 ms instead of 1.17 (experiments file, 22k).
 __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
   const int lane = threadIdx.x % 32;
   int i = 0;
@@ -1974,6 +1986,12 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
       int first, units;
       w.block_tile(t, first, units);
       const int rows = w.pairs ? 2 * units : units;
+      // Tile i - D must have landed (a wait on a phase that has passed
+      // returns at once; D < slots, so that slot has not been refilled).
+      if (LAYER_COPY_DEPTH > 0 && LAYER_COPY_DEPTH < ring.slots && i >= LAYER_COPY_DEPTH) {
+        const int landed = i - LAYER_COPY_DEPTH;
+        mbarrier_wait(&ring.full[landed % ring.slots], ring.parity(landed));
+      }
       // The slot's last tile, i - slots, must have been read.
 #if LAYER_TIMELINE
       const unsigned long long before = global_timer();

@@ -81,6 +81,9 @@ const LAYER_COMPUTE_WARPS: usize = LAYER_THREADS / 32 - 1;
 const LAYER_SLOT_BYTES: usize = 32 * 1024;
 /// Weight rows per tile, at most (each row's partial sums stay in registers).
 const LAYER_TILE_ROWS: usize = 8;
+/// Tiles of one block on their way at once, by default (see
+/// `layer_copy_depth`).
+const LAYER_COPY_DEPTH: usize = 1;
 /// The most padding a row of a ring tile gets (see `tile_row_pitch`).
 const TILE_ROW_PAD_MAX: usize = 128;
 
@@ -164,6 +167,25 @@ fn layer_bulk_copy_allowed() -> bool {
 /// `decode.cu`); `SPARK_DISAGG_LAYER_EVICT_FIRST=0` copies without the hint.
 fn layer_evict_first_allowed() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_EVICT_FIRST").map_or(true, |v| v.trim() != "0")
+}
+
+/// Tiles a block of `decode_layer` keeps on their way from memory at once
+/// (`LAYER_COPY_DEPTH` in the source). The default is 1: the copying warp
+/// issues a tile only once the one before it has landed. The ring's other
+/// slots still fill ahead of the computing warps; what the limit takes away
+/// is the queue of copies in the memory system, which every other trip to
+/// L2 (the grid barriers' atomics, attention's loads of the KV cache) would
+/// wait behind (experiments file, section 22k).
+/// `SPARK_DISAGG_LAYER_COPY_DEPTH=0` lifts the limit (a copy as soon as a
+/// slot is free, as before); a depth of the ring's slots or more is no limit.
+fn layer_copy_depth() -> usize {
+    match std::env::var("SPARK_DISAGG_LAYER_COPY_DEPTH") {
+        Err(_) => LAYER_COPY_DEPTH,
+        Ok(v) => v.trim().parse::<usize>().unwrap_or_else(|_| {
+            tracing::warn!(value = %v, "SPARK_DISAGG_LAYER_COPY_DEPTH is not a whole number of tiles; using {LAYER_COPY_DEPTH}");
+            LAYER_COPY_DEPTH
+        }),
+    }
 }
 
 /// Whether `decode_layer` is built with its timeline (see [`timeline`]):
@@ -264,6 +286,8 @@ pub struct KernelShape {
     pub layer_bulk_copy: bool,
     /// Whether those copies ask L2 to evict the weights first.
     pub layer_evict_first: bool,
+    /// Tiles of a block on their way at once (0: as many as free slots).
+    pub layer_copy_depth: usize,
     /// Whether `attention_partial` may use the tensor cores (where the GPU
     /// and the dtype allow them).
     pub attention_mma: bool,
@@ -289,6 +313,7 @@ impl KernelShape {
             layer_slot_bytes: 0,
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
+            layer_copy_depth: layer_copy_depth(),
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
         };
@@ -405,6 +430,7 @@ impl KernelShape {
             format!("-DLAYER_GROUP_WARPS={group_warps}"),
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
+            format!("-DLAYER_COPY_DEPTH={}", self.layer_copy_depth),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
             format!("-DLAYER_TIMELINE={}", self.layer_timeline as u8),
         ];
@@ -2299,6 +2325,7 @@ mod tests {
             "LAYER_TILE_ROWS",
             "LAYER_BULK_COPY_ALLOWED",
             "LAYER_EVICT_FIRST",
+            "LAYER_COPY_DEPTH",
             "LAYER_GROUP_WARPS",
             "ATTENTION_MMA_ALLOWED",
         ] {
