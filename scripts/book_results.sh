@@ -4,10 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=(cargo run --release -q -p module01_baseline --)
-for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100{,_fix21,_fix21_again,_fix20b,_fix20a,_fix18,_fix16,_fix15,_fix14,_fix14a,_fix13,_fix12,_fix11,_fix10,_fix8,_matvec,_cublas,_torch_ops,_eager,_eager_cudnn,_prefill2048,_prefill2048_fix20,_prefill2048_fix20a,_prefill2048_fix18,_prefill2048_fix16,_prefill2048_fix3}.json results/h100/smollm2-135m_h100.json; do
+for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100{,_fix23,_fix22,_fix21,_fix21_again,_fix20b,_fix20a,_fix18,_fix16,_fix15,_fix14,_fix14a,_fix13,_fix12,_fix11,_fix10,_fix8,_matvec,_cublas,_torch_ops,_eager,_eager_cudnn,_prefill2048,_prefill2048_fix20,_prefill2048_fix20a,_prefill2048_fix18,_prefill2048_fix16,_prefill2048_fix3}.json results/h100/smollm2-135m_h100.json; do
     "${bin[@]}" table "$json" > "${json%.json}.txt"
 done
-for model in tinyllama-1.1b tinyllama-1.1b_split smollm2-135m; do
+for model in tinyllama-1.1b tinyllama-1.1b_split tinyllama-1.1b_fix26 smollm2-135m smollm2-135m_fix26; do
     json=results/h100/module01_timeline_$model.json
     "${bin[@]}" table "$json" --svg "${json%.json}.svg" > "${json%.json}.txt"
 done

@@ -22,7 +22,13 @@ fn load(model: &str) -> TimelineReport {
 /// (`scripts/book_results.sh` writes it), and its numbers hang together.
 #[test]
 fn the_committed_timelines_render_as_the_book_shows() {
-    for model in ["tinyllama-1.1b", "tinyllama-1.1b_split", "smollm2-135m"] {
+    for model in [
+        "tinyllama-1.1b",
+        "tinyllama-1.1b_split",
+        "tinyllama-1.1b_fix26",
+        "smollm2-135m",
+        "smollm2-135m_fix26",
+    ] {
         let report = load(model);
         let table = render_table(&report);
         let book =
@@ -51,6 +57,14 @@ fn the_committed_timelines_render_as_the_book_shows() {
             132,
             "one row per H100 multiprocessor"
         );
+        // Where the run has the stages' end times, they come in the
+        // stages' order and within the layer.
+        let ends: Vec<f64> = sum.stages.iter().filter_map(|s| s.median_end_us).collect();
+        if !ends.is_empty() {
+            assert_eq!(ends.len(), sum.stages.len(), "{model}");
+            assert!(ends.windows(2).all(|w| w[0] <= w[1]), "{model}: {ends:?}");
+            assert!(ends[ends.len() - 1] <= sum.layer_us, "{model}: {ends:?}");
+        }
     }
     // The run with thread 0's time split: every product's wait, dot
     // products and group barrier, each within that product's stage.

@@ -1986,12 +1986,14 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
       int first, units;
       w.block_tile(t, first, units);
       const int rows = w.pairs ? 2 * units : units;
+      // ANCHOR: copy_depth
       // Tile i - D must have landed (a wait on a phase that has passed
       // returns at once; D < slots, so that slot has not been refilled).
       if (LAYER_COPY_DEPTH > 0 && LAYER_COPY_DEPTH < ring.slots && i >= LAYER_COPY_DEPTH) {
         const int landed = i - LAYER_COPY_DEPTH;
         mbarrier_wait(&ring.full[landed % ring.slots], ring.parity(landed));
       }
+      // ANCHOR_END: copy_depth
       // The slot's last tile, i - slots, must have been read.
 #if LAYER_TIMELINE
       const unsigned long long before = global_timer();
