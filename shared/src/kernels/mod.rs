@@ -595,6 +595,9 @@ pub struct LayerRing {
     pub slot_bytes: usize,
     /// Bytes of one group's partial sums of a tile (`TileSums`); a group has two.
     pub sums_bytes: usize,
+    /// Tiles of a block on their way from memory at once, as compiled
+    /// (`KernelShape::layer_copy_depth`; 0: as many as there are free slots).
+    pub copy_depth: usize,
 }
 
 impl LayerRing {
@@ -624,6 +627,7 @@ impl LayerRing {
             group_warps,
             slot_bytes,
             sums_bytes,
+            copy_depth: 0,
         })
     }
 
@@ -651,11 +655,19 @@ impl LayerRing {
     pub fn shared_bytes(self) -> usize {
         self.slots * (self.slot_bytes + 16) + self.groups * 2 * self.sums_bytes
     }
+
+    /// The tiles of a block in flight at most, where that is fewer than
+    /// the slots (None: a copy whenever a slot is free).
+    pub fn copy_limit(self) -> Option<usize> {
+        (self.copy_depth > 0 && self.copy_depth < self.slots).then_some(self.copy_depth)
+    }
 }
 
-/// "6 slots of 33.0 KiB read by 3 groups of 5 warps": what a result file
-/// says of the ring, since it depends on the GPU and on the batches the
-/// kernels were compiled for.
+/// "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in
+/// flight": what a result file says of the ring, since it depends on the
+/// GPU, on the batches the kernels were compiled for and on
+/// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
+/// at the warps, as it did in results saved before the limit existed.
 impl std::fmt::Display for LayerRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -665,7 +677,12 @@ impl std::fmt::Display for LayerRing {
             self.slot_bytes as f64 / 1024.0,
             self.groups,
             self.group_warps
-        )
+        )?;
+        match self.copy_limit() {
+            Some(1) => write!(f, ", 1 tile of a block in flight"),
+            Some(depth) => write!(f, ", {depth} tiles of a block in flight"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -685,12 +702,16 @@ fn layer_ring(
         return None;
     }
     let available = memory.optin_bytes.saturating_sub(memory.static_bytes);
-    LayerRing::choose(
+    let ring = LayerRing::choose(
         available,
         shape.layer_slot_bytes,
         shape.matvec_rows,
         choices,
-    )
+    )?;
+    Some(LayerRing {
+        copy_depth: shape.layer_copy_depth,
+        ..ring
+    })
 }
 
 /// What a kernel may have of shared memory on its device.
@@ -2391,6 +2412,17 @@ mod tests {
             ring.to_string(),
             "6 slots of 33.0 KiB read by 3 groups of 5 warps"
         );
+        // The copy limit, where there is one, is part of the description;
+        // a depth of the slots or more is no limit.
+        let limited = |copy_depth| LayerRing { copy_depth, ..ring };
+        assert_eq!(
+            limited(1).to_string(),
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight"
+        );
+        assert_eq!(limited(2).copy_limit(), Some(2));
+        assert!(limited(2).to_string().ends_with(", 2 tiles of a block in flight"));
+        assert_eq!(limited(6).copy_limit(), None);
+        assert_eq!(limited(6).to_string(), ring.to_string());
     }
 
     #[test]
