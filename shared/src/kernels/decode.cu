@@ -1987,8 +1987,11 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
       w.block_tile(t, first, units);
       const int rows = w.pairs ? 2 * units : units;
       // ANCHOR: copy_depth
-      // Tile i - D must have landed (a wait on a phase that has passed
-      // returns at once; D < slots, so that slot has not been refilled).
+      // At most LAYER_COPY_DEPTH tiles of this block on their way: tile
+      // i - LAYER_COPY_DEPTH must have landed before tile i is asked for.
+      // Its slot's full barrier tells (a wait on a phase that has already
+      // completed returns at once; with fewer tiles in flight than slots,
+      // that slot has not been refilled since).
       if (LAYER_COPY_DEPTH > 0 && LAYER_COPY_DEPTH < ring.slots && i >= LAYER_COPY_DEPTH) {
         const int landed = i - LAYER_COPY_DEPTH;
         mbarrier_wait(&ring.full[landed % ring.slots], ring.parity(landed));
