@@ -2420,7 +2420,9 @@ mod tests {
             "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight"
         );
         assert_eq!(limited(2).copy_limit(), Some(2));
-        assert!(limited(2).to_string().ends_with(", 2 tiles of a block in flight"));
+        assert!(limited(2)
+            .to_string()
+            .ends_with(", 2 tiles of a block in flight"));
         assert_eq!(limited(6).copy_limit(), None);
         assert_eq!(limited(6).to_string(), ring.to_string());
     }
