@@ -71,6 +71,10 @@ __device__ __forceinline__ u64 now() {
 __device__ __forceinline__ void block_began(u64* times) {
   if (threadIdx.x == 0) times[2 * blockIdx.x] = now();
 }
+__device__ __forceinline__ void reader_done(int acc, int* sink, u64* times) {
+  if (acc == 0x12345678) *sink = acc;
+  if (threadIdx.x % 32 == 0) times[2 * blockIdx.x + 1] = now();
+}
 
 // A probe block's start: its ring's barriers readied and seen by every
 // thread, and its clock started.
@@ -78,8 +82,4 @@ __device__ __forceinline__ void ring_began(u64* full, u64* empty, int slots, u64
   ring_barriers_init(full, empty, slots);
   __syncthreads();
   block_began(times);
-}
-__device__ __forceinline__ void reader_done(int acc, int* sink, u64* times) {
-  if (acc == 0x12345678) *sink = acc;
-  if (threadIdx.x % 32 == 0) times[2 * blockIdx.x + 1] = now();
 }
