@@ -72,7 +72,27 @@ def function_extents(lines):
 
     A definition runs from its first line to the brace that closes its
     body; a line belongs to the innermost definition around it (so a lambda's
-    lines to the lambda, the rest of the kernel to the kernel)."""
+    lines to the lambda, the rest of the kernel to the kernel). A
+    declaration is no definition.
+
+    >>> source = [
+    ...     "__device__ void helper(int);  // declared only",
+    ...     "__device__ __forceinline__ int twice(int x) {",
+    ...     "  auto add = [&](int y) {",
+    ...     "    return x + y;",
+    ...     "  };",
+    ...     "  return add(x);",
+    ...     "}",
+    ...     'extern "C" __global__ void __launch_bounds__(64, 1) kernel(int* out) {',
+    ...     "  *out = twice(1);",
+    ...     "}",
+    ... ]
+    >>> extents = function_extents(source)
+    >>> extents
+    [(2, 7, 'twice'), (3, 5, 'add (lambda)'), (8, 10, 'kernel')]
+    >>> [enclosing(extents, line) for line in (1, 4, 6, 9)]
+    ['?', 'add (lambda)', 'twice', 'kernel']
+    """
     pattern = re.compile(r'\s*(?:extern "C"\s+)?(?:__device__|__global__)[^(;]*?(\w+)\s*\(')
     lambda_pattern = re.compile(r"\s*auto (\w+) = \[")
     code = [re.sub(r"//.*|__launch_bounds__\([^)]*\)", "", text) for text in lines]

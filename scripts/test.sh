@@ -11,6 +11,8 @@ echo "[test] cargo test --workspace (lab exercises with their reference solution
 cargo test --workspace --all-targets --all-features -- --include-ignored
 echo "[test] cargo check (the exercise stubs, as students get them)"
 cargo check --workspace --all-targets
+echo "[test] python3 -m doctest scripts/ncu_stalls.py (its source reading; the report needs a GPU)"
+python3 -m doctest scripts/ncu_stalls.py
 echo "[test] mdbook build book"
 mdbook build book
 ./scripts/check-book-includes.sh
