@@ -142,16 +142,37 @@ fn layer_kernel_enabled() -> bool {
     std::env::var("SPARK_DISAGG_LAYER_KERNEL").map_or(true, |v| v.trim() != "0")
 }
 
+/// The whole number in environment variable `name` where it is set and
+/// within `valid`, else `default` (with a warning that the value is not
+/// `what` the variable holds).
+fn env_whole_number(
+    name: &str,
+    default: usize,
+    valid: std::ops::RangeInclusive<usize>,
+    what: &str,
+) -> usize {
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if valid.contains(&n) => n,
+        _ => {
+            tracing::warn!(value = %v, "{name} is not {what}; using {default}");
+            default
+        }
+    }
+}
+
 /// The smallest slot of the weight ring, in bytes: `SPARK_DISAGG_LAYER_SLOT_KB`
 /// or the default.
 fn layer_slot_floor() -> usize {
-    match std::env::var("SPARK_DISAGG_LAYER_SLOT_KB") {
-        Err(_) => LAYER_SLOT_BYTES,
-        Ok(v) => v.trim().parse::<usize>().map(|kb| kb * 1024).unwrap_or_else(|_| {
-            tracing::warn!(value = %v, "SPARK_DISAGG_LAYER_SLOT_KB is not a whole number of KiB; using {}", LAYER_SLOT_BYTES / 1024);
-            LAYER_SLOT_BYTES
-        }),
-    }
+    let kb = env_whole_number(
+        "SPARK_DISAGG_LAYER_SLOT_KB",
+        LAYER_SLOT_BYTES / 1024,
+        0..=usize::MAX / 1024,
+        "a whole number of KiB",
+    );
+    kb * 1024
 }
 
 /// Whether `decode_layer` fills its ring with Hopper's bulk copies where the
@@ -179,13 +200,12 @@ fn layer_evict_first_allowed() -> bool {
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH=0` lifts the limit (a copy as soon as a
 /// slot is free, as before); a depth of the ring's slots or more is no limit.
 fn layer_copy_depth() -> usize {
-    match std::env::var("SPARK_DISAGG_LAYER_COPY_DEPTH") {
-        Err(_) => LAYER_COPY_DEPTH,
-        Ok(v) => v.trim().parse::<usize>().unwrap_or_else(|_| {
-            tracing::warn!(value = %v, "SPARK_DISAGG_LAYER_COPY_DEPTH is not a whole number of tiles; using {LAYER_COPY_DEPTH}");
-            LAYER_COPY_DEPTH
-        }),
-    }
+    env_whole_number(
+        "SPARK_DISAGG_LAYER_COPY_DEPTH",
+        LAYER_COPY_DEPTH,
+        0..=usize::MAX,
+        "a whole number of tiles",
+    )
 }
 
 /// Whether `decode_layer` is built with its timeline (see [`timeline`]):
@@ -2266,6 +2286,20 @@ mod tests {
     //! for. The kernels themselves are checked on a GPU in `model::llama::fused`.
 
     use super::*;
+
+    #[test]
+    fn a_number_from_the_environment_falls_back_outside_its_range() {
+        // A variable no other test reads, so that setting it races nothing.
+        const NAME: &str = "SPARK_DISAGG_TEST_WHOLE_NUMBER";
+        let read = || env_whole_number(NAME, 2, 0..=4, "a test number");
+        std::env::remove_var(NAME);
+        assert_eq!(read(), 2, "unset: the default");
+        for (value, expected) in [("3", 3), (" 0 ", 0), ("5", 2), ("-1", 2), ("two", 2)] {
+            std::env::set_var(NAME, value);
+            assert_eq!(read(), expected, "{value:?}");
+        }
+        std::env::remove_var(NAME);
+    }
 
     #[test]
     fn attention_splits_the_context_only_until_the_grid_is_full() {
