@@ -540,8 +540,13 @@ fn run_timeline(args: TimelineArgs) -> Result<()> {
             "--batch must be 1 to 4 (the layer kernel's batches), --steps and --context at least 1"
         );
     }
-    // The kernels read this when the engine compiles them, just below.
+    // The kernels read these when the engine compiles them, just below. The
+    // layer kernel is what the timeline is of: on, even where it is off by
+    // default (a GPU before Hopper), unless the user turned it off.
     std::env::set_var("SPARK_DISAGG_LAYER_TIMELINE", "1");
+    if std::env::var_os("SPARK_DISAGG_LAYER_KERNEL").is_none() {
+        std::env::set_var("SPARK_DISAGG_LAYER_KERNEL", "1");
+    }
     let (model, name, _) = bench_model(&args.model, &args.random, args.seed, device, kind)?;
     let layers = model.config().num_hidden_layers;
     let mut engine_config =

@@ -130,7 +130,9 @@ pub enum EngineError {
     #[error(
         "this engine's decode steps do not run the layer kernel with its timeline: run on a \
          GPU with CUDA graphs and the fused kernels, at a batch the layer kernel takes \
-         (--matvec-max-batch), with SPARK_DISAGG_LAYER_TIMELINE=1 set before the engine starts"
+         (--matvec-max-batch), with SPARK_DISAGG_LAYER_TIMELINE=1 set before the engine starts \
+         (and SPARK_DISAGG_LAYER_KERNEL=1 on a GPU before Hopper, where the layer kernel is off \
+         by default)"
     )]
     NoLayerTimeline,
     #[error("reading the layer timeline: {0}")]

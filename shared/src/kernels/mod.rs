@@ -135,11 +135,29 @@ fn l2_prefetch_bytes() -> usize {
 }
 
 /// Whether small-batch steps (up to the matrix-vector limit) run each layer
-/// as one persistent kernel (`decode_layer`); `SPARK_DISAGG_LAYER_KERNEL=0`
-/// turns it off, which leaves the matrix-vector kernel and the attention
-/// kernels, one launch each.
-fn layer_kernel_enabled() -> bool {
-    std::env::var("SPARK_DISAGG_LAYER_KERNEL").map_or(true, |v| v.trim() != "0")
+/// as one persistent kernel (`decode_layer`) rather than seven launches
+/// (the matrix-vector kernel and the attention kernels), given the value of
+/// `SPARK_DISAGG_LAYER_KERNEL` (`None`: not set) and whether the GPU has
+/// Hopper's bulk copies.
+///
+/// By default only where it has them. Without them the copying warp fills
+/// the ring with Ampere's 16-byte copies, and on the H100 that path made
+/// TinyLlama's step 1.43 ms against 1.23 for the seven launches (SmolLM2's
+/// 0.68 against 0.67; experiments file, section 23); no Ampere GPU has run
+/// either yet. `1` turns the layer kernel on wherever a block fits, `0` off.
+fn layer_kernel_wanted(setting: Option<&str>, bulk_copies: bool) -> bool {
+    match setting.map(str::trim) {
+        None => bulk_copies,
+        Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            tracing::warn!(
+                value = %other,
+                "SPARK_DISAGG_LAYER_KERNEL is neither 0 nor 1; using the default for this GPU"
+            );
+            bulk_copies
+        }
+    }
 }
 
 /// The whole number in environment variable `name` where it is set and
@@ -1018,7 +1036,10 @@ impl DecodeKernels {
                 index,
                 multiprocessors,
                 layer_ring,
-                layer_kernel_enabled(),
+                layer_kernel_wanted(
+                    std::env::var("SPARK_DISAGG_LAYER_KERNEL").ok().as_deref(),
+                    hopper,
+                ),
             ),
             layer_ring,
             attention_blocks: multiprocessors * ATTENTION_BLOCKS_PER_SM,
@@ -1118,8 +1139,9 @@ impl DecodeKernels {
         }
     }
 
-    /// The same kernels with the persistent layer kernel on or off (it is
-    /// on unless `SPARK_DISAGG_LAYER_KERNEL=0`, where a block fits).
+    /// The same kernels with the persistent layer kernel on (where a block
+    /// fits) or off, whatever the default for this GPU (on where it has
+    /// bulk copies; see `SPARK_DISAGG_LAYER_KERNEL`).
     pub fn with_layer_kernel(&self, on: bool) -> DecodeKernels {
         DecodeKernels {
             layer_blocks: layer_blocks(
@@ -2299,6 +2321,23 @@ mod tests {
             assert_eq!(read(), expected, "{value:?}");
         }
         std::env::remove_var(NAME);
+    }
+
+    #[test]
+    fn the_layer_kernel_is_on_by_default_only_with_bulk_copies() {
+        for bulk in [true, false] {
+            assert_eq!(layer_kernel_wanted(None, bulk), bulk, "unset");
+            assert!(
+                layer_kernel_wanted(Some("1"), bulk),
+                "1, bulk copies {bulk}"
+            );
+            assert!(layer_kernel_wanted(Some(" 1 "), bulk), "padded 1");
+            assert!(
+                !layer_kernel_wanted(Some("0"), bulk),
+                "0, bulk copies {bulk}"
+            );
+            assert_eq!(layer_kernel_wanted(Some("yes"), bulk), bulk, "not 0 or 1");
+        }
     }
 
     #[test]
