@@ -7,6 +7,11 @@ bin=(cargo run --release -q -p module01_baseline --)
 for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100{,_fix23,_fix22,_fix21,_fix21_again,_fix20b,_fix20a,_fix18,_fix16,_fix15,_fix14,_fix14a,_fix13,_fix12,_fix11,_fix10,_fix8,_matvec,_cublas,_torch_ops,_eager,_eager_cudnn,_prefill2048,_prefill2048_fix20,_prefill2048_fix20a,_prefill2048_fix18,_prefill2048_fix16,_prefill2048_fix3}.json results/h100/smollm2-135m_h100.json; do
     "${bin[@]}" table "$json" > "${json%.json}.txt"
 done
+# The H100 runs side by side, at the H100 SXM's 3350 GB/s for every floor
+# (one run's bench was given an H200's figure).
+mapfile -t runs < <(grep -v '^#' results/h100/module01_history_runs.txt)
+"${bin[@]}" history "${runs[@]}" --mem-bandwidth-gbps 3350 \
+    --svg results/h100/module01_history.svg > results/h100/module01_history.txt
 for model in tinyllama-1.1b tinyllama-1.1b_split tinyllama-1.1b_fix26 smollm2-135m smollm2-135m_fix26; do
     json=results/h100/module01_timeline_$model.json
     "${bin[@]}" table "$json" --svg "${json%.json}.svg" > "${json%.json}.txt"
@@ -40,5 +45,6 @@ cp results/cpu/module05_mooncake_20k.svg book/src/figures/module05_mooncake_20k.
 cp results/cpu/module02_scaling.svg book/src/figures/module02_scaling.svg
 cp results/cpu/module01_bench.svg book/src/figures/module01_smollm2_cpu.svg
 cp results/h100/tinyllama-1.1b_h100.svg book/src/figures/module01_tinyllama_h100.svg
+cp results/h100/module01_history.svg book/src/figures/module01_history_h100.svg
 cp results/h100/module01_timeline_tinyllama-1.1b.svg book/src/figures/module01_timeline_tinyllama_h100.svg
 echo "book results regenerated"

@@ -4,9 +4,11 @@
 //! it); this crate measures it. [`bench`] runs the workloads, [`report`]
 //! turns the results into a table, JSON and an SVG figure, and [`peer`]
 //! runs Hugging Face transformers on the same workload for comparison;
-//! [`timeline`] reports where a layer's time goes on a GPU.
+//! [`timeline`] reports where a layer's time goes on a GPU, and
+//! [`history`] puts saved runs of one workload side by side.
 
 pub mod bench;
+pub mod history;
 pub mod peer;
 pub mod report;
 pub mod timeline;

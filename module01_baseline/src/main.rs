@@ -5,6 +5,7 @@
 //! cargo run --release -p module01_baseline -- generate --chat "Write a haiku about caches"
 //! cargo run --release -p module01_baseline -- convert --out /tmp/smollm2-hf
 //! cargo run --release -p module01_baseline -- bench --peer hf
+//! cargo run --release -p module01_baseline -- history results/h100/tinyllama-1.1b_h100_{fix22,fix23}.json fix26=results/h100/tinyllama-1.1b_h100.json
 //! ```
 
 use std::io::Write;
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use module01_baseline::bench::{self, BenchConfig};
+use module01_baseline::history::{self, History, HistoryRun};
 use module01_baseline::peer::{self, PeerModel};
 use module01_baseline::report::{
     self, BenchReport, EngineSteps, Memory, Roofline, RooflineBandwidth, Setup,
@@ -52,6 +54,27 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+    /// Saved bench results of one workload side by side, in the order given: the
+    /// batch-1 decode against the floor, the batches, and a peer.
+    History(HistoryArgs),
+}
+
+#[derive(clap::Args)]
+struct HistoryArgs {
+    /// Bench results (`bench --json`) in the order to show them; `LABEL=PATH`
+    /// names a row (else the file name, less what all of them share).
+    #[arg(required = true)]
+    runs: Vec<String>,
+    /// Memory bandwidth in GB/s for every run's floor (e.g. 3350 for an
+    /// H100 SXM) [default: each run's own roofline].
+    #[arg(long)]
+    mem_bandwidth_gbps: Option<f64>,
+    /// The peer the speed-ups are taken against.
+    #[arg(long, default_value = "hf-generate")]
+    peer: String,
+    /// Also draw the runs (SVG).
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -196,6 +219,7 @@ fn main() -> Result<()> {
         Command::Convert(args) => run_convert(args),
         Command::Bench(args) => run_bench(args),
         Command::Timeline(args) => run_timeline(args),
+        Command::History(args) => run_history(args),
         Command::Table { json, svg } => {
             let text = std::fs::read_to_string(&json)
                 .with_context(|| format!("reading {}", json.display()))?;
@@ -223,6 +247,36 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_history(args: HistoryArgs) -> Result<()> {
+    let parsed: Vec<(Option<String>, PathBuf)> = args
+        .runs
+        .iter()
+        .map(|arg| history::parse_run_arg(arg))
+        .collect();
+    let paths: Vec<PathBuf> = parsed.iter().map(|(_, path)| path.clone()).collect();
+    let defaults = history::default_labels(&paths);
+    let mut runs = Vec::with_capacity(parsed.len());
+    for ((label, path), default) in parsed.into_iter().zip(defaults) {
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("reading {} (a bench result, or LABEL=PATH)", path.display())
+        })?;
+        let report = BenchReport::from_json(&text)
+            .with_context(|| format!("{} is not a module01 bench result", path.display()))?;
+        runs.push(HistoryRun {
+            label: label.unwrap_or(default),
+            path,
+            report,
+        });
+    }
+    let history = History::new(runs, args.mem_bandwidth_gbps, &args.peer)?;
+    print!("{}", history::render_table(&history));
+    if let Some(svg) = args.svg {
+        history::write_svg(&history, &svg)
+            .map_err(|e| anyhow::anyhow!("drawing {}: {e}", svg.display()))?;
+    }
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
