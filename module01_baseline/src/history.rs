@@ -235,9 +235,16 @@ pub fn render_table(history: &History) -> String {
         history.runs.len(),
     );
     let width = 8 * batches.len();
+    // The run column fits the longest label (a default one may be a whole
+    // file name).
+    let lw = history
+        .runs
+        .iter()
+        .map(|r| r.label.chars().count() + 1)
+        .fold(12, usize::max);
     let versus = format!("ours vs {}", history.peer);
     out += &format!(
-        "{:<12}{:<12}{:>9}{:>8}  {:<w$}  {:<w$}  {:>8}{:>12}{:>20}\n",
+        "{:<lw$}{:<12}{:>9}{:>8}  {:<w$}  {:<w$}  {:>8}{:>12}{:>20}\n",
         "",
         "",
         "decode",
@@ -251,7 +258,7 @@ pub fn render_table(history: &History) -> String {
     );
     let batch_heads: String = batches.iter().map(|b| format!("{b:>8}")).collect();
     out += &format!(
-        "{:<12}{:<12}{:>9}{:>8}  {:<w$}  {:<w$}  {:>8}{:>12}{:>10}{:>10}\n",
+        "{:<lw$}{:<12}{:>9}{:>8}  {:<w$}  {:<w$}  {:>8}{:>12}{:>10}{:>10}\n",
         "run",
         "date",
         "ms/token",
@@ -277,7 +284,7 @@ pub fn render_table(history: &History) -> String {
             .map(|&b| format!("{:>8}", cell(served(run, b), 0, "")))
             .collect();
         out += &format!(
-            "{:<12}{:<12}{:>9.3}{:>8}  {:<w$}  {:<w$}  {:>8.1}{:>12}{:>10}{:>10}\n",
+            "{:<lw$}{:<12}{:>9.3}{:>8}  {:<w$}  {:<w$}  {:>8.1}{:>12}{:>10}{:>10}\n",
             run.label,
             r.setup.date,
             decode,
@@ -621,6 +628,12 @@ mod tests {
         let table = render_table(&none);
         let row = table.lines().find(|l| l.starts_with(&fix21.label)).unwrap();
         assert!(row.trim_end().ends_with("-         -         -"), "{row}");
+        let header = table.lines().find(|l| l.starts_with("run ")).unwrap();
+        assert_eq!(
+            header.find("date"),
+            row.find(&fix21.report.setup.date),
+            "the columns line up after a label longer than the usual column"
+        );
     }
 
     #[test]
