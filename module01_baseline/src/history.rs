@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use thiserror::Error;
 
+use crate::bench::BatchResult;
 use crate::report::{BenchReport, PeerResult};
 
 /// The course's targets for a GPU's decode (issue 11): a batch-1 step
@@ -146,17 +147,17 @@ impl History {
     }
 }
 
+/// This run's result at one batch size, where it ran that batch.
+fn batch_result(run: &HistoryRun, batch: usize) -> Option<&BatchResult> {
+    run.report.batches.iter().find(|b| b.batch == batch)
+}
+
 fn served(run: &HistoryRun, batch: usize) -> Option<f64> {
-    let b = run.report.batches.iter().find(|b| b.batch == batch)?;
-    Some(b.output_tokens_per_s)
+    batch_result(run, batch).map(|b| b.output_tokens_per_s)
 }
 
 fn bare_step_ms(run: &HistoryRun, batch: usize) -> Option<f64> {
-    run.report
-        .batches
-        .iter()
-        .find(|b| b.batch == batch)?
-        .decode_step_ms
+    batch_result(run, batch)?.decode_step_ms
 }
 
 /// The file name a run goes by when no label is given: its stem without
