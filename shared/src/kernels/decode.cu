@@ -1430,16 +1430,80 @@ struct StagingShared {
   float inv_rms[MATVEC_ROWS];
 };
 
+// Each row's 1/rms from every thread's sums of squares (squares[m] for row
+// m): the warps add their lanes with shuffles, then the first `rows` threads
+// add the warps. Ends with the barrier after which s.inv_rms is ready.
+__device__ __forceinline__ void rows_inv_rms(float (&squares)[MATVEC_ROWS], StagingShared& s,
+                                             float eps, int rows, int k, int threads, int barrier) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = threads / 32;
+#pragma unroll
+  for (int m = 0; m < MATVEC_ROWS; m++) {
+    for (int offset = 16; offset > 0; offset /= 2)
+      squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
+    if (lane == 0) s.partial[warp][m] = squares[m];
+  }
+  sync_threads(barrier, threads);
+  if (threadIdx.x < rows) {
+    float total = 0.f;
+    for (int w = 0; w < warps; w++) total += s.partial[w][threadIdx.x];
+    s.inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
+  }
+  sync_threads(barrier, threads);
+}
+
 // Stages `rows` rows of the product's input into `xs` (shared, [rows, k]),
 // applying the prologue; 16 bytes per thread at a time, the block's first
 // `threads` threads taking part, which meet at named barrier `barrier`
 // (0 and the whole block for matvec). Ends with that barrier: xs is ready.
+//
+// RMSNorm needs every element of a row before it can scale any of them.
+// Where each thread has at most one 16-byte chunk of a row (k up to
+// 8 · threads: TinyLlama's 2048 on the layer kernel's 480 threads), it
+// loads its chunk of every row and of the norm's weight at once, keeps them
+// in registers while the block adds the squares, and scales them from
+// there: one trip to memory (L2, where the previous stage left x) before
+// the staging's barriers instead of two, one on each side of them. The
+// sums are added in the same order either way, so the staged values are the
+// same to the bit.
 __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, const scalar_t* in,
                                             const scalar_t* norm_weight, float eps, int rows, int k,
                                             int prologue, int threads, int barrier) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = threads / 32;
   const int chunks = k / VEC;
   const uint4* in4 = reinterpret_cast<const uint4*>(in);
+  if (prologue == 1 && chunks <= threads) {
+    const int c = threadIdx.x;
+    const bool holds = c < chunks;
+    uint4 held[MATVEC_ROWS];
+    const uint4 gain = holds ? reinterpret_cast<const uint4*>(norm_weight)[c] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++)
+      held[m] = holds && m < rows ? load_cg(in4 + m * chunks + c) : make_uint4(0, 0, 0, 0);
+    float squares[MATVEC_ROWS];
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      float v[VEC];
+      unpack(held[m], v);
+      squares[m] = 0.f;
+#pragma unroll
+      for (int i = 0; i < VEC; i++) squares[m] += v[i] * v[i];
+    }
+    rows_inv_rms(squares, s, eps, rows, k, threads, barrier);
+    if (holds) {
+      float b[VEC];
+      unpack(gain, b);
+#pragma unroll
+      for (int m = 0; m < MATVEC_ROWS; m++) {
+        if (m >= rows) break;
+        float a[VEC];
+        unpack(held[m], a);
+        scalar_t* dst = xs + m * k + c * VEC;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] * s.inv_rms[m] * b[e]);
+      }
+    }
+    sync_threads(barrier, threads);
+    return;
+  }
   if (prologue == 1) {
     float squares[MATVEC_ROWS];
 #pragma unroll
@@ -1452,17 +1516,8 @@ __device__ __forceinline__ void stage_input(scalar_t* xs, StagingShared& s, cons
 #pragma unroll
           for (int i = 0; i < VEC; i++) squares[m] += v[i] * v[i];
         }
-      for (int offset = 16; offset > 0; offset /= 2)
-        squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
-      if (lane == 0) s.partial[warp][m] = squares[m];
     }
-    sync_threads(barrier, threads);
-    if (threadIdx.x < rows) {
-      float total = 0.f;
-      for (int w = 0; w < warps; w++) total += s.partial[w][threadIdx.x];
-      s.inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
-    }
-    sync_threads(barrier, threads);
+    rows_inv_rms(squares, s, eps, rows, k, threads, barrier);
   }
 #pragma unroll 4
   for (int i = threadIdx.x; i < rows * chunks; i += threads) {
