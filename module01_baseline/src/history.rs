@@ -62,6 +62,48 @@ pub enum HistoryError {
     },
     #[error("--mem-bandwidth-gbps must be a positive number of GB/s, not {0}")]
     BadBandwidth(f64),
+    #[error(
+        "reading {path}: {reason} (give a bench result written by `bench --json`, or LABEL=PATH)"
+    )]
+    Unreadable { path: String, reason: String },
+    #[error("{path} is not a module01 bench result ({reason}); `bench --json` writes one")]
+    NotABenchResult { path: String, reason: String },
+}
+
+impl HistoryRun {
+    /// Reads a saved bench result (`bench --json`) at `base`/`path`; the
+    /// run keeps `path` as given, for its messages.
+    pub fn read(label: String, base: &Path, path: PathBuf) -> Result<HistoryRun, HistoryError> {
+        let shown = || path.display().to_string();
+        let text =
+            std::fs::read_to_string(base.join(&path)).map_err(|e| HistoryError::Unreadable {
+                path: shown(),
+                reason: e.to_string(),
+            })?;
+        let report = BenchReport::from_json(&text).map_err(|e| HistoryError::NotABenchResult {
+            path: shown(),
+            reason: e.to_string(),
+        })?;
+        Ok(HistoryRun {
+            label,
+            path,
+            report,
+        })
+    }
+}
+
+/// The runs a command line names (`PATH`, or `LABEL=PATH` to name its
+/// row), read in order from `base`; an unnamed run goes by its file name
+/// less what all of them share ([`default_labels`]).
+pub fn read_runs(args: &[String], base: &Path) -> Result<Vec<HistoryRun>, HistoryError> {
+    let parsed: Vec<(Option<String>, PathBuf)> =
+        args.iter().map(|arg| parse_run_arg(arg, base)).collect();
+    let paths: Vec<PathBuf> = parsed.iter().map(|(_, path)| path.clone()).collect();
+    parsed
+        .into_iter()
+        .zip(default_labels(&paths))
+        .map(|((label, path), default)| HistoryRun::read(label.unwrap_or(default), base, path))
+        .collect()
 }
 
 /// What a run is compared on: a difference in any of these makes two runs
@@ -202,9 +244,10 @@ pub fn default_labels(paths: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-/// A command-line run: `PATH`, or `LABEL=PATH` to name its row.
-pub fn parse_run_arg(arg: &str) -> (Option<String>, PathBuf) {
-    if Path::new(arg).exists() {
+/// A command-line run: `PATH`, or `LABEL=PATH` to name its row (unless a
+/// file of that whole name exists under `base`).
+pub fn parse_run_arg(arg: &str, base: &Path) -> (Option<String>, PathBuf) {
+    if base.join(arg).exists() {
         return (None, PathBuf::from(arg));
     }
     match arg.split_once('=') {
@@ -491,16 +534,12 @@ pub fn write_svg(history: &History, path: &Path) -> Result<(), Box<dyn std::erro
 mod tests {
     use super::*;
 
+    fn results() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../results/h100")
+    }
+
     fn committed(name: &str) -> HistoryRun {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../results/h100")
-            .join(name);
-        let text = std::fs::read_to_string(&path).unwrap();
-        HistoryRun {
-            label: name.into(),
-            report: BenchReport::from_json(&text).unwrap(),
-            path,
-        }
+        HistoryRun::read(name.into(), &results(), PathBuf::from(name)).unwrap()
     }
 
     #[test]
@@ -540,15 +579,16 @@ mod tests {
 
     #[test]
     fn a_label_is_what_comes_before_the_equals_sign_unless_the_file_exists() {
+        let here = Path::new(".");
         assert_eq!(
-            parse_run_arg("fix26=results/h100/none-such.json"),
+            parse_run_arg("fix26=results/h100/none-such.json", here),
             (
                 Some("fix26".to_string()),
                 PathBuf::from("results/h100/none-such.json")
             )
         );
         assert_eq!(
-            parse_run_arg("results/a=b.json"),
+            parse_run_arg("results/a=b.json", here),
             (None, PathBuf::from("results/a=b.json")),
             "a path with a slash before the equals sign is a path"
         );
@@ -557,8 +597,39 @@ mod tests {
         let odd = dir.join("x=y.json");
         std::fs::write(&odd, "{}").unwrap();
         let arg = odd.display().to_string();
-        assert_eq!(parse_run_arg(&arg), (None, odd.clone()));
+        assert_eq!(parse_run_arg(&arg, here), (None, odd.clone()));
+        assert_eq!(
+            parse_run_arg("x=y.json", &dir),
+            (None, PathBuf::from("x=y.json")),
+            "looked for under the base the runs are read from"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn runs_are_read_in_order_and_bad_files_named() {
+        let args = [
+            "tinyllama-1.1b_h100_fix23.json".to_string(),
+            "now=tinyllama-1.1b_h100.json".to_string(),
+        ];
+        let runs = read_runs(&args, &results()).unwrap();
+        let labels: Vec<&str> = runs.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["fix23", "now"]);
+        assert_eq!(runs[1].path, PathBuf::from("tinyllama-1.1b_h100.json"));
+        let missing = read_runs(&["none-such.json".to_string()], &results()).unwrap_err();
+        assert!(
+            matches!(&missing, HistoryError::Unreadable { path, .. } if path == "none-such.json"),
+            "{missing}"
+        );
+        let not_bench = read_runs(
+            &["module01_timeline_smollm2-135m.json".to_string()],
+            &results(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&not_bench, HistoryError::NotABenchResult { .. }),
+            "{not_bench}"
+        );
     }
 
     #[test]

@@ -9,12 +9,12 @@
 //! ```
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use module01_baseline::bench::{self, BenchConfig};
-use module01_baseline::history::{self, History, HistoryRun};
+use module01_baseline::history::{self, History};
 use module01_baseline::peer::{self, PeerModel};
 use module01_baseline::report::{
     self, BenchReport, EngineSteps, Memory, Roofline, RooflineBandwidth, Setup,
@@ -250,26 +250,7 @@ fn main() -> Result<()> {
 }
 
 fn run_history(args: HistoryArgs) -> Result<()> {
-    let parsed: Vec<(Option<String>, PathBuf)> = args
-        .runs
-        .iter()
-        .map(|arg| history::parse_run_arg(arg))
-        .collect();
-    let paths: Vec<PathBuf> = parsed.iter().map(|(_, path)| path.clone()).collect();
-    let defaults = history::default_labels(&paths);
-    let mut runs = Vec::with_capacity(parsed.len());
-    for ((label, path), default) in parsed.into_iter().zip(defaults) {
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("reading {} (a bench result, or LABEL=PATH)", path.display())
-        })?;
-        let report = BenchReport::from_json(&text)
-            .with_context(|| format!("{} is not a module01 bench result", path.display()))?;
-        runs.push(HistoryRun {
-            label: label.unwrap_or(default),
-            path,
-            report,
-        });
-    }
+    let runs = history::read_runs(&args.runs, Path::new("."))?;
     let history = History::new(runs, args.mem_bandwidth_gbps, &args.peer)?;
     print!("{}", history::render_table(&history));
     if let Some(svg) = args.svg {

@@ -4,8 +4,7 @@
 
 use std::path::PathBuf;
 
-use module01_baseline::history::{parse_run_arg, render_table, History, HistoryRun};
-use module01_baseline::report::BenchReport;
+use module01_baseline::history::{read_runs, render_table, History};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -15,22 +14,15 @@ fn repo() -> PathBuf {
 fn book_history() -> History {
     let list = std::fs::read_to_string(repo().join("results/h100/module01_history_runs.txt"))
         .expect("the list of the book's runs");
-    let runs = list
+    let args: Vec<String> = list
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|line| {
-            let (label, path) = parse_run_arg(line);
-            let label = label.unwrap_or_else(|| panic!("{line}: the book's runs are named"));
-            let text = std::fs::read_to_string(repo().join(&path))
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let report = BenchReport::from_json(&text).unwrap();
-            HistoryRun {
-                label,
-                path,
-                report,
-            }
+            assert!(line.contains('='), "{line}: the book's runs are named");
+            line.to_string()
         })
         .collect();
+    let runs = read_runs(&args, &repo()).unwrap();
     // The H100 SXM's bandwidth, as the script passes it.
     History::new(runs, Some(3350.0), "hf-generate").unwrap()
 }
