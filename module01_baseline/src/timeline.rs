@@ -163,6 +163,13 @@ pub fn render_table(report: &TimelineReport) -> String {
         out += "ends at: when the median block ended the stage, from the layer's first launch (the median over \
                 layers and steps); a barrier's row says when it passed, however the stages before it share the time\n";
     }
+    if s.layer_ring
+        .as_ref()
+        .is_some_and(|r| r.ends_with("tagged words after attention"))
+    {
+        out += "tagged words after attention: barriers 2-4 are only the block's own barrier there; its wait for \
+                the other blocks is in the staging of the stage after it\n";
+    }
     out
 }
 
@@ -328,6 +335,13 @@ mod tests {
             stage.median_end_us = None;
         }
         assert!(!render_table(&older).contains("ends at"));
+        // The barrier rows of a tagged build say what they measure there.
+        assert!(!table.contains("tagged words"));
+        let mut tagged = report.clone();
+        tagged.setup.layer_ring = Some(
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, tagged words after attention".into(),
+        );
+        assert!(render_table(&tagged).contains("barriers 2-4 are only the block's own barrier"));
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(
             serde_json::from_str::<TimelineReport>(&json).unwrap(),

@@ -1678,7 +1678,10 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 #define LAYER_CONSUMERS (LAYER_THREADS - 32)      // the computing threads; the last warp copies
 #define LAYER_WARPS (LAYER_CONSUMERS / 32)
 #define LAYER_PARTS (LAYER_CONSUMERS / THREADS)  // attention items a block runs at once
-#define LAYER_BARRIERS 4                           // grid barriers per layer
+#ifndef LAYER_TAGGED
+#define LAYER_TAGGED 0  // 1: the stages after attention wait for tagged words, not grid barriers
+#endif
+#define LAYER_BARRIERS (LAYER_TAGGED ? 1 : 4)      // grid barriers per layer
 #define LAYER_SYNC (LAYER_PARTS + 1)               // named barrier of the computing threads
 #define LAYER_GROUPS (LAYER_WARPS / LAYER_GROUP_WARPS)  // groups of warps that read a tile together
 #define LAYER_GROUP_THREADS (LAYER_GROUP_WARPS * 32)   // (they meet at barrier LAYER_SYNC + 1 + group)
@@ -1783,6 +1786,38 @@ __shared__ unsigned long long timeline_tile[3];
 #define TIMELINE_TILE_STORE(product)
 #endif
 
+// --- values passed between blocks with their layer's tag (LAYER_TAGGED) ---
+//
+// A grid barrier is a chain of trips to L2: the fence that waits for the
+// block's writes, the atomic that counts its arrival, the polls that see
+// the last one arrive, and then the loads of the data it guarded. Where a
+// stage needs nothing from the stage before but one vector (attention's
+// output, x after the o projection, SwiGLU's output), the data can carry
+// its own signal instead: each element is stored together with a tag, the
+// layer's index + 1, in one word that a reader sees whole or not at all
+// (an aligned 32- or 64-bit access is single-copy atomic). The reader
+// polls the words it needs until every tag is this layer's, and has the
+// data in the same trip that tells it the data is there. This is the "LL"
+// (low-latency) protocol of NCCL's collectives, inside one kernel. A word
+// is twice the bytes of its value (bf16 and f16: 16-bit value, 16-bit tag;
+// f32: 32 + 32), a few KiB per layer beside megabytes of weights. The words
+// are zeroed before a step (tag 0) and each layer's tag differs from the
+// one before it, so a word left by an earlier layer or step is never taken
+// for this layer's. Barrier 1 stays: attention reads the new keys and
+// values from the KV cache, not from a vector of its own.
+//
+// Off by default (SPARK_DISAGG_LAYER_TAGGED=1 turns it on): on the H100 the
+// first build made the three waits short, and the step 6 % slower, most of
+// it in the down projection (results/h100/module01_decode_experiments_h100.txt,
+// section 25).
+#if SCALAR_KIND == 0
+typedef u64 tagged_t;
+#define TAG_BITS 32
+#else
+typedef unsigned tagged_t;
+#define TAG_BITS 16
+#endif
+
 struct LayerParams {
   scalar_t* x;  // the residual stream [rows, hidden], updated in place
   const scalar_t* input_norm;
@@ -1801,6 +1836,12 @@ struct LayerParams {
   scalar_t* q;     // scratch [rows, heads, HEAD_DIM]: rotated queries
   scalar_t* attn;  // scratch [rows, heads · HEAD_DIM]: attention output
   scalar_t* act;   // scratch [rows, inter]: SwiGLU output
+  // The same three vectors as tagged words (LAYER_TAGGED; see
+  // store_tagged), zeroed before the first layer: attention's output,
+  // x after the o projection, SwiGLU's output.
+  tagged_t* attn_tagged;
+  tagged_t* x_tagged;
+  tagged_t* act_tagged;
   float* part_acc;  // scratch of the attention split (see attention_part)
   float* part_max;
   float* part_sum;
@@ -2304,6 +2345,147 @@ __device__ __forceinline__ void grid_barrier(unsigned* arrivals, unsigned target
   sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
 }
 
+// This layer's tag: never 0 (a zeroed word), never the layer before's.
+__device__ __forceinline__ unsigned layer_tag(int layer) {
+  return (unsigned)layer % ((1ull << TAG_BITS) - 1) + 1;
+}
+
+__device__ __forceinline__ void store_tagged(tagged_t* p, scalar_t v, unsigned tag) {
+#if SCALAR_KIND == 0
+  const u64 word = (u64)tag << 32 | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(word) : "memory");
+#else
+  const unsigned word = tag << 16 | v;
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(word) : "memory");
+#endif
+}
+
+// 16 bytes of tagged words (four, or two for f32), each word read whole.
+__device__ __forceinline__ uint4 load_tagged(const tagged_t* p) {
+  uint4 v;
+#if SCALAR_KIND == 0
+  u64 a, b;
+  asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+  v = make_uint4((unsigned)a, (unsigned)(a >> 32), (unsigned)b, (unsigned)(b >> 32));
+#else
+  asm volatile("ld.relaxed.gpu.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+#endif
+  return v;
+}
+
+__device__ __forceinline__ bool tagged_as(uint4 v, unsigned tag) {
+#if SCALAR_KIND == 0
+  return v.y == tag && v.w == tag;
+#else
+  return (v.x >> 16) == tag && (v.y >> 16) == tag && (v.z >> 16) == tag && (v.w >> 16) == tag;
+#endif
+}
+
+// Polls 16 bytes of words, already loaded into `v`, until all carry `tag`.
+__device__ __forceinline__ void wait_tagged(uint4& v, const tagged_t* p, unsigned tag) {
+  while (!tagged_as(v, tag)) {
+    __nanosleep(32);  // a pause between polls; 256 ns was slower (section 25)
+    v = load_tagged(p);
+  }
+}
+
+// The values of two loads of words (VEC of them) as 16 bytes of scalars.
+__device__ __forceinline__ uint4 untag(uint4 a, uint4 b) {
+#if SCALAR_KIND == 0
+  return make_uint4(a.x, a.z, b.x, b.z);
+#else
+  auto pair = [](unsigned lo, unsigned hi) { return (lo & 0xffffu) | hi << 16; };
+  return make_uint4(pair(a.x, a.y), pair(a.z, a.w), pair(b.x, b.y), pair(b.z, b.w));
+#endif
+}
+
+// The value of a tagged word that this block has already seen carry this
+// layer's tag (its staging waited for it, before a block barrier): one
+// load, no wait. Waiting here instead would make each load a round trip
+// before the next could start.
+__device__ __forceinline__ scalar_t seen_tagged(const tagged_t* p) {
+  tagged_t word;
+#if SCALAR_KIND == 0
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(word) : "l"(p) : "memory");
+  return __uint_as_float((unsigned)word);
+#else
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(word) : "l"(p) : "memory");
+  return (scalar_t)(word & 0xffffu);
+#endif
+}
+
+// stage_input for tagged words: stages `rows` rows of `k` values from `in`
+// into xs once each word carries `tag`, copying them (prologue 0) or
+// applying RMSNorm (1). A thread takes chunks of VEC values (two 16-byte
+// loads of words each) two at a time, so that its loads are all on their
+// way before it waits for any; the squares are added chunk by chunk in
+// stage_input's general order. RMSNorm's second pass scales the staged
+// values in shared memory, each thread its own chunks, with the norm's
+// weight asked into L1 during the first.
+__device__ __forceinline__ void stage_tagged(scalar_t* xs, StagingShared& s, const tagged_t* in,
+                                             const scalar_t* norm_weight, float eps, int rows, int k,
+                                             int prologue, unsigned tag, int threads, int barrier) {
+  const int chunks = k / VEC;
+  constexpr int half = 16 / (int)sizeof(tagged_t);  // words of one 16-byte load
+  float squares[MATVEC_ROWS];
+#pragma unroll
+  for (int m = 0; m < MATVEC_ROWS; m++) {
+    squares[m] = 0.f;
+    if (m >= rows) continue;
+    const tagged_t* row = in + (i64)m * k;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += 2 * threads) {
+      const int c1 = c0 + threads;
+      if (prologue == 1 && m == 0) {
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_weight + c0 * VEC));
+        if (c1 < chunks) asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_weight + c1 * VEC));
+      }
+      uint4 w[2][2];
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int c = j == 0 ? c0 : c1;
+        if (c < chunks) {
+          w[j][0] = load_tagged(row + c * VEC);
+          w[j][1] = load_tagged(row + c * VEC + half);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const int c = j == 0 ? c0 : c1;
+        if (c >= chunks) break;
+        wait_tagged(w[j][0], row + c * VEC, tag);
+        wait_tagged(w[j][1], row + c * VEC + half, tag);
+        const uint4 values = untag(w[j][0], w[j][1]);
+        *reinterpret_cast<uint4*>(xs + m * k + c * VEC) = values;
+        if (prologue == 1) {
+          float v[VEC];
+          unpack(values, v);
+#pragma unroll
+          for (int i = 0; i < VEC; i++) squares[m] += v[i] * v[i];
+        }
+      }
+    }
+  }
+  if (prologue == 1) {
+    rows_inv_rms(squares, s, eps, rows, k, threads, barrier);
+#pragma unroll
+    for (int m = 0; m < MATVEC_ROWS; m++) {
+      if (m >= rows) break;
+      for (int c = threadIdx.x; c < chunks; c += threads) {
+        scalar_t* dst = xs + m * k + c * VEC;
+        float a[VEC], b[VEC];
+        unpack(*reinterpret_cast<const uint4*>(dst), a);
+        unpack(reinterpret_cast<const uint4*>(norm_weight)[c], b);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) dst[e] = from_float(a[e] * s.inv_rms[m] * b[e]);
+      }
+    }
+  }
+  sync_threads(barrier, threads);
+}
+
 extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(const LayerParams p) {
   constexpr int staging_bytes = MATVEC_ROWS * MATVEC_K * (int)sizeof(scalar_t);
   constexpr int attention_bytes = LAYER_PARTS * (int)sizeof(AttentionShared<LAYER_HEADS>);
@@ -2346,6 +2528,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
   const int rows = p.rows, hidden = p.hidden, inter = p.inter, half = HEAD_DIM / 2;
   const int attn_k = p.heads * HEAD_DIM;
   const bool takes_tiles = threadIdx.x / 32 < p.tile_groups * LAYER_GROUP_WARPS;
+  [[maybe_unused]] const unsigned tag = layer_tag(p.layer);
   int base = 0;  // the block's tiles of the products before this one
 
   // 1. qkv, RoPE, the KV-cache write. Unit u is element j of a head and
@@ -2430,36 +2613,70 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
         for (int i = tid; i < LAYER_HEADS * HEAD_DIM; i += THREADS) {
           const int h = i / HEAD_DIM, d = i % HEAD_DIM;
           const i64 out = (i64)seq * p.heads + kv_head * GQA_GROUP + head_chunk * LAYER_HEADS + h;
-          p.attn[out * HEAD_DIM + d] = from_float(
+          const scalar_t merged = from_float(
               combine_partitions(p.part_acc, p.part_max, p.part_sum, p.partitions, out, d));
+#if LAYER_TAGGED
+          store_tagged(p.attn_tagged + out * HEAD_DIM + d, merged, tag);
+#else
+          p.attn[out * HEAD_DIM + d] = merged;
+#endif
         }
       }
       sync_threads(barrier, THREADS);
     }
   }
   TIMELINE_DONE(MARK_ATTENTION_DONE);
+#if LAYER_TAGGED
+  // The block's attention items are done with the shared memory that the
+  // staging takes; attention's output from the other blocks is waited for
+  // word by word.
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
+  TIMELINE_MARK(MARK_BARRIER2);
+  stage_tagged(xs, staging, p.attn_tagged, nullptr, 0.f, rows, attn_k, 0, tag, LAYER_CONSUMERS,
+               LAYER_SYNC);
+#else
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 2) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER2);
+  stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0, LAYER_CONSUMERS, LAYER_SYNC);
+#endif
 
-  // 3. x += attn · Woᵀ, and 5. x += act · Wdownᵀ: unit `row` of input row
-  // m is this block's alone to add.
+  // 3. x += attn · Woᵀ: unit `row` of input row m is this block's alone to
+  // add. With tagged words the sum goes to x's tagged copy, which the
+  // MLP's staging and the down projection's residual read; the down
+  // projection then writes x itself, its only writer in the layer.
   auto residual = [&](int row, int m) { return load_cg_scalar(p.x + (i64)m * hidden + row); };
   auto add_to_x = [&](int row, int m, float a, float, scalar_t x) {
     p.x[(i64)m * hidden + row] = from_float(to_float(x) + a);
   };
-  stage_input(xs, staging, p.attn, nullptr, 0.f, rows, attn_k, 0, LAYER_CONSUMERS, LAYER_SYNC);
+#if LAYER_TAGGED
+  auto add_to_tagged_x = [&](int row, int m, float a, float, scalar_t x) {
+    store_tagged(p.x_tagged + (i64)m * hidden + row, from_float(to_float(x) + a), tag);
+  };
+#endif
   {
     const LayerProduct w = layer_product(p, 1);
+#if LAYER_TAGGED
+    if (takes_tiles)
+      ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_tagged_x);
+#else
     if (takes_tiles) ring_product<false>(w, ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
+#endif
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_O_DONE);
   TIMELINE_TILE_STORE(1);
+#if LAYER_TAGGED
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
+  TIMELINE_MARK(MARK_BARRIER3);
+  // 4. act = silu(gate) · up of rms_norm(x) · Wgate_upᵀ.
+  stage_tagged(xs, staging, p.x_tagged, p.post_norm, p.eps, rows, hidden, 1, tag, LAYER_CONSUMERS,
+               LAYER_SYNC);
+#else
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 3) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER3);
-
   // 4. act = silu(gate) · up of rms_norm(x) · Wgate_upᵀ.
   stage_input(xs, staging, p.x, p.post_norm, p.eps, rows, hidden, 1, LAYER_CONSUMERS, LAYER_SYNC);
+#endif
   {
     const LayerProduct w = layer_product(p, 2);
     if (takes_tiles)
@@ -2467,18 +2684,35 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
                          [&](int j, int m, float gate, float up, int) {
         gate = to_float(from_float(gate));
         up = to_float(from_float(up));
-        p.act[(i64)m * inter + j] = from_float(gate / (1.f + __expf(-gate)) * up);
+        const scalar_t a = from_float(gate / (1.f + __expf(-gate)) * up);
+#if LAYER_TAGGED
+        store_tagged(p.act_tagged + (i64)m * inter + j, a, tag);
+#else
+        p.act[(i64)m * inter + j] = a;
+#endif
       });
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_GATE_UP_DONE);
   TIMELINE_TILE_STORE(2);
+#if LAYER_TAGGED
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
+  TIMELINE_MARK(MARK_BARRIER4);
+  // 5. x += act · Wdownᵀ, the residual this layer's x after the o projection.
+  stage_tagged(xs, staging, p.act_tagged, nullptr, 0.f, rows, inter, 0, tag, LAYER_CONSUMERS,
+               LAYER_SYNC);
+  auto tagged_residual = [&](int row, int m) { return seen_tagged(p.x_tagged + (i64)m * hidden + row); };
+  if (takes_tiles)
+    ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, tagged_residual,
+                        add_to_x);
+#else
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 4) * gridDim.x);
   TIMELINE_MARK(MARK_BARRIER4);
 
   // 5. x += act · Wdownᵀ.
   stage_input(xs, staging, p.act, nullptr, 0.f, rows, inter, 0, LAYER_CONSUMERS, LAYER_SYNC);
   if (takes_tiles) ring_product<false>(layer_product(p, 3), ring, base, p.tile_groups, ring.sums, xs, rows, residual, add_to_x);
+#endif
   TIMELINE_DONE(MARK_DOWN_DONE);
   TIMELINE_TILE_STORE(3);
 }

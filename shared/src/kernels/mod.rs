@@ -226,6 +226,14 @@ fn layer_copy_depth() -> usize {
     )
 }
 
+/// Whether `decode_layer`'s stages after attention wait for tagged words
+/// (see `store_tagged` in `decode.cu`) instead of grid barriers:
+/// `SPARK_DISAGG_LAYER_TAGGED=1`; off by default, as its first measurement
+/// was slower (experiments file, section 25).
+fn layer_tagged_wanted() -> bool {
+    std::env::var("SPARK_DISAGG_LAYER_TAGGED").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Whether `decode_layer` is built with its timeline (see [`timeline`]):
 /// `SPARK_DISAGG_LAYER_TIMELINE=1`; off by default. A diagnostic build:
 /// one more named barrier per stage and a clock read at each mark.
@@ -326,6 +334,9 @@ pub struct KernelShape {
     pub layer_evict_first: bool,
     /// Tiles of a block on their way at once (0: as many as free slots).
     pub layer_copy_depth: usize,
+    /// Whether the layer's stages after attention wait for tagged words
+    /// rather than grid barriers.
+    pub layer_tagged: bool,
     /// Whether `attention_partial` may use the tensor cores (where the GPU
     /// and the dtype allow them).
     pub attention_mma: bool,
@@ -352,6 +363,7 @@ impl KernelShape {
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
             layer_copy_depth: layer_copy_depth(),
+            layer_tagged: layer_tagged_wanted(),
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
         };
@@ -469,6 +481,7 @@ impl KernelShape {
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DLAYER_COPY_DEPTH={}", self.layer_copy_depth),
+            format!("-DLAYER_TAGGED={}", self.layer_tagged as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
             format!("-DLAYER_TIMELINE={}", self.layer_timeline as u8),
         ];
@@ -579,6 +592,11 @@ pub struct LayerScratch {
     part_max: Tensor,
     part_sum: Tensor,
     sync: Tensor,
+    /// Attention's output, x after the o projection and SwiGLU's output as
+    /// tagged words (one per element: 32 bits, 64 for f32), zeroed; empty
+    /// where the kernel was built with grid barriers instead.
+    tagged: Tensor,
+    hidden: usize,
     partitions: usize,
 }
 
@@ -603,6 +621,9 @@ struct LayerParams {
     q: *mut c_void,
     attn: *mut c_void,
     act: *mut c_void,
+    attn_tagged: *mut c_void,
+    x_tagged: *mut c_void,
+    act_tagged: *mut c_void,
     part_acc: *mut c_void,
     part_max: *mut c_void,
     part_sum: *mut c_void,
@@ -636,6 +657,9 @@ pub struct LayerRing {
     /// Tiles of a block on their way from memory at once, as compiled
     /// (`KernelShape::layer_copy_depth`; 0: as many as there are free slots).
     pub copy_depth: usize,
+    /// Whether the stages after attention wait for tagged words rather than
+    /// grid barriers (`KernelShape::layer_tagged`).
+    pub tagged: bool,
 }
 
 impl LayerRing {
@@ -666,6 +690,7 @@ impl LayerRing {
             slot_bytes,
             sums_bytes,
             copy_depth: 0,
+            tagged: false,
         })
     }
 
@@ -705,7 +730,8 @@ impl LayerRing {
 /// flight": what a result file says of the ring, since it depends on the
 /// GPU, on the batches the kernels were compiled for and on
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
-/// at the warps, as it did in results saved before the limit existed.
+/// at the warps, as it did in results saved before the limit existed;
+/// `SPARK_DISAGG_LAYER_TAGGED=1` adds ", tagged words after attention".
 impl std::fmt::Display for LayerRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -717,10 +743,14 @@ impl std::fmt::Display for LayerRing {
             self.group_warps
         )?;
         match self.copy_limit() {
-            Some(1) => write!(f, ", 1 tile of a block in flight"),
-            Some(depth) => write!(f, ", {depth} tiles of a block in flight"),
-            None => Ok(()),
+            Some(1) => write!(f, ", 1 tile of a block in flight")?,
+            Some(depth) => write!(f, ", {depth} tiles of a block in flight")?,
+            None => {}
         }
+        if self.tagged {
+            write!(f, ", tagged words after attention")?;
+        }
+        Ok(())
     }
 }
 
@@ -748,6 +778,7 @@ fn layer_ring(
     )?;
     Some(LayerRing {
         copy_depth: shape.layer_copy_depth,
+        tagged: shape.layer_tagged,
         ..ring
     })
 }
@@ -1572,12 +1603,14 @@ impl DecodeKernels {
     }
 
     /// Scratch for one step of `decode_layer` at `rows` sequences of contexts up to
-    /// `context` tokens, for a model of `heads` query heads, `kv_heads` KV
-    /// heads and an MLP of `inter`.
+    /// `context` tokens, for a model of hidden size `hidden`, `heads` query
+    /// heads, `kv_heads` KV heads and an MLP of `inter`.
+    #[allow(clippy::too_many_arguments)]
     pub fn layer_scratch(
         &self,
         rows: usize,
         context: usize,
+        hidden: usize,
         heads: usize,
         kv_heads: usize,
         inter: usize,
@@ -1589,6 +1622,17 @@ impl DecodeKernels {
         let p = partitions as i64;
         let f32_on = (Kind::Float, device);
         let chunks = (self.shape.gqa_group / self.shape.layer_heads()) as i64;
+        // A tagged word is twice an element: its value and its tag. Only
+        // the tagged build reads them; the other zeroes nothing for them.
+        let tagged_kind = if kind == Kind::Float {
+            Kind::Int64
+        } else {
+            Kind::Int
+        };
+        let tagged_words = match self.shape.layer_tagged {
+            true => rows * (heads * head_dim + (hidden + inter) as i64),
+            false => 0,
+        };
         LayerScratch {
             q: Tensor::empty([rows, heads, head_dim], (kind, device)),
             attn: Tensor::empty([rows, heads * head_dim], (kind, device)),
@@ -1597,6 +1641,8 @@ impl DecodeKernels {
             part_max: Tensor::empty([rows, heads, p], f32_on),
             part_sum: Tensor::empty([rows, heads, p], f32_on),
             sync: Tensor::zeros([1 + rows * kv_heads as i64 * chunks], (Kind::Int, device)),
+            tagged: Tensor::zeros([tagged_words], (tagged_kind, device)),
+            hidden,
             partitions,
         }
     }
@@ -1680,11 +1726,17 @@ impl DecodeKernels {
         assert!(
             scratch.q.size()[0] == rows
                 && scratch.act.size()[1] == inter
+                && scratch.hidden == hidden as usize
                 && scratch.partitions * self.shape.partition()
                     >= max_blocks as usize * step.block_size,
             "decode_layer: the scratch was made for another shape"
         );
         let ptr = |t: &Tensor| t.data_ptr();
+        // The three vectors' places in the tagged words (never read by a
+        // build without them, whose tensor is empty).
+        let word = scratch.tagged.kind().elt_size_in_bytes() as i64;
+        let tagged_at =
+            |words: i64| ptr(&scratch.tagged).wrapping_byte_add((words * word) as usize);
         let mut params = LayerParams {
             x: ptr(x),
             input_norm: ptr(layer.input_norm),
@@ -1703,6 +1755,9 @@ impl DecodeKernels {
             q: ptr(&scratch.q),
             attn: ptr(&scratch.attn),
             act: ptr(&scratch.act),
+            attn_tagged: tagged_at(0),
+            x_tagged: tagged_at(rows * heads * head_dim),
+            act_tagged: tagged_at(rows * (heads * head_dim + hidden)),
             part_acc: ptr(&scratch.part_acc),
             part_max: ptr(&scratch.part_max),
             part_sum: ptr(&scratch.part_sum),
@@ -2420,6 +2475,7 @@ mod tests {
             "LAYER_BULK_COPY_ALLOWED",
             "LAYER_EVICT_FIRST",
             "LAYER_COPY_DEPTH",
+            "LAYER_TAGGED",
             "LAYER_GROUP_WARPS",
             "ATTENTION_MMA_ALLOWED",
         ] {
@@ -2498,6 +2554,16 @@ mod tests {
             .ends_with(", 2 tiles of a block in flight"));
         assert_eq!(limited(6).copy_limit(), None);
         assert_eq!(limited(6).to_string(), ring.to_string());
+        // So is the tagged exchange, where it is on.
+        let tagged = LayerRing {
+            tagged: true,
+            ..limited(1)
+        };
+        assert_eq!(
+            tagged.to_string(),
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight, \
+             tagged words after attention"
+        );
     }
 
     #[test]

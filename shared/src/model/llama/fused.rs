@@ -197,6 +197,7 @@ impl Llama {
         let scratch = kernels.layer_scratch(
             step.tokens.numel(),
             context,
+            config.hidden_size,
             config.num_attention_heads,
             config.num_kv_heads(),
             config.intermediate_size,
@@ -622,6 +623,22 @@ mod tests {
                 check_decode_step(&config, &forced, device, &[299]);
                 check_decode_step(&config, &forced, device, &[0, 39, 299]);
             }
+            // The other way for the stages after attention to get their
+            // inputs: tagged words where this build has grid barriers
+            // (SPARK_DISAGG_LAYER_TAGGED=1 makes it the reverse).
+            let other = KernelShape {
+                layer_tagged: !shape.layer_tagged,
+                ..shape
+            };
+            let other = DecodeKernels::for_shape_with_groups(other, device, &[5])
+                .unwrap()
+                .with_layer_kernel(true);
+            assert_eq!(
+                other.layer_ring().map(|ring| ring.tagged),
+                Some(!shape.layer_tagged)
+            );
+            check_decode_step(&config, &other, device, &[299]);
+            check_decode_step(&config, &other, device, &[0, 39, 299]);
             let single = DecodeKernels::get_for_batches(&config, Kind::BFloat16, device, 1)
                 .unwrap()
                 .with_layer_kernel(true);
