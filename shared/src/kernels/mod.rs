@@ -593,9 +593,9 @@ pub struct LayerScratch {
     part_sum: Tensor,
     sync: Tensor,
     /// Attention's output, x after the o projection and SwiGLU's output as
-    /// tagged words (one per element: 32 bits, 64 for f32), zeroed; empty
+    /// tagged words (one per element: 32 bits, 64 for f32), zeroed; none
     /// where the kernel was built with grid barriers instead.
-    tagged: Tensor,
+    tagged: Option<Tensor>,
     hidden: usize,
     partitions: usize,
 }
@@ -1602,37 +1602,30 @@ impl DecodeKernels {
         self.layer_blocks > 0 && (1..=self.matvec_limit).contains(&rows)
     }
 
-    /// Scratch for one step of `decode_layer` at `rows` sequences of contexts up to
-    /// `context` tokens, for a model of hidden size `hidden`, `heads` query
-    /// heads, `kv_heads` KV heads and an MLP of `inter`.
-    #[allow(clippy::too_many_arguments)]
+    /// Scratch for one step of `decode_layer` at `rows` sequences of
+    /// contexts up to `context` tokens of the model `config`.
     pub fn layer_scratch(
         &self,
         rows: usize,
         context: usize,
-        hidden: usize,
-        heads: usize,
-        kv_heads: usize,
-        inter: usize,
+        config: &LlamaConfig,
         device: Device,
     ) -> LayerScratch {
         let (kind, head_dim) = (self.shape.kind, self.shape.head_dim as i64);
-        let (rows, heads) = (rows as i64, heads as i64);
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let kv_heads = config.num_kv_heads();
+        let (rows, heads) = (rows as i64, config.num_attention_heads as i64);
         let partitions = context.div_ceil(self.shape.partition());
         let p = partitions as i64;
         let f32_on = (Kind::Float, device);
         let chunks = (self.shape.gqa_group / self.shape.layer_heads()) as i64;
-        // A tagged word is twice an element: its value and its tag. Only
-        // the tagged build reads them; the other zeroes nothing for them.
+        // A tagged word is twice an element: its value and its tag.
         let tagged_kind = if kind == Kind::Float {
             Kind::Int64
         } else {
             Kind::Int
         };
-        let tagged_words = match self.shape.layer_tagged {
-            true => rows * (heads * head_dim + (hidden + inter) as i64),
-            false => 0,
-        };
+        let tagged_words = rows * (heads * head_dim + (hidden + inter) as i64);
         LayerScratch {
             q: Tensor::empty([rows, heads, head_dim], (kind, device)),
             attn: Tensor::empty([rows, heads * head_dim], (kind, device)),
@@ -1641,7 +1634,10 @@ impl DecodeKernels {
             part_max: Tensor::empty([rows, heads, p], f32_on),
             part_sum: Tensor::empty([rows, heads, p], f32_on),
             sync: Tensor::zeros([1 + rows * kv_heads as i64 * chunks], (Kind::Int, device)),
-            tagged: Tensor::zeros([tagged_words], (tagged_kind, device)),
+            tagged: self
+                .shape
+                .layer_tagged
+                .then(|| Tensor::zeros([tagged_words], (tagged_kind, device))),
             hidden,
             partitions,
         }
@@ -1732,11 +1728,14 @@ impl DecodeKernels {
             "decode_layer: the scratch was made for another shape"
         );
         let ptr = |t: &Tensor| t.data_ptr();
-        // The three vectors' places in the tagged words (never read by a
-        // build without them, whose tensor is empty).
-        let word = scratch.tagged.kind().elt_size_in_bytes() as i64;
-        let tagged_at =
-            |words: i64| ptr(&scratch.tagged).wrapping_byte_add((words * word) as usize);
+        // The three vectors' places in the tagged words (null in a build
+        // without them, which never reads them).
+        let tagged_at = |words: i64| {
+            scratch.tagged.as_ref().map_or(std::ptr::null_mut(), |t| {
+                let word = t.kind().elt_size_in_bytes() as i64;
+                ptr(t).wrapping_byte_add((words * word) as usize)
+            })
+        };
         let mut params = LayerParams {
             x: ptr(x),
             input_norm: ptr(layer.input_norm),

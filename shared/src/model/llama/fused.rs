@@ -194,15 +194,7 @@ impl Llama {
     fn decode_layers(&self, kernels: &DecodeKernels, step: &PagedDecode, x: &Tensor) {
         let config = &self.config;
         let context = step.block_tables.size()[1] as usize * step.block_size;
-        let scratch = kernels.layer_scratch(
-            step.tokens.numel(),
-            context,
-            config.hidden_size,
-            config.num_attention_heads,
-            config.num_kv_heads(),
-            config.intermediate_size,
-            x.device(),
-        );
+        let scratch = kernels.layer_scratch(step.tokens.numel(), context, config, x.device());
         let layer_step = LayerStep {
             positions: step.positions,
             write_slots: step.write_slots,
