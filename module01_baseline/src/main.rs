@@ -5,7 +5,7 @@
 //! cargo run --release -p module01_baseline -- generate --chat "Write a haiku about caches"
 //! cargo run --release -p module01_baseline -- convert --out /tmp/smollm2-hf
 //! cargo run --release -p module01_baseline -- bench --peer hf
-//! cargo run --release -p module01_baseline -- history results/h100/tinyllama-1.1b_h100_{fix23,fix26}.json fix29=results/h100/tinyllama-1.1b_h100.json
+//! cargo run --release -p module01_baseline -- history results/h100/tinyllama-1.1b_h100_{fix23,fix26,fix29}.json fix30=results/h100/tinyllama-1.1b_h100.json
 //! ```
 
 use std::io::Write;
@@ -82,7 +82,8 @@ struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Use seeded random weights of this shape instead of loading a model
-    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b).
+    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b, or the path of
+    /// a Hugging Face config.json).
     #[arg(long)]
     random: Option<String>,
     #[arg(long, default_value_t = 64)]
@@ -151,7 +152,8 @@ struct TimelineArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Use seeded random weights of this shape instead of loading a model
-    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b).
+    /// (smollm2-135m, tinyllama-1.1b, llama3-8b, llama3-70b, or the path of
+    /// a Hugging Face config.json).
     #[arg(long)]
     random: Option<String>,
     /// Sequences in the decode step (the layer kernel takes up to 4).
@@ -339,6 +341,27 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+/// The shape `--random` names: a preset, or a Hugging Face `config.json`
+/// (any Llama shape that is not a preset), with the name results give it.
+fn random_shape(shape: &str) -> Result<(shared::model::config::LlamaConfig, String)> {
+    use shared::model::config::LlamaConfig;
+    if let Some(config) = LlamaConfig::preset(shape) {
+        return Ok((config, shape.to_string()));
+    }
+    let path = Path::new(shape);
+    if !path.is_file() {
+        bail!(
+            "--random {shape:?} is neither a preset ({}) nor a config.json file",
+            LlamaConfig::PRESET_NAMES.join(", ")
+        );
+    }
+    let config = shared::model::load::hf_dir::read_config_file(path)?;
+    let name = path
+        .file_name()
+        .map_or(shape.into(), |n| n.to_string_lossy().into_owned());
+    Ok((config, name))
+}
+
 /// The model a measurement runs: seeded random weights of a preset shape,
 /// or the model `model` names; with its name for the results and how a
 /// peer would load the same.
@@ -350,18 +373,13 @@ fn bench_model(
     kind: tch::Kind,
 ) -> Result<(shared::model::llama::Llama, String, PeerModel)> {
     Ok(match random {
-        Some(preset) => {
-            let config = shared::model::config::LlamaConfig::preset(preset).with_context(|| {
-                format!(
-                    "unknown preset {preset:?}; use one of {:?}",
-                    shared::model::config::LlamaConfig::PRESET_NAMES
-                )
-            })?;
+        Some(shape) => {
+            let (config, name) = random_shape(shape)?;
             let json = serde_json::to_string(&config)?;
             let model = shared::model::llama::Llama::random(config, seed, device, kind);
             (
                 model,
-                format!("{preset} (random weights)"),
+                format!("{name} (random weights)"),
                 PeerModel::RandomConfig(json),
             )
         }

@@ -50,11 +50,24 @@ pub fn load_metadata(dir: &Path) -> Result<(LlamaConfig, Tokenizer), LoadError> 
 
 fn read_config(dir: &Path) -> Result<LlamaConfig, LoadError> {
     let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(LoadError::Format {
+            path: dir.to_path_buf(),
+            message: "no config.json: a Hugging Face model directory needs config.json, \
+                      *.safetensors and tokenizer.json"
+                .into(),
+        });
+    }
+    read_config_file(&config_path)
+}
+
+/// The model shape in a Hugging Face `config.json` at `config_path`, alone:
+/// what a benchmark with random weights of a shape that is no preset reads.
+pub fn read_config_file(config_path: &Path) -> Result<LlamaConfig, LoadError> {
+    let config_path = config_path.to_path_buf();
     let raw: Value = read_json(&config_path)?.ok_or_else(|| LoadError::Format {
-        path: dir.to_path_buf(),
-        message: "no config.json: a Hugging Face model directory needs config.json, \
-                  *.safetensors and tokenizer.json"
-            .into(),
+        path: config_path.clone(),
+        message: "the file does not exist".into(),
     })?;
     let model_type = raw
         .get("model_type")
@@ -289,5 +302,34 @@ mod tests {
             chat_template(dir.path(), &config).unwrap().as_deref(),
             Some("{{ from_file }}")
         );
+    }
+
+    #[test]
+    fn a_config_file_is_read_alone_and_checked_like_a_directorys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shape.json");
+        let shape = serde_json::json!({
+            "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        });
+        std::fs::write(&path, shape.to_string()).unwrap();
+        let config = read_config_file(&path).unwrap();
+        assert_eq!(
+            (
+                config.num_hidden_layers,
+                config.num_kv_heads(),
+                config.head_dim()
+            ),
+            (3, 2, 16)
+        );
+        let mut qwen = shape.clone();
+        qwen["model_type"] = "qwen2".into();
+        std::fs::write(&path, qwen.to_string()).unwrap();
+        assert!(matches!(
+            read_config_file(&path),
+            Err(LoadError::UnsupportedArchitecture { .. })
+        ));
+        let missing = read_config_file(&dir.path().join("none.json")).unwrap_err();
+        assert!(missing.to_string().contains("does not exist"), "{missing}");
     }
 }
