@@ -226,12 +226,44 @@ fn layer_copy_depth() -> usize {
     )
 }
 
+/// The bytes of a layer's weights from which `decode_layer` waits for
+/// tagged words after attention rather than grid barriers (see
+/// [`layer_tagged_wanted`]).
+const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
+
 /// Whether `decode_layer`'s stages after attention wait for tagged words
-/// (see `store_tagged` in `decode.cu`) instead of grid barriers:
-/// `SPARK_DISAGG_LAYER_TAGGED=1`; off by default, as its first measurement
-/// was slower (experiments file, section 25).
-fn layer_tagged_wanted() -> bool {
-    std::env::var("SPARK_DISAGG_LAYER_TAGGED").is_ok_and(|v| v.trim() == "1")
+/// (see `store_tagged` in `decode.cu`) instead of grid barriers, given the
+/// value of `SPARK_DISAGG_LAYER_TAGGED` (`None`: not set), the bytes of one
+/// layer's weights and the rows (sequences) the kernel is compiled for.
+///
+/// A grid barrier is cheap (about 1 us) while the ring's copies are done,
+/// and costs 2-5 us while they are in flight: its trips to L2 queue behind
+/// the weight stream. The tagged words cost about the same either way (a
+/// stage polls its input's words, each twice the bytes of the value). So
+/// they win only where a layer's weights outlast the ring (26 MB on an
+/// H100) long enough that the copies are still going at the later syncs.
+/// Measured on an H100 at batch 1 over eight shapes from 7 to 436 MB a
+/// layer, the tagged build lost 1-3 % up to 54 MB and won from 88 MB
+/// (TinyLlama 1.5 %, 120 MB 4 %, Llama-3-8B 2 %; experiments file,
+/// section 26); 64 MiB lies between. Only a kernel of one row, though:
+/// compiled for four, TinyLlama's tagged build won 2 % at batch 1 and lost
+/// 3 % at batch 2 and 10 % at batch 4 (each row's vectors are more words to
+/// poll). No other GPU has been measured. `1` turns them on for any model
+/// and rows, `0` off.
+fn layer_tagged_wanted(setting: Option<&str>, layer_bytes: usize, rows: usize) -> bool {
+    let by_size = rows == 1 && layer_bytes >= LAYER_TAGGED_MIN_BYTES;
+    match setting.map(str::trim) {
+        None => by_size,
+        Some("0") => false,
+        Some("1") => true,
+        Some(other) => {
+            tracing::warn!(
+                value = %other,
+                "SPARK_DISAGG_LAYER_TAGGED is neither 0 nor 1; using the default for this model"
+            );
+            by_size
+        }
+    }
 }
 
 /// Whether `decode_layer` is built with its timeline (see [`timeline`]):
@@ -345,8 +377,24 @@ pub struct KernelShape {
 }
 
 impl KernelShape {
-    /// The shape of `config` in `kind`, or why the kernels cannot run it.
+    /// The shape of `config` in `kind`, or why the kernels cannot run it,
+    /// with as many rows as fit (see [`KernelShape::for_batches`]).
     pub fn of(config: &LlamaConfig, kind: Kind) -> Result<KernelShape, KernelError> {
+        Self::for_batches(config, kind, usize::MAX)
+    }
+
+    /// The shape of `config` in `kind` with the matrix-vector kernel (and
+    /// the layer kernel) compiled for at most `rows` input rows. Their
+    /// staged input takes `rows` rows of shared memory, and in the layer
+    /// kernel what the staging does not take the weight ring can: the
+    /// engine compiles for the rows it will use
+    /// (`EngineConfig::matvec_max_batch`). Whether the layer kernel waits
+    /// for tagged words depends on those rows too.
+    pub fn for_batches(
+        config: &LlamaConfig,
+        kind: Kind,
+        rows: usize,
+    ) -> Result<KernelShape, KernelError> {
         let sizes = [
             config.hidden_size,
             config.intermediate_size,
@@ -363,7 +411,7 @@ impl KernelShape {
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
             layer_copy_depth: layer_copy_depth(),
-            layer_tagged: layer_tagged_wanted(),
+            layer_tagged: false,
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
         };
@@ -374,8 +422,15 @@ impl KernelShape {
             .next_multiple_of(TILE_ROW_PAD_MAX);
         if shape.scalar_kind().is_some() && sizes.iter().all(|k| k % shape.vec() == 0) {
             let row_bytes = matvec_k * kind.elt_size_in_bytes();
-            shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1)).min(MATVEC_MAX_ROWS);
+            shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1))
+                .min(MATVEC_MAX_ROWS)
+                .min(rows);
         }
+        shape.layer_tagged = layer_tagged_wanted(
+            std::env::var("SPARK_DISAGG_LAYER_TAGGED").ok().as_deref(),
+            config.layer_parameters() * elt,
+            shape.matvec_rows,
+        );
         shape.check()?;
         Ok(shape)
     }
@@ -440,18 +495,6 @@ impl KernelShape {
             ));
         }
         Ok(())
-    }
-
-    /// The same shape with the matrix-vector kernel (and the layer kernel)
-    /// compiled for at most `rows` input rows. Their staged input takes
-    /// `rows` rows of shared memory, and in the layer kernel what the
-    /// staging does not take the weight ring can: the engine compiles for
-    /// the rows it will use (`EngineConfig::matvec_max_batch`).
-    pub fn with_matvec_rows(self, rows: usize) -> KernelShape {
-        KernelShape {
-            matvec_rows: self.matvec_rows.min(rows),
-            ..self
-        }
     }
 
     /// NVRTC's options for this shape, with groups of `group_warps` warps
@@ -731,7 +774,8 @@ impl LayerRing {
 /// GPU, on the batches the kernels were compiled for and on
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
 /// at the warps, as it did in results saved before the limit existed;
-/// `SPARK_DISAGG_LAYER_TAGGED=1` adds ", tagged words after attention".
+/// A build with tagged words (see [`layer_tagged_wanted`]) adds ", tagged
+/// words after attention".
 impl std::fmt::Display for LayerRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -944,17 +988,14 @@ impl DecodeKernels {
 
     /// The kernels for `config` in `kind` on `device`, compiled for
     /// batches of at most `rows` rows on the matrix-vector and layer
-    /// kernels (see [`KernelShape::with_matvec_rows`]); as `get` otherwise.
+    /// kernels (see [`KernelShape::for_batches`]); as `get` otherwise.
     pub fn get_for_batches(
         config: &LlamaConfig,
         kind: Kind,
         device: Device,
         rows: usize,
     ) -> Result<Arc<DecodeKernels>, KernelError> {
-        Self::for_shape(
-            KernelShape::of(config, kind)?.with_matvec_rows(rows),
-            device,
-        )
+        Self::for_shape(KernelShape::for_batches(config, kind, rows)?, device)
     }
 
     /// The kernels compiled for `shape` (as `get` does for the shape of a
@@ -2395,6 +2436,30 @@ mod tests {
     }
 
     #[test]
+    fn tagged_words_are_the_default_only_for_layers_the_ring_cannot_hold() {
+        let bf16_layer = |name| LlamaConfig::preset(name).unwrap().layer_parameters() * 2;
+        // SmolLM2's 7 MB a layer: barriers; TinyLlama's 88 MB and
+        // Llama-3-8B's 436 MB: tagged words (the measured crossover), in a
+        // kernel of one row only.
+        assert!(!layer_tagged_wanted(None, bf16_layer("smollm2-135m"), 1));
+        assert!(layer_tagged_wanted(None, bf16_layer("tinyllama-1.1b"), 1));
+        assert!(layer_tagged_wanted(None, bf16_layer("llama3-8b"), 1));
+        assert!(!layer_tagged_wanted(None, bf16_layer("tinyllama-1.1b"), 4));
+        for bytes in [bf16_layer("smollm2-135m"), bf16_layer("tinyllama-1.1b")] {
+            for rows in [1, 4] {
+                let at = format!("{bytes} bytes, {rows} rows");
+                assert!(layer_tagged_wanted(Some(" 1 "), bytes, rows), "1 at {at}");
+                assert!(!layer_tagged_wanted(Some("0"), bytes, rows), "0 at {at}");
+                assert_eq!(
+                    layer_tagged_wanted(Some("on"), bytes, rows),
+                    layer_tagged_wanted(None, bytes, rows),
+                    "not 0 or 1 at {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn attention_splits_the_context_only_until_the_grid_is_full() {
         // An H100 (132 multiprocessors, four blocks each), TinyLlama's four
         // key/value heads, a context of ten partitions.
@@ -2567,11 +2632,20 @@ mod tests {
 
     #[test]
     fn staging_rows_follow_the_batches_asked_for() {
-        let tiny = KernelShape::of(&LlamaConfig::tinyllama_1_1b(), Kind::BFloat16).unwrap();
-        assert_eq!(tiny.with_matvec_rows(1).matvec_rows, 1);
-        assert_eq!(tiny.with_matvec_rows(16).matvec_rows, tiny.matvec_rows);
-        assert_eq!(tiny.with_matvec_rows(0).matvec_rows, 0);
-        let options = tiny.with_matvec_rows(1).options(5);
+        let config = LlamaConfig::tinyllama_1_1b();
+        let rows = |rows| {
+            KernelShape::for_batches(&config, Kind::BFloat16, rows)
+                .unwrap()
+                .matvec_rows
+        };
+        let most = KernelShape::of(&config, Kind::BFloat16)
+            .unwrap()
+            .matvec_rows;
+        assert!(most > 1, "TinyLlama's rows fit more than one: {most}");
+        assert_eq!((rows(1), rows(16), rows(0)), (1, most, 0));
+        let options = KernelShape::for_batches(&config, Kind::BFloat16, 1)
+            .unwrap()
+            .options(5);
         assert!(
             options.contains(&"-DMATVEC_ROWS=1".to_string()),
             "{options:?}"

@@ -115,13 +115,21 @@ impl LlamaConfig {
     /// Number of parameters, counting a tied embedding once.
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        self.num_hidden_layers * self.layer_parameters() + embed + head + h
+    }
+
+    /// Parameters of one decoder layer: its attention and MLP projections
+    /// and its two norms. A decode step at batch 1 reads all of them once
+    /// per layer, so their bytes are what a layer's time is measured against.
+    pub fn layer_parameters(&self) -> usize {
+        let h = self.hidden_size;
         let kv = self.num_kv_heads() * self.head_dim();
         let attn = h * h /* q */ + 2 * h * kv /* k, v */ + h * h /* o */;
         let mlp = 3 * h * self.intermediate_size;
         let norms = 2 * h;
-        let embed = self.vocab_size * h;
-        let head = if self.tie_word_embeddings { 0 } else { embed };
-        self.num_hidden_layers * (attn + mlp + norms) + embed + head + h
+        attn + mlp + norms
     }
 
     /// Bytes of K and V that one token occupies across all layers.
