@@ -82,8 +82,11 @@ const LAYER_SLOT_BYTES: usize = 32 * 1024;
 /// Weight rows per tile, at most (each row's partial sums stay in registers).
 const LAYER_TILE_ROWS: usize = 8;
 /// Tiles of one block on their way at once, by default (see
-/// `layer_copy_depth`).
+/// `layer_copy_depth`): one, and `LAYER_DEEP_COPY_DEPTH` for a layer of
+/// `LAYER_DEEP_COPY_MIN_BYTES` or more.
 const LAYER_COPY_DEPTH: usize = 1;
+const LAYER_DEEP_COPY_DEPTH: usize = 2;
+const LAYER_DEEP_COPY_MIN_BYTES: usize = 160 << 20;
 /// The most padding a row of a ring tile gets (see `tile_row_pitch`).
 const TILE_ROW_PAD_MAX: usize = 128;
 
@@ -209,21 +212,41 @@ fn layer_evict_first_allowed() -> bool {
 }
 
 /// Tiles a block of `decode_layer` keeps on their way from memory at once
-/// (`LAYER_COPY_DEPTH` in the source). The default is 1: the copying warp
-/// issues a tile only once the one before it has landed. The ring's other
-/// slots still fill ahead of the computing warps; what the limit takes away
-/// is the queue of copies in the memory system, which every other trip to
-/// L2 (the grid barriers' atomics, attention's loads of the KV cache) would
-/// wait behind (experiments file, section 22k).
-/// `SPARK_DISAGG_LAYER_COPY_DEPTH=0` lifts the limit (a copy as soon as a
-/// slot is free, as before); a depth of the ring's slots or more is no limit.
-fn layer_copy_depth() -> usize {
+/// (`LAYER_COPY_DEPTH` in the source), for a layer of `layer_bytes` of
+/// weights. The default is 1: the copying warp issues a tile only once the
+/// one before it has landed. The ring's other slots still fill ahead of the
+/// computing warps; what the limit takes away is the queue of copies in the
+/// memory system, which every other trip to L2 (the grid barriers' atomics,
+/// attention's loads of the KV cache) would wait behind (experiments file,
+/// section 22k).
+///
+/// That trade pays per layer, and a large layer's weights stream for much
+/// longer than its syncs wait: there the stream's rate counts for more,
+/// and one 33 KiB tile in flight per multiprocessor (4.4 MB on an H100,
+/// 1.3 us of HBM at its peak) is a little short of what memory's latency
+/// under load asks for (Little's law, chapter 1's exercise 15). So a layer
+/// of 160 MiB or more gets two. On an H100 at batch 1, two tiles were
+/// 2.8 % slower for TinyLlama's 88 MB a layer, even at 120 MB, and 2.2 %
+/// faster at 220, 285 and 436 MB (Llama-3-8B; experiments file, section 27).
+/// `SPARK_DISAGG_LAYER_COPY_DEPTH` sets the depth for any layer; 0 lifts the
+/// limit (a copy as soon as a slot is free, as before); a depth of the
+/// ring's slots or more is no limit.
+fn layer_copy_depth(layer_bytes: usize) -> usize {
     env_whole_number(
         "SPARK_DISAGG_LAYER_COPY_DEPTH",
-        LAYER_COPY_DEPTH,
+        default_copy_depth(layer_bytes),
         0..=usize::MAX,
         "a whole number of tiles",
     )
+}
+
+/// `layer_copy_depth` where the environment does not set it.
+fn default_copy_depth(layer_bytes: usize) -> usize {
+    if layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES {
+        LAYER_DEEP_COPY_DEPTH
+    } else {
+        LAYER_COPY_DEPTH
+    }
 }
 
 /// The bytes of a layer's weights from which `decode_layer` waits for
@@ -401,6 +424,7 @@ impl KernelShape {
             config.num_attention_heads * config.head_dim(),
         ];
         let matvec_k = sizes.into_iter().max().unwrap_or(0);
+        let layer_bytes = config.layer_parameters() * kind.elt_size_in_bytes();
         let mut shape = KernelShape {
             kind,
             head_dim: config.head_dim(),
@@ -410,7 +434,7 @@ impl KernelShape {
             layer_slot_bytes: 0,
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
-            layer_copy_depth: layer_copy_depth(),
+            layer_copy_depth: layer_copy_depth(layer_bytes),
             layer_tagged: false,
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
@@ -428,7 +452,7 @@ impl KernelShape {
         }
         shape.layer_tagged = layer_tagged_wanted(
             std::env::var("SPARK_DISAGG_LAYER_TAGGED").ok().as_deref(),
-            config.layer_parameters() * elt,
+            layer_bytes,
             shape.matvec_rows,
         );
         shape.check()?;
@@ -2457,6 +2481,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn large_layers_keep_two_tiles_of_a_block_in_flight() {
+        let bf16_layer = |name| LlamaConfig::preset(name).unwrap().layer_parameters() * 2;
+        // Measured on an H100: one tile for TinyLlama's 88 MB a layer (and
+        // anything smaller), two for Llama-3-8B's 436 MB.
+        assert_eq!(default_copy_depth(bf16_layer("smollm2-135m")), 1);
+        assert_eq!(default_copy_depth(bf16_layer("tinyllama-1.1b")), 1);
+        assert_eq!(default_copy_depth(bf16_layer("llama3-8b")), 2);
+        // TinyLlama in f32 is 176 MB a layer: a stream as long as a large model's.
+        assert_eq!(default_copy_depth(bf16_layer("tinyllama-1.1b") * 2), 2);
     }
 
     #[test]
