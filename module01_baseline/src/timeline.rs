@@ -163,10 +163,13 @@ pub fn render_table(report: &TimelineReport) -> String {
         out += "ends at: when the median block ended the stage, from the layer's first launch (the median over \
                 layers and steps); a barrier's row says when it passed, however the stages before it share the time\n";
     }
-    if s.layer_ring
-        .as_ref()
-        .is_some_and(|r| r.ends_with("tagged words after attention"))
-    {
+    let ring = s.layer_ring.as_deref().unwrap_or("");
+    if ring.ends_with("tagged words instead of grid barriers") {
+        out += "tagged words instead of grid barriers: the barrier rows are only the block's own barrier there; \
+                its wait for the other blocks is in the stage after it (attention waits for the queries, the \
+                products' stagings for their inputs)\n";
+    } else if ring.ends_with("tagged words after attention") {
+        // Fix 30's build, before barrier 1 went too (experiments file, section 28).
         out += "tagged words after attention: barriers 2-4 are only the block's own barrier there; its wait for \
                 the other blocks is in the staging of the stage after it\n";
     }
@@ -338,6 +341,12 @@ mod tests {
         // The barrier rows of a tagged build say what they measure there.
         assert!(!table.contains("tagged words"));
         let mut tagged = report.clone();
+        tagged.setup.layer_ring = Some(
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, tagged words instead of grid barriers"
+                .into(),
+        );
+        assert!(render_table(&tagged).contains("the barrier rows are only the block's own barrier"));
+        // A timeline saved by fix 30's build, which kept barrier 1.
         tagged.setup.layer_ring = Some(
             "6 slots of 33.0 KiB read by 3 groups of 5 warps, tagged words after attention".into(),
         );

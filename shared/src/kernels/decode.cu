@@ -386,6 +386,16 @@ __device__ __forceinline__ void merge(float& m, float& l, float* acc, float m2, 
   m = top;
 }
 
+// Where attention_part finds the step's queries and the new token's keys
+// and values: in q and the KV cache, where a grid barrier (or the kernel
+// boundary) has made them visible. The layer kernel's tagged build passes
+// TaggedQkv instead, whose words it waits for.
+struct QkvWritten {
+  static constexpr bool tagged = false;
+  __device__ uint4 query(int, int, int) const { return make_uint4(0, 0, 0, 0); }
+  __device__ void new_kv(int, int, int, uint4&, uint4&) const {}
+};
+
 // Shared memory of one attention_part: each warp's softmax state.
 template <int HG>
 struct AttentionShared {
@@ -403,13 +413,14 @@ struct AttentionShared {
 // null (the block covers the whole context), the normalised result into
 // `out` [batch, heads, HEAD_DIM]. `tid` is the thread's index among the
 // THREADS that run it; they meet at named barrier `barrier`.
-template <int HG>
+template <int HG, class Qkv = QkvWritten>
 __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                                const i64* block_tables, const i64* positions, int kv_heads,
                                int block_size, int max_blocks, float scale, float* part_acc,
                                float* part_max, float* part_sum, int kv_head, int head0, int seq,
                                int partition, int partitions, int span, scalar_t* out,
-                               int tid, int barrier, AttentionShared<HG>& shared) {
+                               int tid, int barrier, AttentionShared<HG>& shared,
+                               const Qkv& fresh = Qkv{}) {
   const int heads = kv_heads * GQA_GROUP;
   const int warp = tid / 32, lane = tid % 32;
   const int group = tid / LANES, sub = tid % LANES;
@@ -419,8 +430,12 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
   float qs[HG][VEC];
 #pragma unroll
   for (int h = 0; h < HG; h++) {
-    const scalar_t* qh = q + ((i64)seq * heads + kv_head * GQA_GROUP + head0 + h) * HEAD_DIM + sub * VEC;
-    unpack(load_cg(qh), qs[h]);
+    const int head = kv_head * GQA_GROUP + head0 + h;
+    if constexpr (Qkv::tagged) {
+      unpack(fresh.query(seq, head, sub), qs[h]);
+    } else {
+      unpack(load_cg(q + ((i64)seq * heads + head) * HEAD_DIM + sub * VEC), qs[h]);
+    }
 #pragma unroll
     for (int i = 0; i < VEC; i++) qs[h][i] *= scale;
   }
@@ -443,7 +458,11 @@ __device__ __forceinline__ void attention_part(const scalar_t* q, const scalar_t
     for (int t = 0; t < TOKENS_PER_GROUP; t++) {
       int pos = first + t * GROUPS + group;
       keys[t] = values[t] = make_uint4(0, 0, 0, 0);
-      if (pos < context) {
+      if (Qkv::tagged && pos == context - 1) {
+        // The new token's: the last this lane loads, so waiting for it
+        // holds back none of the loads above.
+        fresh.new_kv(seq, kv_head, sub, keys[t], values[t]);
+      } else if (pos < context) {
         i64 block = block_tables[(i64)seq * max_blocks + pos / block_size];
         i64 offset = ((block * block_size + pos % block_size) * kv_heads + kv_head) * HEAD_DIM + sub * VEC;
         keys[t] = load_cg(k_cache + offset);
@@ -1679,9 +1698,9 @@ matvec(const scalar_t* in, const scalar_t* norm_weight, float eps, const scalar_
 #define LAYER_WARPS (LAYER_CONSUMERS / 32)
 #define LAYER_PARTS (LAYER_CONSUMERS / THREADS)  // attention items a block runs at once
 #ifndef LAYER_TAGGED
-#define LAYER_TAGGED 0  // 1: the stages after attention wait for tagged words, not grid barriers
+#define LAYER_TAGGED 0  // 1: the stages wait for tagged words, not grid barriers
 #endif
-#define LAYER_BARRIERS (LAYER_TAGGED ? 1 : 4)      // grid barriers per layer
+#define LAYER_BARRIERS (LAYER_TAGGED ? 0 : 4)      // grid barriers per layer
 #define LAYER_SYNC (LAYER_PARTS + 1)               // named barrier of the computing threads
 #define LAYER_GROUPS (LAYER_WARPS / LAYER_GROUP_WARPS)  // groups of warps that read a tile together
 #define LAYER_GROUP_THREADS (LAYER_GROUP_WARPS * 32)   // (they meet at barrier LAYER_SYNC + 1 + group)
@@ -1791,9 +1810,9 @@ __shared__ unsigned long long timeline_tile[3];
 // A grid barrier is a chain of trips to L2: the fence that waits for the
 // block's writes, the atomic that counts its arrival, the polls that see
 // the last one arrive, and then the loads of the data it guarded. Where a
-// stage needs nothing from the stage before but one vector (attention's
-// output, x after the o projection, SwiGLU's output), the data can carry
-// its own signal instead: each element is stored together with a tag, the
+// stage needs nothing from the stage before but one vector (qkv's output,
+// attention's output, x after the o projection, SwiGLU's output), the data
+// can carry its own signal instead: each element is stored together with a tag, the
 // layer's index + 1, in one word that a reader sees whole or not at all
 // (an aligned 32- or 64-bit access is single-copy atomic). The reader
 // polls the words it needs until every tag is this layer's, and has the
@@ -1803,13 +1822,17 @@ __shared__ unsigned long long timeline_tile[3];
 // f32: 32 + 32), a few KiB per layer beside megabytes of weights. The words
 // are zeroed before a step (tag 0) and each layer's tag differs from the
 // one before it, so a word left by an earlier layer or step is never taken
-// for this layer's. Barrier 1 stays: attention reads the new keys and
-// values from the KV cache, not from a vector of its own.
+// for this layer's. Attention takes the queries and the new token's keys
+// and values from qkv's tagged output (TaggedQkv), and the older keys and
+// values from the KV cache as before, so the tagged build has no grid
+// barrier left; qkv still writes the new keys and values into the cache,
+// for the steps after this one.
 //
-// Off by default (SPARK_DISAGG_LAYER_TAGGED=1 turns it on): on the H100 the
-// first build made the three waits short, and the step 6 % slower, most of
-// it in the down projection (results/h100/module01_decode_experiments_h100.txt,
-// section 25).
+// The Rust side builds it for layers of 64 MiB or more at one row
+// (layer_tagged_wanted in mod.rs): on an H100 it was faster there and
+// slower for smaller layers, whose barriers are cheap once the ring holds
+// most of the weights (results/h100/module01_decode_experiments_h100.txt,
+// sections 25, 26 and 28).
 #if SCALAR_KIND == 0
 typedef u64 tagged_t;
 #define TAG_BITS 32
@@ -1836,12 +1859,15 @@ struct LayerParams {
   scalar_t* q;     // scratch [rows, heads, HEAD_DIM]: rotated queries
   scalar_t* attn;  // scratch [rows, heads · HEAD_DIM]: attention output
   scalar_t* act;   // scratch [rows, inter]: SwiGLU output
-  // The same three vectors as tagged words (LAYER_TAGGED; see
+  // Vectors that pass between stages, as tagged words (LAYER_TAGGED; see
   // store_tagged), zeroed before the first layer: attention's output,
   // x after the o projection, SwiGLU's output.
   tagged_t* attn_tagged;
   tagged_t* x_tagged;
   tagged_t* act_tagged;
+  // qkv's output as tagged words, [rows, heads + 2 kv_heads, HEAD_DIM]
+  // (see TaggedQkv).
+  tagged_t* qkv_tagged;
   float* part_acc;  // scratch of the attention split (see attention_part)
   float* part_max;
   float* part_sum;
@@ -2417,6 +2443,44 @@ __device__ __forceinline__ scalar_t seen_tagged(const tagged_t* p) {
 #endif
 }
 
+// The step's queries and new keys and values as tagged words, laid out as
+// qkv's output ([rows, heads + 2 kv_heads, HEAD_DIM]), for attention_part
+// in the tagged build: what it reads of them, it waits for, so the layer
+// needs no grid barrier between qkv and attention. The new keys and values
+// go to the KV cache too, for the steps after this one.
+struct TaggedQkv {
+  static constexpr bool tagged = true;
+  const tagged_t* words;
+  int heads, kv_heads;
+  unsigned tag;
+
+  __device__ const tagged_t* row(int seq, int head, int sub) const {
+    return words + ((i64)seq * (heads + 2 * kv_heads) + head) * HEAD_DIM + sub * VEC;
+  }
+  // VEC values at `p`: both loads issued before either is waited for.
+  __device__ uint4 chunk(const tagged_t* p) const {
+    constexpr int half = 16 / (int)sizeof(tagged_t);
+    uint4 a = load_tagged(p), b = load_tagged(p + half);
+    wait_tagged(a, p, tag);
+    wait_tagged(b, p + half, tag);
+    return untag(a, b);
+  }
+  __device__ uint4 query(int seq, int head, int sub) const { return chunk(row(seq, head, sub)); }
+  __device__ void new_kv(int seq, int kv_head, int sub, uint4& k, uint4& v) const {
+    constexpr int half = 16 / (int)sizeof(tagged_t);
+    const tagged_t* kp = row(seq, heads + kv_head, sub);
+    const tagged_t* vp = row(seq, heads + kv_heads + kv_head, sub);
+    uint4 k0 = load_tagged(kp), k1 = load_tagged(kp + half);
+    uint4 v0 = load_tagged(vp), v1 = load_tagged(vp + half);
+    wait_tagged(k0, kp, tag);
+    wait_tagged(k1, kp + half, tag);
+    wait_tagged(v0, vp, tag);
+    wait_tagged(v1, vp + half, tag);
+    k = untag(k0, k1);
+    v = untag(v0, v1);
+  }
+};
+
 // stage_input for tagged words: stages `rows` rows of `k` values from `in`
 // into xs once each word carries `tag`, copying them (prologue 0) or
 // applying RMSNorm (1). A thread takes chunks of VEC values (two 16-byte
@@ -2559,6 +2623,16 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
         // Rounded to the model's dtype first, as the unfused step stores qkv.
         a = to_float(from_float(a));
         b = to_float(from_float(b));
+        // Keys and queries rotated; values not (their rotation is none).
+        const bool rotated = head < p.heads + p.kv_heads;
+        const scalar_t lo = from_float(rotated ? a * r.c - b * r.s : a);
+        const scalar_t hi = from_float(rotated ? b * r.c + a * r.s : b);
+#if LAYER_TAGGED
+        tagged_t* words = p.qkv_tagged + ((i64)m * (p.heads + 2 * p.kv_heads) + head) * HEAD_DIM;
+        store_tagged(words + j, lo, tag);
+        store_tagged(words + j + half, hi, tag);
+        if (head < p.heads) return;  // queries: only this layer's attention reads them
+#endif
         scalar_t* dst;
         if (head < p.heads) {
           dst = p.q + ((i64)m * p.heads + head) * HEAD_DIM;
@@ -2566,18 +2640,21 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
           dst = p.k_cache + (slot * p.kv_heads + head - p.heads) * HEAD_DIM;
         } else {
           dst = p.v_cache + (slot * p.kv_heads + head - p.heads - p.kv_heads) * HEAD_DIM;
-          dst[j] = from_float(a);
-          dst[j + half] = from_float(b);
-          return;
         }
-        dst[j] = from_float(a * r.c - b * r.s);
-        dst[j + half] = from_float(b * r.c + a * r.s);
+        dst[j] = lo;
+        dst[j + half] = hi;
       });
     base += w.block_tiles();
   }
   TIMELINE_DONE(MARK_QKV_DONE);
   TIMELINE_TILE_STORE(0);
+#if LAYER_TAGGED
+  // Attention waits for the words it reads; the block only for its own
+  // warps, whose staging's shared memory attention takes next.
+  sync_threads(LAYER_SYNC, LAYER_CONSUMERS);
+#else
   grid_barrier(p.sync, (p.layer * LAYER_BARRIERS + 1) * gridDim.x);
+#endif
   TIMELINE_MARK(MARK_BARRIER1);
 
   // 2. Attention: items (sequence, KV head, chunk of LAYER_HEADS query
@@ -2593,11 +2670,16 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       const int partition = item % p.partitions, group = item / p.partitions;
       const int head_chunk = group % chunks, kv_head = group / chunks % p.kv_heads;
       const int seq = group / chunks / p.kv_heads;
+#if LAYER_TAGGED
+      const TaggedQkv fresh{p.qkv_tagged, p.heads, p.kv_heads, tag};
+#else
+      const QkvWritten fresh;
+#endif
       attention_part<LAYER_HEADS>(p.q, p.k_cache, p.v_cache, p.block_tables, p.positions,
                                   p.kv_heads, p.block_size, p.max_blocks, p.scale, p.part_acc,
                                   p.part_max, p.part_sum, kv_head, head_chunk * LAYER_HEADS, seq,
                                   partition, p.partitions, 1, nullptr, tid, barrier,
-                                  shared[part]);
+                                  shared[part], fresh);
       // The last partition of this (sequence, KV head, chunk) to finish
       // merges them all, so no stage (and no barrier) is needed for it.
       sync_threads(barrier, THREADS);

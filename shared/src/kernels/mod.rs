@@ -250,12 +250,11 @@ fn default_copy_depth(layer_bytes: usize) -> usize {
 }
 
 /// The bytes of a layer's weights from which `decode_layer` waits for
-/// tagged words after attention rather than grid barriers (see
-/// [`layer_tagged_wanted`]).
+/// tagged words rather than grid barriers (see [`layer_tagged_wanted`]).
 const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
 
-/// Whether `decode_layer`'s stages after attention wait for tagged words
-/// (see `store_tagged` in `decode.cu`) instead of grid barriers, given the
+/// Whether `decode_layer`'s stages wait for tagged words (see
+/// `store_tagged` in `decode.cu`) instead of grid barriers, given the
 /// value of `SPARK_DISAGG_LAYER_TAGGED` (`None`: not set), the bytes of one
 /// layer's weights and the rows (sequences) the kernel is compiled for.
 ///
@@ -271,8 +270,10 @@ const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
 /// section 26); 64 MiB lies between. Only a kernel of one row, though:
 /// compiled for four, TinyLlama's tagged build won 2 % at batch 1 and lost
 /// 3 % at batch 2 and 10 % at batch 4 (each row's vectors are more words to
-/// poll). No other GPU has been measured. `1` turns them on for any model
-/// and rows, `0` off.
+/// poll). Those builds kept the first barrier; without it (fix 32, section
+/// 28) the tagged build was 1-2.6 % faster again on TinyLlama and
+/// Llama-3-8B, and the crossover was not measured again. No other GPU has
+/// been measured. `1` turns them on for any model and rows, `0` off.
 fn layer_tagged_wanted(setting: Option<&str>, layer_bytes: usize, rows: usize) -> bool {
     let by_size = rows == 1 && layer_bytes >= LAYER_TAGGED_MIN_BYTES;
     match setting.map(str::trim) {
@@ -389,7 +390,7 @@ pub struct KernelShape {
     pub layer_evict_first: bool,
     /// Tiles of a block on their way at once (0: as many as free slots).
     pub layer_copy_depth: usize,
-    /// Whether the layer's stages after attention wait for tagged words
+    /// Whether the layer's stages wait for tagged words
     /// rather than grid barriers.
     pub layer_tagged: bool,
     /// Whether `attention_partial` may use the tensor cores (where the GPU
@@ -659,9 +660,9 @@ pub struct LayerScratch {
     part_max: Tensor,
     part_sum: Tensor,
     sync: Tensor,
-    /// Attention's output, x after the o projection and SwiGLU's output as
-    /// tagged words (one per element: 32 bits, 64 for f32), zeroed; none
-    /// where the kernel was built with grid barriers instead.
+    /// Attention's output, x after the o projection, SwiGLU's output and
+    /// qkv's output as tagged words (one per element: 32 bits, 64 for f32),
+    /// zeroed; none where the kernel was built with grid barriers instead.
     tagged: Option<Tensor>,
     hidden: usize,
     partitions: usize,
@@ -691,6 +692,7 @@ struct LayerParams {
     attn_tagged: *mut c_void,
     x_tagged: *mut c_void,
     act_tagged: *mut c_void,
+    qkv_tagged: *mut c_void,
     part_acc: *mut c_void,
     part_max: *mut c_void,
     part_sum: *mut c_void,
@@ -724,7 +726,7 @@ pub struct LayerRing {
     /// Tiles of a block on their way from memory at once, as compiled
     /// (`KernelShape::layer_copy_depth`; 0: as many as there are free slots).
     pub copy_depth: usize,
-    /// Whether the stages after attention wait for tagged words rather than
+    /// Whether the stages wait for tagged words rather than
     /// grid barriers (`KernelShape::layer_tagged`).
     pub tagged: bool,
 }
@@ -799,7 +801,8 @@ impl LayerRing {
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
 /// at the warps, as it did in results saved before the limit existed;
 /// A build with tagged words (see [`layer_tagged_wanted`]) adds ", tagged
-/// words after attention".
+/// words instead of grid barriers" (", tagged words after attention" in
+/// results of fix 30's build, which kept the first barrier).
 impl std::fmt::Display for LayerRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -816,7 +819,7 @@ impl std::fmt::Display for LayerRing {
             None => {}
         }
         if self.tagged {
-            write!(f, ", tagged words after attention")?;
+            write!(f, ", tagged words instead of grid barriers")?;
         }
         Ok(())
     }
@@ -1690,7 +1693,8 @@ impl DecodeKernels {
         } else {
             Kind::Int
         };
-        let tagged_words = rows * (heads * head_dim + (hidden + inter) as i64);
+        let qkv_words = rows * (heads + 2 * kv_heads as i64) * head_dim;
+        let tagged_words = rows * (heads * head_dim + (hidden + inter) as i64) + qkv_words;
         LayerScratch {
             q: Tensor::empty([rows, heads, head_dim], (kind, device)),
             attn: Tensor::empty([rows, heads * head_dim], (kind, device)),
@@ -1793,7 +1797,7 @@ impl DecodeKernels {
             "decode_layer: the scratch was made for another shape"
         );
         let ptr = |t: &Tensor| t.data_ptr();
-        // The three vectors' places in the tagged words (null in a build
+        // The four vectors' places in the tagged words (null in a build
         // without them, which never reads them).
         let tagged_at = |words: i64| {
             scratch.tagged.as_ref().map_or(std::ptr::null_mut(), |t| {
@@ -1822,6 +1826,7 @@ impl DecodeKernels {
             attn_tagged: tagged_at(0),
             x_tagged: tagged_at(rows * heads * head_dim),
             act_tagged: tagged_at(rows * (heads * head_dim + hidden)),
+            qkv_tagged: tagged_at(rows * (heads * head_dim + hidden + inter)),
             part_acc: ptr(&scratch.part_acc),
             part_max: ptr(&scratch.part_max),
             part_sum: ptr(&scratch.part_sum),
@@ -2662,7 +2667,7 @@ mod tests {
         assert_eq!(
             tagged.to_string(),
             "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight, \
-             tagged words after attention"
+             tagged words instead of grid barriers"
         );
     }
 
