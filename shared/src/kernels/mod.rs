@@ -255,8 +255,9 @@ const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
 
 /// Whether `decode_layer`'s stages wait for tagged words (see
 /// `store_tagged` in `decode.cu`) instead of grid barriers, given the
-/// value of `SPARK_DISAGG_LAYER_TAGGED` (`None`: not set), the bytes of one
-/// layer's weights and the rows (sequences) the kernel is compiled for.
+/// value of `SPARK_DISAGG_LAYER_TAGGED` (`None`: not set), the model's
+/// dtype, the bytes of one layer's weights and the rows (sequences) the
+/// kernel is compiled for.
 ///
 /// A grid barrier is cheap (about 1 us) while the ring's copies are done,
 /// and costs 2-5 us while they are in flight: its trips to L2 queue behind
@@ -273,11 +274,13 @@ const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
 /// poll). Those builds kept the first barrier; without it (fix 32, section
 /// 28) the tagged build was 1-2.6 % faster again on TinyLlama and
 /// Llama-3-8B, and the crossover was not measured again. No other GPU has
-/// been measured. `1` turns them on for any model and rows, `0` off.
-fn layer_tagged_wanted(setting: Option<&str>, layer_bytes: usize, rows: usize) -> bool {
-    let by_size = rows == 1 && layer_bytes >= LAYER_TAGGED_MIN_BYTES;
+/// been measured, nor f32 models, whose tagged build spills registers
+/// (its words are 64 bits) and has run in no GPU test: they keep the
+/// barriers. `1` turns them on for any model and rows, `0` off.
+fn layer_tagged_wanted(setting: Option<&str>, kind: Kind, layer_bytes: usize, rows: usize) -> bool {
+    let by_default = kind != Kind::Float && rows == 1 && layer_bytes >= LAYER_TAGGED_MIN_BYTES;
     match setting.map(str::trim) {
-        None => by_size,
+        None => by_default,
         Some("0") => false,
         Some("1") => true,
         Some(other) => {
@@ -285,7 +288,7 @@ fn layer_tagged_wanted(setting: Option<&str>, layer_bytes: usize, rows: usize) -
                 value = %other,
                 "SPARK_DISAGG_LAYER_TAGGED is neither 0 nor 1; using the default for this model"
             );
-            by_size
+            by_default
         }
     }
 }
@@ -453,6 +456,7 @@ impl KernelShape {
         }
         shape.layer_tagged = layer_tagged_wanted(
             std::env::var("SPARK_DISAGG_LAYER_TAGGED").ok().as_deref(),
+            kind,
             layer_bytes,
             shape.matvec_rows,
         );
@@ -2470,18 +2474,23 @@ mod tests {
         // SmolLM2's 7 MB a layer: barriers; TinyLlama's 88 MB and
         // Llama-3-8B's 436 MB: tagged words (the measured crossover), in a
         // kernel of one row only.
-        assert!(!layer_tagged_wanted(None, bf16_layer("smollm2-135m"), 1));
-        assert!(layer_tagged_wanted(None, bf16_layer("tinyllama-1.1b"), 1));
-        assert!(layer_tagged_wanted(None, bf16_layer("llama3-8b"), 1));
-        assert!(!layer_tagged_wanted(None, bf16_layer("tinyllama-1.1b"), 4));
+        let bf16 = |setting, bytes, rows| layer_tagged_wanted(setting, Kind::BFloat16, bytes, rows);
+        assert!(!bf16(None, bf16_layer("smollm2-135m"), 1));
+        assert!(bf16(None, bf16_layer("tinyllama-1.1b"), 1));
+        assert!(bf16(None, bf16_layer("llama3-8b"), 1));
+        assert!(!bf16(None, bf16_layer("tinyllama-1.1b"), 4));
+        // f32 keeps the barriers unless asked: its tagged build was never measured.
+        let tiny_f32 = bf16_layer("tinyllama-1.1b") * 2;
+        assert!(!layer_tagged_wanted(None, Kind::Float, tiny_f32, 1));
+        assert!(layer_tagged_wanted(Some("1"), Kind::Float, tiny_f32, 1));
         for bytes in [bf16_layer("smollm2-135m"), bf16_layer("tinyllama-1.1b")] {
             for rows in [1, 4] {
                 let at = format!("{bytes} bytes, {rows} rows");
-                assert!(layer_tagged_wanted(Some(" 1 "), bytes, rows), "1 at {at}");
-                assert!(!layer_tagged_wanted(Some("0"), bytes, rows), "0 at {at}");
+                assert!(bf16(Some(" 1 "), bytes, rows), "1 at {at}");
+                assert!(!bf16(Some("0"), bytes, rows), "0 at {at}");
                 assert_eq!(
-                    layer_tagged_wanted(Some("on"), bytes, rows),
-                    layer_tagged_wanted(None, bytes, rows),
+                    bf16(Some("on"), bytes, rows),
+                    bf16(None, bytes, rows),
                     "not 0 or 1 at {at}"
                 );
             }
