@@ -428,7 +428,8 @@ impl KernelShape {
             config.num_attention_heads * config.head_dim(),
         ];
         let matvec_k = sizes.into_iter().max().unwrap_or(0);
-        let layer_bytes = config.layer_parameters() * kind.elt_size_in_bytes();
+        let elt = kind.elt_size_in_bytes();
+        let layer_bytes = config.layer_parameters() * elt;
         let mut shape = KernelShape {
             kind,
             head_dim: config.head_dim(),
@@ -443,13 +444,12 @@ impl KernelShape {
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
         };
-        let elt = kind.elt_size_in_bytes();
         shape.layer_slot_bytes = (layer_slot_floor() + LAYER_TILE_ROWS * TILE_ROW_PAD_MAX)
             .max(tile_row_pitch(matvec_k * elt))
             .max(2 * tile_row_pitch(config.hidden_size * elt))
             .next_multiple_of(TILE_ROW_PAD_MAX);
         if shape.scalar_kind().is_some() && sizes.iter().all(|k| k % shape.vec() == 0) {
-            let row_bytes = matvec_k * kind.elt_size_in_bytes();
+            let row_bytes = matvec_k * elt;
             shape.matvec_rows = (MATVEC_SHARED_BYTES / row_bytes.max(1))
                 .min(MATVEC_MAX_ROWS)
                 .min(rows);
@@ -803,8 +803,8 @@ impl LayerRing {
 /// flight": what a result file says of the ring, since it depends on the
 /// GPU, on the batches the kernels were compiled for and on
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
-/// at the warps, as it did in results saved before the limit existed;
-/// A build with tagged words (see [`layer_tagged_wanted`]) adds ", tagged
+/// at the warps, as it did in results saved before the limit existed. A
+/// build with tagged words (see [`layer_tagged_wanted`]) adds ", tagged
 /// words instead of grid barriers" (", tagged words after attention" in
 /// results of fix 30's build, which kept the first barrier).
 impl std::fmt::Display for LayerRing {

@@ -615,9 +615,9 @@ mod tests {
                 check_decode_step(&config, &forced, device, &[299]);
                 check_decode_step(&config, &forced, device, &[0, 39, 299]);
             }
-            // The other way for the stages after attention to get their
-            // inputs: tagged words where this build has grid barriers (as
-            // this small model's has by default), and the reverse.
+            // The other way for the layer's stages to get their inputs:
+            // tagged words where this build has grid barriers (as this
+            // small model's has by default), and the reverse.
             let other = KernelShape {
                 layer_tagged: !shape.layer_tagged,
                 ..shape
