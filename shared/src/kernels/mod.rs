@@ -87,6 +87,10 @@ const LAYER_TILE_ROWS: usize = 8;
 const LAYER_COPY_DEPTH: usize = 1;
 const LAYER_DEEP_COPY_DEPTH: usize = 2;
 const LAYER_DEEP_COPY_MIN_BYTES: usize = 160 << 20;
+/// Of a block's first tiles, all qkv's, how many it asks for at once at the
+/// layer's start, whatever the copy depth, by default for a layer under
+/// `LAYER_DEEP_COPY_MIN_BYTES` (see `layer_start_tiles`).
+const LAYER_START_TILES: usize = 3;
 /// The most padding a row of a ring tile gets (see `tile_row_pitch`).
 const TILE_ROW_PAD_MAX: usize = 128;
 
@@ -240,6 +244,43 @@ fn layer_copy_depth(layer_bytes: usize) -> usize {
     )
 }
 
+/// How many of its first tiles a block of `decode_layer` asks for at once
+/// at the layer's start (`LAYER_START_TILES` in the source), for a layer
+/// of `layer_bytes` of weights, before the copy depth applies; only qkv's
+/// tiles count, so a block with fewer of them asks for fewer.
+///
+/// The depth keeps the queue of copies short while other trips to L2 wait
+/// behind it. At the layer's start nothing else is in flight: the ring is
+/// empty, the layer before has finished, and everything waits for qkv's
+/// output. A block of TinyLlama has two or three qkv tiles; one at a time,
+/// the stage took three trips to memory. All at once, the step was 2.2-3.1 %
+/// faster on an H100 for every layer of hidden size 2048 measured (TinyLlama
+/// with either build, 53 and 120 MB a layer); for Llama-3-8B, whose blocks
+/// have about twelve qkv tiles, three in flight through all of them was
+/// 2.6 % slower than its depth of two, and even the first three alone were
+/// 0.4 % slower: its qkv stage streams for long enough that one trip more
+/// or less at the start does not count. So layers of 160 MiB or more, those
+/// with the deeper copies, get no burst (experiments file, section 29).
+/// `SPARK_DISAGG_LAYER_START_TILES` sets the number for any layer; 0 (or no
+/// more than the depth) turns the burst off.
+fn layer_start_tiles(layer_bytes: usize) -> usize {
+    env_whole_number(
+        "SPARK_DISAGG_LAYER_START_TILES",
+        default_start_tiles(layer_bytes),
+        0..=usize::MAX,
+        "a whole number of tiles",
+    )
+}
+
+/// `layer_start_tiles` where the environment does not set it.
+fn default_start_tiles(layer_bytes: usize) -> usize {
+    if layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES {
+        0
+    } else {
+        LAYER_START_TILES
+    }
+}
+
 /// `layer_copy_depth` where the environment does not set it.
 fn default_copy_depth(layer_bytes: usize) -> usize {
     if layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES {
@@ -273,7 +314,10 @@ const LAYER_TAGGED_MIN_BYTES: usize = 64 << 20;
 /// 3 % at batch 2 and 10 % at batch 4 (each row's vectors are more words to
 /// poll). Those builds kept the first barrier; without it (fix 32, section
 /// 28) the tagged build was 1-2.6 % faster again on TinyLlama and
-/// Llama-3-8B, and the crossover was not measured again. No other GPU has
+/// Llama-3-8B. Measured again over five of the shapes (section 29), it
+/// lost 1 % at 7 MB a layer and 2 % at 31 MB, tied at 22 MB and won 0.7 %
+/// at 53 MB and 3 % at 88 MB: the crossover moved below 53 MB, and 64 MiB
+/// stays, as lowering it would gain under 1 % where measured. No other GPU has
 /// been measured, nor f32 models, whose tagged build spills registers
 /// (its words are 64 bits) and has run in no GPU test: they keep the
 /// barriers. `1` turns them on for any model and rows, `0` off.
@@ -393,6 +437,9 @@ pub struct KernelShape {
     pub layer_evict_first: bool,
     /// Tiles of a block on their way at once (0: as many as free slots).
     pub layer_copy_depth: usize,
+    /// Of a block's first (qkv) tiles, how many go out at once at the
+    /// layer's start, whatever the depth.
+    pub layer_start_tiles: usize,
     /// Whether the layer's stages wait for tagged words
     /// rather than grid barriers.
     pub layer_tagged: bool,
@@ -440,6 +487,7 @@ impl KernelShape {
             layer_bulk_copy: layer_bulk_copy_allowed(),
             layer_evict_first: layer_evict_first_allowed(),
             layer_copy_depth: layer_copy_depth(layer_bytes),
+            layer_start_tiles: layer_start_tiles(layer_bytes),
             layer_tagged: false,
             attention_mma: attention_mma_allowed(),
             layer_timeline: layer_timeline_wanted(),
@@ -553,6 +601,7 @@ impl KernelShape {
             format!("-DLAYER_BULK_COPY_ALLOWED={}", self.layer_bulk_copy as u8),
             format!("-DLAYER_EVICT_FIRST={}", self.layer_evict_first as u8),
             format!("-DLAYER_COPY_DEPTH={}", self.layer_copy_depth),
+            format!("-DLAYER_START_TILES={}", self.layer_start_tiles),
             format!("-DLAYER_TAGGED={}", self.layer_tagged as u8),
             format!("-DATTENTION_MMA_ALLOWED={}", self.attention_mma as u8),
             format!("-DLAYER_TIMELINE={}", self.layer_timeline as u8),
@@ -730,6 +779,9 @@ pub struct LayerRing {
     /// Tiles of a block on their way from memory at once, as compiled
     /// (`KernelShape::layer_copy_depth`; 0: as many as there are free slots).
     pub copy_depth: usize,
+    /// Of a block's first (qkv) tiles, how many it asks for at once at the
+    /// layer's start (`KernelShape::layer_start_tiles`).
+    pub start_tiles: usize,
     /// Whether the stages wait for tagged words rather than
     /// grid barriers (`KernelShape::layer_tagged`).
     pub tagged: bool,
@@ -763,6 +815,7 @@ impl LayerRing {
             slot_bytes,
             sums_bytes,
             copy_depth: 0,
+            start_tiles: 0,
             tagged: false,
         })
     }
@@ -797,13 +850,24 @@ impl LayerRing {
     pub fn copy_limit(self) -> Option<usize> {
         (self.copy_depth > 0 && self.copy_depth < self.slots).then_some(self.copy_depth)
     }
+
+    /// How many qkv tiles a block asks for at once at the layer's start,
+    /// where that is more than the copy limit (None: no burst, or no limit
+    /// for it to lift). As many as there are slots at most.
+    pub fn start_burst(self) -> Option<usize> {
+        let limit = self.copy_limit()?;
+        let tiles = self.start_tiles.min(self.slots);
+        (tiles > limit).then_some(tiles)
+    }
 }
 
 /// "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in
 /// flight": what a result file says of the ring, since it depends on the
 /// GPU, on the batches the kernels were compiled for and on
 /// `SPARK_DISAGG_LAYER_COPY_DEPTH`. Without a limit the description ends
-/// at the warps, as it did in results saved before the limit existed. A
+/// at the warps, as it did in results saved before the limit existed; a
+/// burst of qkv tiles at the layer's start (fix 33) follows the limit in
+/// brackets, "(qkv's first 3 at once)". A
 /// build with tagged words (see [`layer_tagged_wanted`]) adds ", tagged
 /// words instead of grid barriers" (", tagged words after attention" in
 /// results of fix 30's build, which kept the first barrier).
@@ -821,6 +885,9 @@ impl std::fmt::Display for LayerRing {
             Some(1) => write!(f, ", 1 tile of a block in flight")?,
             Some(depth) => write!(f, ", {depth} tiles of a block in flight")?,
             None => {}
+        }
+        if let Some(tiles) = self.start_burst() {
+            write!(f, " (qkv's first {tiles} at once)")?;
         }
         if self.tagged {
             write!(f, ", tagged words instead of grid barriers")?;
@@ -853,6 +920,7 @@ fn layer_ring(
     )?;
     Some(LayerRing {
         copy_depth: shape.layer_copy_depth,
+        start_tiles: shape.layer_start_tiles,
         tagged: shape.layer_tagged,
         ..ring
     })
@@ -2498,7 +2566,7 @@ mod tests {
     }
 
     #[test]
-    fn large_layers_keep_two_tiles_of_a_block_in_flight() {
+    fn large_layers_keep_two_tiles_of_a_block_in_flight_and_no_start_burst() {
         let bf16_layer = |name| LlamaConfig::preset(name).unwrap().layer_parameters() * 2;
         // Measured on an H100: one tile for TinyLlama's 88 MB a layer (and
         // anything smaller), two for Llama-3-8B's 436 MB.
@@ -2507,6 +2575,10 @@ mod tests {
         assert_eq!(default_copy_depth(bf16_layer("llama3-8b")), 2);
         // TinyLlama in f32 is 176 MB a layer: a stream as long as a large model's.
         assert_eq!(default_copy_depth(bf16_layer("tinyllama-1.1b") * 2), 2);
+        // The burst of qkv tiles at the start goes with the shallow copies.
+        assert_eq!(default_start_tiles(bf16_layer("smollm2-135m")), 3);
+        assert_eq!(default_start_tiles(bf16_layer("tinyllama-1.1b")), 3);
+        assert_eq!(default_start_tiles(bf16_layer("llama3-8b")), 0);
     }
 
     #[test]
@@ -2676,6 +2748,29 @@ mod tests {
         assert_eq!(
             tagged.to_string(),
             "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight, \
+             tagged words instead of grid barriers"
+        );
+
+        // And the burst of qkv tiles at the layer's start, where it lifts
+        // the limit: no more tiles than the slots.
+        let bursting = |copy_depth, start_tiles| LayerRing {
+            copy_depth,
+            start_tiles,
+            ..tagged
+        };
+        assert_eq!(
+            bursting(1, 3).to_string(),
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, 1 tile of a block in flight \
+             (qkv's first 3 at once), tagged words instead of grid barriers"
+        );
+        assert_eq!(bursting(2, 3).start_burst(), Some(3));
+        assert_eq!(bursting(1, 10).start_burst(), Some(6));
+        assert_eq!(bursting(2, 2).start_burst(), None);
+        assert_eq!(bursting(1, 0).start_burst(), None);
+        assert_eq!(bursting(0, 3).start_burst(), None);
+        assert_eq!(
+            bursting(2, 2).to_string(),
+            "6 slots of 33.0 KiB read by 3 groups of 5 warps, 2 tiles of a block in flight, \
              tagged words instead of grid barriers"
         );
     }
