@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=(cargo run --release -q -p module01_baseline --)
-for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100{,_fix30,_fix29,_fix26,_fix23,_fix22,_fix21,_fix21_again,_fix20b,_fix20a,_fix18,_fix16,_fix15,_fix14,_fix14a,_fix13,_fix12,_fix11,_fix10,_fix8,_matvec,_cublas,_torch_ops,_eager,_eager_cudnn,_prefill2048,_prefill2048_fix20,_prefill2048_fix20a,_prefill2048_fix18,_prefill2048_fix16,_prefill2048_fix3}.json results/h100/smollm2-135m_h100{,_eager}.json; do
+for json in results/cpu/module01_bench.json results/h100/tinyllama-1.1b_h100{,_fix32,_fix30,_fix29,_fix26,_fix23,_fix22,_fix21,_fix21_again,_fix20b,_fix20a,_fix18,_fix16,_fix15,_fix14,_fix14a,_fix13,_fix12,_fix11,_fix10,_fix8,_matvec,_cublas,_torch_ops,_eager,_eager_cudnn,_prefill2048,_prefill2048_fix20,_prefill2048_fix20a,_prefill2048_fix18,_prefill2048_fix16,_prefill2048_fix3}.json results/h100/smollm2-135m_h100{,_eager}.json; do
     "${bin[@]}" table "$json" > "${json%.json}.txt"
 done
 # The H100 runs side by side, at the H100 SXM's 3350 GB/s for every floor

@@ -5,7 +5,7 @@
 //! cargo run --release -p module01_baseline -- generate --chat "Write a haiku about caches"
 //! cargo run --release -p module01_baseline -- convert --out /tmp/smollm2-hf
 //! cargo run --release -p module01_baseline -- bench --peer hf
-//! cargo run --release -p module01_baseline -- history results/h100/tinyllama-1.1b_h100_{fix26,fix29,fix30}.json fix32=results/h100/tinyllama-1.1b_h100.json
+//! cargo run --release -p module01_baseline -- history results/h100/tinyllama-1.1b_h100_{fix29,fix30,fix32}.json fix33=results/h100/tinyllama-1.1b_h100.json
 //! ```
 
 use std::io::Write;
