@@ -154,11 +154,33 @@ pub fn render_table(report: &TimelineReport) -> String {
         }
         out += "\n";
     }
+    if !sum.attention_parts.is_empty() {
+        out += &format!(
+            "{:<28} {:>11} {:>11} {:>11} {:>11}\n",
+            "attention, a block's item", "quickest", "median", "slowest", "ends at"
+        );
+        for part in &sum.attention_parts {
+            out += &format!(
+                "  {:<26} {:>8.2} us {:>8.2} us {:>8.2} us {:>8.2} us\n",
+                part.name,
+                part.quickest_block_us,
+                part.median_block_us,
+                part.slowest_block_us,
+                part.median_end_us.unwrap_or(f64::NAN),
+            );
+        }
+    }
     out += "quickest, median, slowest: that block's time in each layer, then the median over layers and steps; \
             share: the median block's share of the layer. A barrier's row is a block's wait there: the quickest \
             is the last block to arrive, so it is the barrier's own cost (fence, atomic, poll); the slowest is the \
             first to arrive, so it adds the spread of the stage before. Thread 0's waits for tiles mean the weight \
             stream set the pace; the rest of a product's stage is its staging, its epilogues and its loop\n";
+    if !sum.attention_parts.is_empty() {
+        out += "attention, a block's item: its first item, timed by its thread 0, over the blocks that had one; \
+                its queries are waited for first (a chunk of the first head), keys, values and softmax include the \
+                wait for the new token's key and value where its partition holds them, and only the partition \
+                counted last merges\n";
+    }
     if ends {
         out += "ends at: when the median block ended the stage, from the layer's first launch (the median over \
                 layers and steps); a barrier's row says when it passed, however the stages before it share the time\n";
@@ -253,8 +275,10 @@ mod tests {
     use shared::kernels::timeline::{mark, TIMELINE_BLOCKS, TIMELINE_LAYERS, TIMELINE_MARKS};
 
     /// Two layers of three blocks; block b's stage i takes (i + 1) µs + b ns
-    /// in step s, plus s µs in its qkv stage.
-    fn steps(count: usize) -> Vec<LayerTimeline> {
+    /// in step s, plus s µs in its qkv stage. With `timed_item`, block 0
+    /// times an attention item: queries 0.2 µs into attention, then 1.5 µs
+    /// of keys and values, 0.3 to count and 0.5 to merge.
+    fn steps_with(count: usize, timed_item: bool) -> Vec<LayerTimeline> {
         (0..count)
             .map(|s| {
                 let mut array = vec![0u64; TIMELINE_LAYERS * TIMELINE_BLOCKS * TIMELINE_MARKS];
@@ -270,11 +294,22 @@ mod tests {
                             }
                             array[at + stage.to] = t;
                         }
+                        if timed_item && b == 0 {
+                            let queries = array[at + mark::BARRIER1] + 200;
+                            array[at + mark::ATTN_QUERIES] = queries;
+                            array[at + mark::ATTN_PARTIAL] = queries + 1500;
+                            array[at + mark::ATTN_COUNTED] = queries + 1800;
+                            array[at + mark::ATTN_MERGED] = queries + 2300;
+                        }
                     }
                 }
                 LayerTimeline::from_device_array(&array, 2, 3)
             })
             .collect()
+    }
+
+    fn steps(count: usize) -> Vec<LayerTimeline> {
+        steps_with(count, false)
     }
 
     fn setup() -> TimelineSetup {
@@ -351,6 +386,36 @@ mod tests {
             "6 slots of 33.0 KiB read by 3 groups of 5 warps, tagged words after attention".into(),
         );
         assert!(render_table(&tagged).contains("barriers 2-4 are only the block's own barrier"));
+        // No block timed an attention item, so no rows for one.
+        assert!(report.summary.attention_parts.is_empty());
+        assert!(!table.contains("attention, a block's item"));
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(
+            serde_json::from_str::<TimelineReport>(&json).unwrap(),
+            report
+        );
+    }
+
+    #[test]
+    fn a_timed_attention_item_gets_its_own_rows() {
+        let report = TimelineReport::new(setup(), &steps_with(3, true), 0);
+        let table = render_table(&report);
+        assert!(table.contains("attention, a block's item"), "{table}");
+        let row = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("a row for {name}: {table}"))
+                .to_string()
+        };
+        // One timed block: its times are the quickest, median and slowest.
+        assert!(
+            row("its queries seen").contains("    0.20 us     0.20 us     0.20 us"),
+            "{table}"
+        );
+        assert!(row("keys, values, softmax").contains("    1.50 us     1.50 us"));
+        assert!(row("fence and count").contains("    0.30 us"));
+        assert!(row("merge, if last").contains("    0.50 us"));
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(
             serde_json::from_str::<TimelineReport>(&json).unwrap(),

@@ -1730,7 +1730,7 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 #endif
 #define TIMELINE_LAYERS 128   // layers and blocks past these are not recorded
 #define TIMELINE_BLOCKS 160
-#define TIMELINE_MARKS 28
+#define TIMELINE_MARKS 32
 // The marks, in order (the Rust side's `timeline::mark` names them).
 #define MARK_LAUNCHED 0       // the block began (before any barrier)
 #define MARK_STARTED 1        // the kernels before it have finished
@@ -1751,6 +1751,12 @@ static_assert(LAYER_SLOT_BYTES % 16 == 0, "tiles are copied in 16-byte units");
 #define MARK_TILE_WAIT 15      // + p: waiting for its tiles to arrive
 #define MARK_TILE_DOT 19       // + p: in the dot products
 #define MARK_TILE_SYNC 23      // + p: at its group's barrier after them
+// A block's first attention item (part 0's), timed by thread 0; a block
+// with no item records none of these:
+#define MARK_ATTN_QUERIES 27   // its first queries seen (tagged build: waited for)
+#define MARK_ATTN_PARTIAL 28   // its partition's result stored, the part's threads done
+#define MARK_ATTN_COUNTED 29   // the partition counted (fence, atomic)
+#define MARK_ATTN_MERGED 30    // the partitions merged, where it was the last
 #if LAYER_TIMELINE
 __device__ unsigned long long layer_timeline[TIMELINE_LAYERS][TIMELINE_BLOCKS][TIMELINE_MARKS];
 
@@ -1798,6 +1804,9 @@ __shared__ unsigned long long timeline_tile[3];
     timeline_store(p.layer, MARK_TILE_SYNC + (product), timeline_tile[2]); \
     TIMELINE_TILE_ZERO;                                                    \
   }
+// Thread 0's clock now, in the attention item it times (`timed`).
+#define TIMELINE_ITEM(mark) \
+  if (timed) timeline_store(p.layer, mark, global_timer())
 #else
 #define TIMELINE_MARK(mark)
 #define TIMELINE_DONE(mark)
@@ -1805,6 +1814,7 @@ __shared__ unsigned long long timeline_tile[3];
 #define TIMELINE_TILE_SPLIT(i)
 #define TIMELINE_TILE_ZERO
 #define TIMELINE_TILE_STORE(product)
+#define TIMELINE_ITEM(mark)
 #endif
 
 // --- values passed between blocks with their layer's tag (LAYER_TAGGED) ---
@@ -2685,6 +2695,16 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
 #else
       const QkvWritten fresh;
 #endif
+#if LAYER_TIMELINE
+      // Part 0's first item is timed. Its thread 0 waits for its first
+      // query chunk here, as attention_part would first thing, so that
+      // the wait shows apart from the rest.
+      const bool timed = threadIdx.x == 0 && item == (int)blockIdx.x * LAYER_PARTS;
+#if LAYER_TAGGED
+      if (timed) fresh.query(seq, kv_head * GQA_GROUP + head_chunk * LAYER_HEADS, 0);
+#endif
+#endif
+      TIMELINE_ITEM(MARK_ATTN_QUERIES);
       attention_part<LAYER_HEADS>(p.q, p.k_cache, p.v_cache, p.block_tables, p.positions,
                                   p.kv_heads, p.block_size, p.max_blocks, p.scale, p.part_acc,
                                   p.part_max, p.part_sum, kv_head, head_chunk * LAYER_HEADS, seq,
@@ -2693,6 +2713,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
       // The last partition of this (sequence, KV head, chunk) to finish
       // merges them all, so no stage (and no barrier) is needed for it.
       sync_threads(barrier, THREADS);
+      TIMELINE_ITEM(MARK_ATTN_PARTIAL);
       if (tid == 0) {
         __threadfence();
         unsigned* count = p.sync + 1 + group;
@@ -2701,6 +2722,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
         __threadfence();
       }
       sync_threads(barrier, THREADS);
+      TIMELINE_ITEM(MARK_ATTN_COUNTED);
       if (last_part[part]) {
         for (int i = tid; i < LAYER_HEADS * HEAD_DIM; i += THREADS) {
           const int h = i / HEAD_DIM, d = i % HEAD_DIM;
@@ -2715,6 +2737,7 @@ extern "C" __global__ void __launch_bounds__(LAYER_THREADS, 1) decode_layer(cons
         }
       }
       sync_threads(barrier, THREADS);
+      TIMELINE_ITEM(MARK_ATTN_MERGED);
     }
   }
   TIMELINE_DONE(MARK_ATTENTION_DONE);

@@ -22,7 +22,7 @@ use std::ops::Range;
 /// `TIMELINE_LAYERS`, `TIMELINE_BLOCKS` and `TIMELINE_MARKS` in `decode.cu`.
 pub const TIMELINE_LAYERS: usize = 128;
 pub const TIMELINE_BLOCKS: usize = 160;
-pub const TIMELINE_MARKS: usize = 28;
+pub const TIMELINE_MARKS: usize = 32;
 
 /// The marks, as `decode.cu` numbers them (its `MARK_*`).
 pub mod mark {
@@ -55,13 +55,23 @@ pub mod mark {
     pub const TILE_DOTS: [usize; 4] = [19, 20, 21, 22];
     /// ... and at its group's barrier after them.
     pub const TILE_SYNCS: [usize; 4] = [23, 24, 25, 26];
+    /// A block's first attention item, timed by its thread 0 (a block with
+    /// no item records none): its first query chunk seen (in the tagged
+    /// build, waited for), ...
+    pub const ATTN_QUERIES: usize = 27;
+    /// ... its partition's result stored, ...
+    pub const ATTN_PARTIAL: usize = 28;
+    /// ... the partition counted (a fence and an atomic), ...
+    pub const ATTN_COUNTED: usize = 29;
+    /// ... and the partitions merged, where it was the last to finish.
+    pub const ATTN_MERGED: usize = 30;
 }
 
 /// The products whose tile waits [`mark::TILE_WAITS`] holds, in order.
 pub const PRODUCTS: [&str; 4] = ["qkv", "o", "gate/up", "down"];
 
 const _: () = assert!(
-    mark::TILE_SYNCS[3] < TIMELINE_MARKS,
+    mark::ATTN_MERGED < TIMELINE_MARKS,
     "every mark has its place"
 );
 
@@ -98,6 +108,23 @@ pub const STAGES: [Stage; 11] = [
     ),
     stage("barrier 4", mark::GATE_UP_DONE, mark::BARRIER4),
     stage("down (staging, product)", mark::BARRIER4, mark::DOWN_DONE),
+];
+
+/// The parts of a block's first attention item, from the end of the qkv
+/// stage's sync (`BARRIER1`): the wait for its queries, the keys and values
+/// with the softmax (its partition's share of the work, and the wait for
+/// the new token's key and value where the partition holds it), the count
+/// that tells the last partition, and that last partition's merge (near
+/// nothing for the others).
+pub const ATTENTION_PARTS: [Stage; 4] = [
+    stage("its queries seen", mark::BARRIER1, mark::ATTN_QUERIES),
+    stage(
+        "keys, values, softmax",
+        mark::ATTN_QUERIES,
+        mark::ATTN_PARTIAL,
+    ),
+    stage("fence and count", mark::ATTN_PARTIAL, mark::ATTN_COUNTED),
+    stage("merge, if last", mark::ATTN_COUNTED, mark::ATTN_MERGED),
 ];
 
 /// One decode step's marks: `[layer][block][mark]`, nanoseconds of the
@@ -154,6 +181,18 @@ impl LayerTimeline {
                     && self.mark(l, b, mark::LAUNCHED) > 0
             })
         })
+    }
+
+    /// Whether block `block` timed an attention item in layer `layer`: its
+    /// marks lie between that layer's end of qkv and end of attention
+    /// (a block with no item has zeros, or a stale value from an earlier
+    /// run with more items, where the array was not cleared).
+    pub fn timed_attention(&self, layer: usize, block: usize) -> bool {
+        let at = |m| self.mark(layer, block, m);
+        let (from, to) = (at(mark::BARRIER1), at(mark::ATTENTION_DONE));
+        ATTENTION_PARTS
+            .iter()
+            .all(|p| from <= at(p.from) && at(p.from) <= at(p.to) && at(p.to) <= to)
     }
 
     /// Stage `stage` of layer `layer`, per block, in nanoseconds.
@@ -243,6 +282,12 @@ pub struct TimelineSummary {
     /// products (waiting for the group's slowest warp), µs.
     #[serde(default)]
     pub tile_sync_us: Vec<f64>,
+    /// The parts of a block's first attention item ([`ATTENTION_PARTS`]),
+    /// over the blocks that had one: quickest, median and slowest block
+    /// and when the median one ended it, as for the stages. Empty in
+    /// results saved before it was measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention_parts: Vec<StageTime>,
     /// Layers and steps the medians are over.
     pub layers: Vec<usize>,
     pub steps: usize,
@@ -289,21 +334,51 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
             Some(median(&mut v))
         }
     };
+    // A stage's times over the blocks `counts` picks: the quickest, the
+    // median and the slowest block of each (layer, step), and when the
+    // median one ended it; a (layer, step) with no such block is left out.
+    let stage_time = |stage: &Stage, counts: &dyn Fn(&LayerTimeline, usize, usize) -> bool| {
+        let blocks = |t: &LayerTimeline, l: usize| -> Vec<usize> {
+            (0..t.blocks()).filter(|&b| counts(t, l, b)).collect()
+        };
+        let per_block = |t: &LayerTimeline, l: usize| -> Vec<f64> {
+            let ns = t.stage_ns(l, stage);
+            blocks(t, l).into_iter().map(|b| us(ns[b])).collect()
+        };
+        let median_or_none = |mut v: Vec<f64>| (!v.is_empty()).then(|| median(&mut v));
+        StageTime {
+            name: stage.name.to_string(),
+            quickest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::min)),
+            median_block_us: each(&|t, l| median_or_none(per_block(t, l))),
+            slowest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::max)),
+            median_end_us: Some(each(&|t, l| {
+                median_or_none(
+                    blocks(t, l)
+                        .into_iter()
+                        .map(|b| us(t.mark(l, b, stage.to).saturating_sub(t.layer_start(l))))
+                        .collect(),
+                )
+            })),
+        }
+    };
     let stages = STAGES
         .iter()
-        .map(|stage| {
-            let per_block = |t: &LayerTimeline, l: usize| -> Vec<f64> {
-                t.stage_ns(l, stage).into_iter().map(us).collect()
-            };
-            StageTime {
-                name: stage.name.to_string(),
-                quickest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::min)),
-                median_block_us: each(&|t, l| Some(median(&mut per_block(t, l)))),
-                slowest_block_us: each(&|t, l| per_block(t, l).into_iter().reduce(f64::max)),
-                median_end_us: Some(each(&since_start(stage.to))),
-            }
-        })
+        .map(|stage| stage_time(stage, &|_, _, _| true))
         .collect();
+    let timed = |t: &LayerTimeline, l: usize, b: usize| t.timed_attention(l, b);
+    let attention_timed = steps.iter().any(|t| {
+        layers
+            .clone()
+            .any(|l| l < t.layers() && (0..t.blocks()).any(|b| timed(t, l, b)))
+    });
+    let attention_parts = if attention_timed {
+        ATTENTION_PARTS
+            .iter()
+            .map(|part| stage_time(part, &timed))
+            .collect()
+    } else {
+        Vec::new()
+    };
     // The median block's value of a mark that holds a duration.
     let median_of = |m: usize| {
         move |t: &LayerTimeline, l: usize| {
@@ -330,6 +405,7 @@ pub fn summarize(steps: &[LayerTimeline], layers: Range<usize>) -> TimelineSumma
             .iter()
             .map(|&m| each(&median_of(m)))
             .collect(),
+        attention_parts,
         layers: layers
             .filter(|&l| steps.iter().any(|t| l < t.layers()))
             .collect(),
@@ -371,6 +447,68 @@ mod tests {
             }
         }
         array
+    }
+
+    /// `synthetic`'s array with an attention item timed in the even blocks:
+    /// block `b` sees its queries `100 + b` ns after `BARRIER1`, then takes
+    /// 2000 ns for keys and values, 300 to count and 400 to merge, all
+    /// within the attention stage (`5000 + b` ns).
+    fn with_attention(layers: usize, blocks: usize) -> Vec<u64> {
+        let mut array = synthetic(layers, blocks);
+        for l in 0..layers {
+            for b in (0..blocks).step_by(2) {
+                let at = (l * TIMELINE_BLOCKS + b) * TIMELINE_MARKS;
+                let queries = array[at + mark::BARRIER1] + 100 + b as u64;
+                array[at + mark::ATTN_QUERIES] = queries;
+                array[at + mark::ATTN_PARTIAL] = queries + 2000;
+                array[at + mark::ATTN_COUNTED] = queries + 2300;
+                array[at + mark::ATTN_MERGED] = queries + 2700;
+            }
+        }
+        array
+    }
+
+    #[test]
+    fn attention_parts_count_only_the_blocks_that_timed_an_item() {
+        let timeline = LayerTimeline::from_device_array(&with_attention(2, 5), 2, 5);
+        assert!(timeline.timed_attention(1, 4));
+        assert!(!timeline.timed_attention(1, 3), "no item: zeros");
+        let summary = summarize(&[timeline], 0..2);
+        let parts = &summary.attention_parts;
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ATTENTION_PARTS.map(|p| p.name));
+        // Blocks 0, 2 and 4 waited 100, 102 and 104 ns for their queries.
+        let queries = &parts[0];
+        assert!(
+            (queries.quickest_block_us - 0.100).abs() < 1e-9,
+            "{queries:?}"
+        );
+        assert!(
+            (queries.median_block_us - 0.102).abs() < 1e-9,
+            "{queries:?}"
+        );
+        assert!(
+            (queries.slowest_block_us - 0.104).abs() < 1e-9,
+            "{queries:?}"
+        );
+        for (part, ns) in parts[1..].iter().zip([2000.0, 300.0, 400.0]) {
+            assert!((part.median_block_us - ns / 1e3).abs() < 1e-9, "{part:?}");
+        }
+        // The merge ended, in the median timed block (2), 2802 ns after its
+        // BARRIER1, which passed 10 000 + 4·2 ns after its launch, 20 ns
+        // after the layer's.
+        let end = parts[3].median_end_us.unwrap();
+        assert!((end - (10.028 + 2.802)).abs() < 1e-9, "{end}");
+
+        // A stale mark, outside the layer's attention stage, is no item.
+        let mut array = with_attention(1, 3);
+        array[2 * TIMELINE_MARKS + mark::ATTN_MERGED] += 1_000_000;
+        let timeline = LayerTimeline::from_device_array(&array, 1, 3);
+        assert!(timeline.timed_attention(0, 0));
+        assert!(!timeline.timed_attention(0, 2));
+        // Without any timed item (a build before the marks), no parts.
+        let untimed = LayerTimeline::from_device_array(&synthetic(2, 3), 2, 3);
+        assert!(summarize(&[untimed], 0..2).attention_parts.is_empty());
     }
 
     #[test]

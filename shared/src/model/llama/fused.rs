@@ -830,6 +830,8 @@ mod tests {
             }
             // A layer of this small model takes microseconds, not seconds.
             assert!(timeline.layer_ns(l) < 1_000_000_000, "layer {l}");
+            // Block 0 runs the first attention item, and times it.
+            assert!(timeline.timed_attention(l, 0), "layer {l}");
             // Thread 0's waits, dot products and group barriers in a
             // product lie within that product's stages (so each sum was
             // zeroed and stored in its place).
