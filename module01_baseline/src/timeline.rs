@@ -12,7 +12,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
-use shared::kernels::timeline::{LayerTimeline, TimelineSummary, PRODUCTS, STAGES};
+use shared::kernels::timeline::{LayerTimeline, StageTime, TimelineSummary, PRODUCTS, STAGES};
 
 /// What was measured, and on what.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,14 @@ impl TimelineReport {
     }
 }
 
+/// A stage's quickest, median and slowest block, as the table's columns.
+fn block_times(stage: &StageTime) -> String {
+    format!(
+        "{:>8.2} us {:>8.2} us {:>8.2} us",
+        stage.quickest_block_us, stage.median_block_us, stage.slowest_block_us
+    )
+}
+
 /// The table: one row per stage, the quickest, the median and the slowest
 /// block, and the median block's share of the median layer.
 pub fn render_table(report: &TimelineReport) -> String {
@@ -111,11 +119,9 @@ pub fn render_table(report: &TimelineReport) -> String {
     );
     for stage in &sum.stages {
         out += &format!(
-            "{:<28} {:>8.2} us {:>8.2} us {:>8.2} us {:>6.1}%",
+            "{:<28} {} {:>6.1}%",
             stage.name,
-            stage.quickest_block_us,
-            stage.median_block_us,
-            stage.slowest_block_us,
+            block_times(stage),
             100.0 * stage.median_block_us / sum.layer_us.max(1e-9),
         );
         if let (true, Some(end)) = (ends, stage.median_end_us) {
@@ -161,11 +167,9 @@ pub fn render_table(report: &TimelineReport) -> String {
         );
         for part in &sum.attention_parts {
             out += &format!(
-                "  {:<26} {:>8.2} us {:>8.2} us {:>8.2} us {:>8.2} us\n",
+                "  {:<26} {} {:>8.2} us\n",
                 part.name,
-                part.quickest_block_us,
-                part.median_block_us,
-                part.slowest_block_us,
+                block_times(part),
                 part.median_end_us.unwrap_or(f64::NAN),
             );
         }
@@ -312,6 +316,15 @@ mod tests {
         steps_with(count, false)
     }
 
+    /// `report` written as JSON reads back the same.
+    fn assert_round_trips(report: &TimelineReport) {
+        let json = serde_json::to_string(report).unwrap();
+        assert_eq!(
+            &serde_json::from_str::<TimelineReport>(&json).unwrap(),
+            report
+        );
+    }
+
     fn setup() -> TimelineSetup {
         TimelineSetup {
             model: "test".into(),
@@ -389,11 +402,7 @@ mod tests {
         // No block timed an attention item, so no rows for one.
         assert!(report.summary.attention_parts.is_empty());
         assert!(!table.contains("attention, a block's item"));
-        let json = serde_json::to_string(&report).unwrap();
-        assert_eq!(
-            serde_json::from_str::<TimelineReport>(&json).unwrap(),
-            report
-        );
+        assert_round_trips(&report);
     }
 
     #[test]
@@ -416,11 +425,7 @@ mod tests {
         assert!(row("keys, values, softmax").contains("    1.50 us     1.50 us"));
         assert!(row("fence and count").contains("    0.30 us"));
         assert!(row("merge, if last").contains("    0.50 us"));
-        let json = serde_json::to_string(&report).unwrap();
-        assert_eq!(
-            serde_json::from_str::<TimelineReport>(&json).unwrap(),
-            report
-        );
+        assert_round_trips(&report);
     }
 
     #[test]

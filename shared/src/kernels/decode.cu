@@ -2130,9 +2130,9 @@ __device__ void fill_ring(const LayerParams& p, const WeightRing& ring) {
       // ANCHOR: copy_depth
       // Past the start burst, at most LAYER_COPY_DEPTH tiles of this block
       // on their way: tile i - LAYER_COPY_DEPTH must have landed before
-      // tile i is asked for. Its slot's full barrier tells (a wait on a phase that has already
-      // completed returns at once; with fewer tiles in flight than slots,
-      // that slot has not been refilled since).
+      // tile i is asked for. Its slot's full barrier tells (a wait on a
+      // phase that has already completed returns at once; with fewer tiles
+      // in flight than slots, that slot has not been refilled since).
       const bool starting = product == 0 && i < LAYER_START_TILES;
       if (!starting && LAYER_COPY_DEPTH > 0 && LAYER_COPY_DEPTH < ring.slots && i >= LAYER_COPY_DEPTH) {
         const int landed = i - LAYER_COPY_DEPTH;

@@ -236,12 +236,23 @@ fn layer_evict_first_allowed() -> bool {
 /// limit (a copy as soon as a slot is free, as before); a depth of the
 /// ring's slots or more is no limit.
 fn layer_copy_depth(layer_bytes: usize) -> usize {
-    env_whole_number(
+    env_tiles(
         "SPARK_DISAGG_LAYER_COPY_DEPTH",
         default_copy_depth(layer_bytes),
-        0..=usize::MAX,
-        "a whole number of tiles",
     )
+}
+
+/// A number of tiles from the environment variable `name`, or `default`.
+fn env_tiles(name: &str, default: usize) -> usize {
+    env_whole_number(name, default, 0..=usize::MAX, "a whole number of tiles")
+}
+
+/// Whether a layer of `layer_bytes` of weights streams long enough that the
+/// stream's rate counts for more than the syncs it delays: two tiles of a
+/// block in flight, and no burst at the start (see `layer_copy_depth` and
+/// `layer_start_tiles`).
+fn streams_long(layer_bytes: usize) -> bool {
+    layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES
 }
 
 /// How many of its first tiles a block of `decode_layer` asks for at once
@@ -265,17 +276,15 @@ fn layer_copy_depth(layer_bytes: usize) -> usize {
 /// `SPARK_DISAGG_LAYER_START_TILES` sets the number for any layer; 0 (or no
 /// more than the depth) turns the burst off.
 fn layer_start_tiles(layer_bytes: usize) -> usize {
-    env_whole_number(
+    env_tiles(
         "SPARK_DISAGG_LAYER_START_TILES",
         default_start_tiles(layer_bytes),
-        0..=usize::MAX,
-        "a whole number of tiles",
     )
 }
 
 /// `layer_start_tiles` where the environment does not set it.
 fn default_start_tiles(layer_bytes: usize) -> usize {
-    if layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES {
+    if streams_long(layer_bytes) {
         0
     } else {
         LAYER_START_TILES
@@ -284,7 +293,7 @@ fn default_start_tiles(layer_bytes: usize) -> usize {
 
 /// `layer_copy_depth` where the environment does not set it.
 fn default_copy_depth(layer_bytes: usize) -> usize {
-    if layer_bytes >= LAYER_DEEP_COPY_MIN_BYTES {
+    if streams_long(layer_bytes) {
         LAYER_DEEP_COPY_DEPTH
     } else {
         LAYER_COPY_DEPTH
